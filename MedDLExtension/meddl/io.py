@@ -1,0 +1,295 @@
+"""File I/O and the SimpleITK converter: the only place where LPS appears.
+
+ITK and the files it writes (NIfTI, NRRD, MHA, DICOM) describe geometry in LPS; a
+:class:`~meddl.volume.Volume` is RAS. The flip ``diag(-1, -1, 1)`` is applied to directions,
+origins and displacement vectors here and nowhere else.
+
+SimpleITK's array view is ``(K, J, I[, C])``; a Volume is ``(C, I, J, K)``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import InputError
+from .volume import Kind, Volume, affine_from_geometry, geometry_from_affine
+
+__all__ = [
+    "to_sitk",
+    "from_sitk",
+    "read",
+    "write",
+    "write_dicom_series",
+    "atomic_path",
+    "VOLUME_SUFFIXES",
+]
+
+_LPS = np.diag([-1.0, -1.0, 1.0])
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff", ".jpg", ".jpeg")
+_RGB_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+
+
+def _sitk():
+    import SimpleITK as sitk  # imported lazily: keeps `import meddl` light
+
+    return sitk
+
+
+def _suffix(path: str | os.PathLike) -> str:
+    name = Path(path).name.lower()
+    for s in (".nii.gz", ".seg.nrrd"):
+        if name.endswith(s):
+            return s if s != ".seg.nrrd" else ".nrrd"
+    return Path(name).suffix
+
+
+# -- SimpleITK <-> Volume ------------------------------------------------------------------------
+
+
+def to_sitk(volume: Volume):
+    """Convert a Volume to a ``SimpleITK.Image`` (LPS geometry, same voxel values and dtype).
+
+    Multi-channel volumes become vector images; displacement volumes become float64 vector
+    images in LPS components, usable by ``sitk.DisplacementFieldTransform``.
+    """
+    sitk = _sitk()
+    data = volume.numpy()
+    nd = volume.ndim
+    if volume.kind is Kind.DISPLACEMENT:
+        data = data.astype(np.float64, copy=True)
+        data[0] *= -1.0
+        data[1] *= -1.0
+    if np.iscomplexobj(data) and volume.channels > 1:
+        raise InputError(
+            f"complex volume: SimpleITK stores one complex channel, got {volume.channels}; "
+            "write each channel separately or a sequence"
+        )
+    # (C, I, J[, K]) -> (K, J, I, C)
+    arr = np.moveaxis(data, 0, -1)
+    arr = np.transpose(arr, tuple(range(nd - 1, -1, -1)) + (nd,))
+    is_vector = volume.channels > 1 or volume.kind is Kind.DISPLACEMENT
+    if not is_vector:
+        arr = arr[..., 0]
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=is_vector)
+    spacing, origin, direction = geometry_from_affine(volume.affine)
+    direction_lps = _LPS @ direction
+    origin_lps = _LPS @ origin
+    img.SetSpacing([float(s) for s in spacing[:nd]])
+    img.SetOrigin([float(o) for o in origin_lps[:nd]])
+    img.SetDirection([float(v) for v in direction_lps[:nd, :nd].ravel()])
+    return img
+
+
+def from_sitk(image, kind: Kind | str | None = None, meta: dict | None = None) -> Volume:
+    """Convert a ``SimpleITK.Image`` (2D or 3D, scalar, vector or complex) to a Volume."""
+    sitk = _sitk()
+    nd = image.GetDimension()
+    if nd not in (2, 3):
+        raise InputError(f"image: expected 2D or 3D, got {nd}D (size {list(image.GetSize())}); split 4-D series first")
+    arr = sitk.GetArrayFromImage(image)  # (K, J, I[, C])
+    ncomp = image.GetNumberOfComponentsPerPixel()
+    if ncomp == 1:
+        arr = arr[..., None]
+    arr = np.transpose(arr, tuple(range(nd - 1, -1, -1)) + (nd,))  # (I, J, K, C)
+    data = np.ascontiguousarray(np.moveaxis(arr, -1, 0))
+    if kind is None:
+        kind = Kind.COMPLEX if np.iscomplexobj(data) else Kind.INTENSITY
+    kind = Kind(kind)
+    if kind is Kind.DISPLACEMENT:
+        if data.shape[0] != nd:
+            raise InputError(f"displacement field: expected {nd} components, got {data.shape[0]}")
+        data = data.astype(np.float64, copy=False).copy()
+        data[0] *= -1.0
+        data[1] *= -1.0
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(nd, nd)
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
+    d3 = np.eye(3)
+    d3[:nd, :nd] = direction
+    o3 = np.zeros(3)
+    o3[:nd] = origin
+    s3 = np.ones(3)
+    s3[:nd] = spacing
+    affine = affine_from_geometry(s3, _LPS @ o3, _LPS @ d3)
+    return Volume(data, affine, kind, dict(meta or {}))
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise InputError(f"cannot read '{path}': no such file or folder")
+    if path.is_file():
+        if path.stat().st_size == 0:
+            raise InputError(f"cannot read '{path}': the file is empty")
+        if not os.access(path, os.R_OK):
+            raise InputError(f"cannot read '{path}': permission denied")
+
+
+def read(path: str | os.PathLike, kind: Kind | str | None = None, series: str | None = None) -> Volume:
+    """Read a volume: NIfTI, NRRD, MHA/MHD, PNG/TIFF/JPEG (RGB histology), or a DICOM folder.
+
+    Args:
+        path: file, or folder holding one DICOM series.
+        kind: force the kind (e.g. ``"label"``); by default intensity, or complex for complex data.
+        series: the SeriesInstanceUID to read when a DICOM folder holds several.
+    """
+    path = Path(path)
+    _check_readable(path)
+    sitk = _sitk()
+    meta = {"source": str(path)}
+    try:
+        if path.is_dir():
+            image, uid = _read_dicom_series(path, series)
+            meta["series_uid"] = uid
+        else:
+            image = sitk.ReadImage(str(path))
+    except InputError:
+        raise
+    except RuntimeError as exc:
+        first = _itk_message(exc)
+        raise InputError(f"cannot read '{path}': not a readable image ({first})") from exc
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+    if image.GetDimension() == 3 and image.GetSize()[2] == 1 and _suffix(path) in _RGB_SUFFIXES:
+        image = image[:, :, 0]
+    vol = from_sitk(image, kind=kind, meta=meta)
+    if Kind(vol.kind) is Kind.LABEL and np.issubdtype(vol.data.dtype, np.floating):
+        if not np.all(np.isfinite(vol.data)) or np.any(vol.data != np.round(vol.data)):
+            raise InputError(f"label map '{path}': expected integer labels, got non-integer values")
+        vol = vol.with_data(vol.data.astype(np.int32))
+    return vol
+
+
+def _itk_message(exc: Exception) -> str:
+    """The useful last part of an ITK exception, on one line."""
+    text = " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())
+    for marker in ("sitk::ERROR:", "Description:", "ERROR:"):
+        if marker in text:
+            text = text.rsplit(marker, 1)[-1].strip()
+            break
+    return text[:200] or type(exc).__name__
+
+
+def _read_dicom_series(folder: Path, series: str | None):
+    sitk = _sitk()
+    reader = sitk.ImageSeriesReader()
+    uids = list(reader.GetGDCMSeriesIDs(str(folder)) or [])
+    if not uids:
+        raise InputError(f"cannot read '{folder}': the folder holds no DICOM series")
+    if series is None:
+        if len(uids) > 1:
+            raise InputError(
+                f"DICOM folder '{folder}': expected one series, found {len(uids)} ({', '.join(uids)}); "
+                "choose one with series=UID"
+            )
+        series = uids[0]
+    elif series not in uids:
+        raise InputError(f"DICOM folder '{folder}': series {series} not found; found {', '.join(uids)}")
+    files = reader.GetGDCMSeriesFileNames(str(folder), series)
+    reader.SetFileNames(files)
+    return reader.Execute(), series
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix); rename it onto ``path`` on success.
+
+    A crash or cancel mid-write leaves no partial file under the final name.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".part{suffix}", dir=parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write a volume (format from the suffix); atomically, so no partial file is ever left."""
+    path = Path(path)
+    suffix = _suffix(path)
+    if suffix not in VOLUME_SUFFIXES:
+        raise InputError(
+            f"output '{path}': unknown format '{suffix}'; expected one of {', '.join(VOLUME_SUFFIXES)}"
+        )
+    if suffix in _RGB_SUFFIXES:
+        if volume.ndim != 2 and not (volume.ndim == 3 and volume.spatial_shape[2] == 1):
+            raise InputError(f"output '{path}': {suffix} holds 2D images, got a {volume.ndim}D volume; use .nii.gz or .nrrd")
+        if volume.numpy().dtype not in (np.uint8, np.uint16) and suffix != ".tif" and suffix != ".tiff":
+            raise InputError(
+                f"output '{path}': {suffix} stores 8/16-bit integers, got {volume.numpy().dtype}; "
+                "convert to uint8 or use .nrrd / .tif"
+            )
+    sitk = _sitk()
+    image = to_sitk(volume)
+    with atomic_path(path) as tmp:
+        try:
+            sitk.WriteImage(image, str(tmp), compress and suffix not in _RGB_SUFFIXES)
+        except RuntimeError as exc:
+            raise InputError(f"cannot write '{path}': {_itk_message(exc)}") from exc
+    return path
+
+
+def write_dicom_series(volume: Volume, folder: str | os.PathLike, series_uid: str | None = None) -> list[Path]:
+    """Write a scalar 3D volume as a DICOM series (one file per slice, int16 or uint16).
+
+    Geometry goes into ImagePositionPatient / ImageOrientationPatient / PixelSpacing, so
+    :func:`read` of the folder gives back the same grid.
+    """
+    sitk = _sitk()
+    if volume.ndim != 3 or volume.channels != 1:
+        raise InputError(f"DICOM series: expected a scalar 3D volume, got {volume!r}")
+    data = volume.numpy()
+    if data.dtype not in (np.int16, np.uint16):
+        raise InputError(f"DICOM series: expected int16 or uint16 voxels, got {data.dtype}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    image = to_sitk(volume)
+    uid = series_uid or "1.2.826.0.1.3680043.2.1125." + str(abs(hash(str(folder))) % 10**12)
+    d = image.GetDirection()
+    orientation = "\\".join(f"{v:.10g}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    out = []
+    for k in range(image.GetDepth()):
+        sl = image[:, :, k]
+        pos = image.TransformIndexToPhysicalPoint((0, 0, k))
+        tags = {
+            "0020|000e": uid,
+            "0020|000d": uid + ".1",
+            "0008|0060": "MR",
+            "0020|0037": orientation,
+            "0020|0032": "\\".join(f"{p:.10g}" for p in pos),
+            "0020|0013": str(k + 1),
+            "0028|0030": f"{image.GetSpacing()[1]:.10g}\\{image.GetSpacing()[0]:.10g}",
+            "0018|0050": f"{image.GetSpacing()[2]:.10g}",
+            "0008|0018": f"{uid}.{k + 1}",
+        }
+        for key, value in tags.items():
+            sl.SetMetaData(key, value)
+        target = folder / f"slice{k:04d}.dcm"
+        writer.SetFileName(str(target))
+        writer.Execute(sl)
+        out.append(target)
+    return out

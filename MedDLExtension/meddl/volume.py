@@ -1,0 +1,191 @@
+"""The one image type that flows through MedDLExtension.
+
+A :class:`Volume` is channel-first data plus one 4x4 matrix that maps a voxel index to a
+physical position in millimetres, in **RAS** (right, anterior, superior: Slicer's and
+TorchIO's convention). Array axes are in index order ``(C, I, J, K)`` for 3D and
+``(C, I, J)`` for 2D, so ``affine @ [i, j, k, 1]`` is the RAS position of ``data[:, i, j, k]``.
+LPS appears only inside the SimpleITK converter (:mod:`meddl.io`), KJI order only inside the
+MRML adapter (:mod:`meddl.mrml`).
+
+Displacement fields are volumes of kind ``displacement`` with 2 or 3 channels holding the
+RAS displacement in millimetres, in the *resampling* convention: a point ``p`` of the fixed
+image corresponds to ``p + u(p)`` in the moving image (ITK's fixed-to-moving transform, Slicer's
+"from parent").
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+__all__ = ["Kind", "Volume", "affine_from_geometry", "geometry_from_affine"]
+
+
+class Kind(str, enum.Enum):
+    """What the values of a volume mean."""
+
+    INTENSITY = "intensity"  #: scalar or multi-component (e.g. RGB) image
+    LABEL = "label"  #: integer label map, 0 = background
+    COMPLEX = "complex"  #: complex image or k-space
+    DISPLACEMENT = "displacement"  #: RAS displacement in mm, resampling convention
+
+
+def affine_from_geometry(
+    spacing: tuple[float, ...] | np.ndarray,
+    origin: tuple[float, ...] | np.ndarray,
+    direction: np.ndarray | None = None,
+) -> np.ndarray:
+    """Build a 4x4 voxel-to-RAS affine from spacing, origin (RAS mm) and direction cosines.
+
+    ``direction`` has one column per voxel axis (RAS unit vectors), as in ITK and Slicer's
+    IJKToRAS. 2D geometries are padded with a unit third axis.
+    """
+    spacing = np.asarray(spacing, dtype=np.float64)
+    origin = np.asarray(origin, dtype=np.float64)
+    n = spacing.size
+    if n not in (2, 3) or origin.size != n:
+        raise InputError(f"geometry: expected 2 or 3 spacing/origin values, got {spacing.size}/{origin.size}")
+    if np.any(spacing <= 0) or not np.all(np.isfinite(spacing)):
+        raise InputError(f"geometry: expected positive finite spacing, got {spacing.tolist()}")
+    d = np.eye(3)
+    if direction is not None:
+        direction = np.asarray(direction, dtype=np.float64)
+        d[:n, :n] = direction.reshape(n, n)
+    s = np.ones(3)
+    s[:n] = spacing
+    o = np.zeros(3)
+    o[:n] = origin
+    affine = np.eye(4)
+    affine[:3, :3] = d * s[None, :]
+    affine[:3, 3] = o
+    return affine
+
+
+def geometry_from_affine(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split a 4x4 affine into (spacing, origin, direction) with direction columns unit-norm."""
+    m = np.asarray(affine, dtype=np.float64)[:3, :3]
+    spacing = np.linalg.norm(m, axis=0)
+    direction = m / spacing[None, :]
+    return spacing, np.asarray(affine, dtype=np.float64)[:3, 3].copy(), direction
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """Channel-first image data with its voxel-to-RAS geometry.
+
+    Attributes:
+        data: array of shape ``(C, I, J)`` or ``(C, I, J, K)`` (numpy or torch tensor).
+        affine: 4x4 float64, voxel index ``(i, j, k)`` to RAS millimetres.
+        kind: what the values mean (:class:`Kind`).
+        meta: small JSON-able facts (source path, names, units); never large arrays.
+    """
+
+    data: Any
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+    kind: Kind = Kind.INTENSITY
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        ndim = getattr(self.data, "ndim", None)
+        if ndim not in (3, 4):
+            shape = tuple(getattr(self.data, "shape", ()))
+            raise InputError(
+                f"volume data: expected a channel-first array of 3 (C, I, J) or 4 (C, I, J, K) "
+                f"dimensions, got shape {shape}"
+            )
+        affine = np.asarray(self.affine, dtype=np.float64)
+        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+            raise InputError(f"volume affine: expected a finite 4x4 matrix, got shape {affine.shape}")
+        if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+            raise InputError("volume affine: the 3x3 part is singular (zero spacing or degenerate directions)")
+        object.__setattr__(self, "affine", affine)
+        object.__setattr__(self, "kind", Kind(self.kind))
+        if self.kind is Kind.DISPLACEMENT and self.data.shape[0] != ndim - 1:
+            raise InputError(
+                f"displacement volume: expected {ndim - 1} channels for {ndim - 1}D, got {self.data.shape[0]}"
+            )
+
+    # -- shape -------------------------------------------------------------------------------
+    @property
+    def channels(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.data.shape[1:])
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dimensions (2 or 3)."""
+        return len(self.data.shape) - 1
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return geometry_from_affine(self.affine)[0][: self.ndim]
+
+    @property
+    def origin(self) -> np.ndarray:
+        """RAS position of voxel 0 (always 3 values; a 2D slice may sit at any height)."""
+        return self.affine[:3, 3].copy()
+
+    @property
+    def direction(self) -> np.ndarray:
+        return geometry_from_affine(self.affine)[2]
+
+    @property
+    def is_complex(self) -> bool:
+        return bool(np.iscomplexobj(self.data)) if isinstance(self.data, np.ndarray) else bool(
+            getattr(self.data, "is_complex", lambda: False)()
+        )
+
+    # -- geometry ----------------------------------------------------------------------------
+    def index_to_physical(self, index: np.ndarray) -> np.ndarray:
+        """RAS mm of voxel indices ``(..., ndim)`` (continuous indices allowed)."""
+        idx = np.asarray(index, dtype=np.float64)
+        pad = np.zeros(idx.shape[:-1] + (3,))
+        pad[..., : idx.shape[-1]] = idx
+        return pad @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+    def physical_to_index(self, points: np.ndarray) -> np.ndarray:
+        """Continuous voxel indices ``(..., 3)`` of RAS points ``(..., 3)``."""
+        pts = np.asarray(points, dtype=np.float64)
+        inv = np.linalg.inv(self.affine)
+        return pts @ inv[:3, :3].T + inv[:3, 3]
+
+    def same_grid(self, other: Volume, atol: float = 1e-4) -> bool:
+        """True when both volumes sample the same physical grid."""
+        return self.spatial_shape == other.spatial_shape and bool(np.allclose(self.affine, other.affine, atol=atol))
+
+    # -- copies ------------------------------------------------------------------------------
+    def with_data(self, data: Any, kind: Kind | str | None = None, **meta: Any) -> Volume:
+        """A new volume on the same grid with other data (and optionally another kind)."""
+        return replace(self, data=data, kind=Kind(kind) if kind is not None else self.kind, meta={**self.meta, **meta})
+
+    def numpy(self) -> np.ndarray:
+        """The data as a numpy array (copies from a torch tensor if needed)."""
+        if isinstance(self.data, np.ndarray):
+            return self.data
+        return self.data.detach().cpu().numpy()
+
+    def __repr__(self) -> str:
+        spacing = ", ".join(f"{s:.3g}" for s in self.spacing)
+        dtype = getattr(self.data, "dtype", "?")
+        return (
+            f"Volume(kind={self.kind.value}, channels={self.channels}, shape={self.spatial_shape}, "
+            f"spacing=({spacing}), orientation={self.orientation}, dtype={dtype})"
+        )
+
+    @property
+    def orientation(self) -> str:
+        """Axis codes like ``'RAS'``: the direction each voxel axis points to (nearest)."""
+        codes = (("L", "R"), ("P", "A"), ("I", "S"))
+        out = []
+        for col in self.direction.T:
+            axis = int(np.argmax(np.abs(col)))
+            out.append(codes[axis][int(col[axis] > 0)])
+        return "".join(out[: self.ndim])
