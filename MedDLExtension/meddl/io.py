@@ -152,12 +152,19 @@ def read(path: str | os.PathLike, kind: Kind | str | None = None, series: str | 
             image, uid = _read_dicom_series(path, series)
             meta["series_uid"] = uid
         else:
+            if path.name.lower().endswith((".nii", ".nii.gz")):
+                _check_nifti_size(path)
             image = sitk.ReadImage(str(path))
     except InputError:
         raise
     except RuntimeError as exc:
         first = _itk_message(exc)
         raise InputError(f"cannot read '{path}': not a readable image ({first})") from exc
+    if kind is not None and Kind(kind) is Kind.COMPLEX and image.GetNumberOfComponentsPerPixel() == 2:
+        # MetaImage stores complex voxels as two float channels (real, imaginary)
+        image = sitk.RealAndImaginaryToComplex(
+            sitk.VectorIndexSelectionCast(image, 0), sitk.VectorIndexSelectionCast(image, 1)
+        )
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     if image.GetDimension() == 3 and image.GetSize()[2] == 1 and _suffix(path) in _RGB_SUFFIXES:
@@ -168,6 +175,54 @@ def read(path: str | os.PathLike, kind: Kind | str | None = None, series: str | 
             raise InputError(f"label map '{path}': expected integer labels, got non-integer values")
         vol = vol.with_data(vol.data.astype(np.int32))
     return vol
+
+
+def _check_nifti_size(path: Path) -> None:
+    """Refuse a truncated uncompressed NIfTI (ITK would silently fill the missing part with zeros)."""
+    import gzip
+    import struct
+    import zlib
+
+    compressed = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+            head = f.read(540)
+            if compressed:  # the decompressed size is only known by reading the stream
+                actual = len(head)
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    actual += len(chunk)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError(f"cannot read '{path}': corrupt or truncated gzip stream ({exc})") from exc
+    if not compressed:
+        actual = path.stat().st_size
+    if len(head) < 348:
+        raise InputError(f"cannot read '{path}': truncated NIfTI header ({len(head)} of 348 bytes)")
+    for order in ("<", ">"):
+        size = struct.unpack(order + "i", head[:4])[0]
+        if size == 348:
+            dims = struct.unpack(order + "8h", head[40:56])
+            bitpix = struct.unpack(order + "h", head[72:74])[0]
+            offset = int(struct.unpack(order + "f", head[108:112])[0])
+            break
+        if size == 540 and len(head) >= 540:
+            bitpix = struct.unpack(order + "h", head[14:16])[0]
+            dims = struct.unpack(order + "8q", head[16:80])
+            offset = struct.unpack(order + "q", head[168:176])[0]
+            break
+    else:
+        return  # not NIfTI-1/2: let ITK decide
+    ndim = dims[0]
+    if not 1 <= ndim <= 7:
+        return
+    voxels = 1
+    for d in dims[1 : ndim + 1]:
+        voxels *= max(int(d), 1)
+    expected = max(offset, 348) + voxels * max(bitpix, 8) // 8
+    if actual < expected:
+        raise InputError(
+            f"cannot read '{path}': truncated NIfTI; expected {expected} bytes, got {actual}. "
+            "The file was cut short (interrupted copy or download?)"
+        )
 
 
 def _itk_message(exc: Exception) -> str:

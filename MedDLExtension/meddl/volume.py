@@ -189,3 +189,45 @@ class Volume:
             axis = int(np.argmax(np.abs(col)))
             out.append(codes[axis][int(col[axis] > 0)])
         return "".join(out[: self.ndim])
+
+
+def require(
+    volume: Volume,
+    role: str,
+    *,
+    ndim: tuple[int, ...] = (2, 3),
+    scalar: bool = False,
+    rgb: bool = False,
+    kinds: tuple[Kind, ...] | None = None,
+    finite: bool = True,
+) -> Volume:
+    """Check that a volume is what an operation needs; raise one clear :class:`InputError` if not.
+
+    Args:
+        role: how the user knows this input ("fixed image", "--moving-labels").
+        ndim: accepted numbers of spatial dimensions.
+        scalar: exactly one channel (a grey image, not RGB).
+        rgb: 3 (or 4) channels of 8-bit colour.
+        kinds: accepted kinds.
+        finite: refuse NaN or infinite voxels.
+    """
+    if volume.ndim not in ndim:
+        want = " or ".join(f"{d}D" for d in ndim)
+        raise InputError(f"{role}: expected a {want} image, got {volume.ndim}D with shape {volume.spatial_shape}")
+    if kinds is not None and volume.kind not in kinds:
+        want = " or ".join(k.value for k in kinds)
+        raise InputError(f"{role}: expected a {want} volume, got a {volume.kind.value} volume")
+    if scalar and volume.channels != 1:
+        what = "an RGB" if volume.channels in (3, 4) else f"a {volume.channels}-component"
+        raise InputError(f"{role}: expected a scalar (single-component) image, got {what} image; convert it to grey first")
+    if rgb and (volume.channels not in (3, 4)):
+        raise InputError(f"{role}: expected an RGB colour image (3 components), got {volume.channels} component(s)")
+    if finite:
+        arr = volume.numpy()
+        if np.issubdtype(arr.dtype, np.inexact):
+            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+            if bad:
+                raise InputError(
+                    f"{role}: expected finite voxel values, got {bad} NaN/infinite voxel(s); fill or mask them first"
+                )
+    return volume

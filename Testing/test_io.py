@@ -1,0 +1,203 @@
+"""SimpleITK converter and file I/O: values, dtypes and physical positions survive every trip."""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from meddl import io
+from meddl.errors import InputError
+from meddl.volume import Kind, Volume
+
+LPS = np.array([-1.0, -1.0, 1.0])
+KINDS = ["float", "int16", "rgb", "label", "complex", "displacement"]
+
+
+def _sitk_ras(image: sitk.Image, index: tuple[int, ...]) -> np.ndarray:
+    """RAS position of a voxel according to SimpleITK (its answer is LPS)."""
+    p = np.zeros(3)
+    p[: image.GetDimension()] = image.TransformIndexToPhysicalPoint([int(i) for i in index])
+    return p * LPS
+
+
+def _probe_indices(vol: Volume) -> list[tuple[int, ...]]:
+    shape = vol.spatial_shape
+    return [tuple(0 for _ in shape), tuple(s - 1 for s in shape), tuple(s // 2 for s in shape), tuple(min(1, s - 1) for s in shape)]
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("kind", KINDS)
+def test_sitk_round_trip_keeps_values_dtype_and_positions(volume_factory, kind, ndim):
+    vol = volume_factory(kind, ndim)
+    image = io.to_sitk(vol)
+    assert image.GetDimension() == ndim
+    assert list(image.GetSize()) == list(vol.spatial_shape)
+    for idx in _probe_indices(vol):
+        np.testing.assert_allclose(_sitk_ras(image, idx)[:ndim], vol.index_to_physical(np.array(idx))[:ndim], atol=1e-9)
+        pixel = np.atleast_1d(np.asarray(image[tuple(int(i) for i in idx)]))
+        expected = vol.data[(slice(None), *idx)]
+        if kind == "displacement":
+            expected = expected * LPS[:ndim]  # stored as LPS components
+        np.testing.assert_allclose(pixel, expected, rtol=1e-6)
+    back = io.from_sitk(image, kind=vol.kind)
+    assert back.kind is vol.kind
+    assert back.data.dtype == vol.data.dtype
+    np.testing.assert_array_equal(back.data, vol.data)
+    np.testing.assert_allclose(back.affine[:, :ndim], vol.affine[:, :ndim], atol=1e-12)
+    np.testing.assert_allclose(back.affine[:ndim, 3], vol.affine[:ndim, 3], atol=1e-12)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+@pytest.mark.parametrize("kind", ["float", "int16", "label", "rgb"])
+def test_file_round_trip(tmp_path, volume_factory, kind, suffix):
+    vol = volume_factory(kind, 3)
+    path = io.write(vol, tmp_path / f"v{suffix}")
+    back = io.read(path, kind=vol.kind)
+    np.testing.assert_array_equal(back.data, vol.data)
+    assert back.data.dtype == vol.data.dtype
+    np.testing.assert_allclose(back.affine, vol.affine, atol=1e-5)  # NIfTI stores float32 geometry
+
+
+def test_nifti_written_by_us_is_read_by_nibabel_with_the_same_ras_affine(tmp_path, volume_factory):
+    """Write with one library, read with another: nibabel's affine is RAS with (i, j, k) axes, like a Volume."""
+    vol = volume_factory("float", 3)
+    path = io.write(vol, tmp_path / "v.nii.gz")
+    img = nib.load(str(path))
+    np.testing.assert_allclose(img.affine, vol.affine, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), vol.data[0])
+
+
+def test_nifti_written_by_nibabel_is_read_by_us(tmp_path, oblique, rng):
+    data = rng.normal(size=(6, 5, 4)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, oblique(3)), str(tmp_path / "n.nii.gz"))
+    vol = io.read(tmp_path / "n.nii.gz")
+    np.testing.assert_allclose(vol.affine, oblique(3), atol=1e-5)
+    np.testing.assert_array_equal(vol.data[0], data)
+
+
+@pytest.mark.parametrize("suffix,kind", [(".nii.gz", None), (".nrrd", None), (".mha", "complex")])
+def test_complex_volume_round_trips(tmp_path, volume_factory, suffix, kind):
+    """NIfTI and NRRD know complex voxels; MetaImage stores (real, imaginary) channels, so ask for complex."""
+    vol = volume_factory("complex", 3)
+    back = io.read(io.write(vol, tmp_path / f"c{suffix}"), kind=kind)
+    assert back.kind is Kind.COMPLEX
+    np.testing.assert_array_equal(back.data, vol.data)
+
+
+def test_displacement_round_trips_through_nifti(tmp_path, volume_factory):
+    vol = volume_factory("displacement", 3)
+    back = io.read(io.write(vol, tmp_path / "d.nii.gz"), kind="displacement")
+    np.testing.assert_allclose(back.data, vol.data)
+
+
+def test_rgb_png_round_trip(tmp_path, rng):
+    rgb = rng.integers(0, 256, size=(3, 20, 13)).astype(np.uint8)
+    vol = Volume(rgb, np.eye(4))
+    back = io.read(io.write(vol, tmp_path / "slide.png"))
+    assert back.ndim == 2 and back.channels == 3
+    np.testing.assert_array_equal(back.data, rgb)
+
+
+def test_rgb_tiff_is_read_with_pixel_rows_on_j(tmp_path, rng):
+    """A TIFF's (rows, cols, 3) array becomes (3, cols, rows): i runs along a row."""
+    tifffile = pytest.importorskip("tifffile")
+    pixels = rng.integers(0, 256, size=(8, 5, 3)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "slide.tif", pixels, photometric="rgb")
+    vol = io.read(tmp_path / "slide.tif")
+    assert vol.channels == 3 and vol.spatial_shape == (5, 8)
+    np.testing.assert_array_equal(vol.data, np.transpose(pixels, (2, 1, 0)))
+
+
+def test_dicom_series_round_trip_keeps_geometry(tmp_path, oblique, rng):
+    data = rng.integers(-500, 1500, size=(1, 6, 7, 4)).astype(np.int16)
+    vol = Volume(data, oblique(3))
+    io.write_dicom_series(vol, tmp_path / "dicom")
+    back = io.read(tmp_path / "dicom")
+    np.testing.assert_array_equal(back.data, data)
+    np.testing.assert_allclose(back.affine, vol.affine, atol=1e-4)
+    assert back.meta["series_uid"]
+
+
+def test_write_refuses_unknown_suffix_and_float_png(tmp_path, volume_factory):
+    with pytest.raises(InputError, match=r"unknown format '\.xyz'"):
+        io.write(volume_factory("float", 3), tmp_path / "out.xyz")
+    with pytest.raises(InputError, match=r"8/16-bit integers, got float32"):
+        io.write(volume_factory("float", 2), tmp_path / "out.png")
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path, volume_factory, monkeypatch):
+    target = tmp_path / "out.nii.gz"
+    target.write_bytes(b"previous result")
+
+    def boom(*args, **kwargs):
+        with open(args[1], "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(sitk, "WriteImage", boom)
+    with pytest.raises(InputError, match="cannot write"):
+        io.write(volume_factory("float", 3), target)
+    assert target.read_bytes() == b"previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii.gz"]
+
+
+def test_read_reports_missing_empty_and_garbage_files(tmp_path):
+    with pytest.raises(InputError, match=r"no such file"):
+        io.read(tmp_path / "absent.nii.gz")
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    with pytest.raises(InputError, match=r"the file is empty"):
+        io.read(tmp_path / "empty.nii.gz")
+    (tmp_path / "notes.nii").write_text("not an image at all")
+    with pytest.raises(InputError, match=r"cannot read .*notes\.nii"):
+        io.read(tmp_path / "notes.nii")
+
+
+@pytest.mark.parametrize("how", ["raw", "gzip-of-cut-data", "cut-gzip-stream"])
+def test_read_reports_truncated_nifti(tmp_path, volume_factory, how):
+    """ITK fills a cut NIfTI with zeros without a word; we refuse it."""
+    full = io.write(volume_factory("float", 3), tmp_path / "full.nii")
+    raw = full.read_bytes()
+    cut = raw[: 352 + (len(raw) - 352) // 2]
+    if how == "raw":
+        path, payload = tmp_path / "cut.nii", cut
+    elif how == "gzip-of-cut-data":
+        path, payload = tmp_path / "cut.nii.gz", gzip.compress(cut)
+    else:
+        whole = gzip.compress(raw)
+        path, payload = tmp_path / "cut.nii.gz", whole[: len(whole) * 2 // 3]
+    path.write_bytes(payload)
+    with pytest.raises(InputError, match=r"cannot read .*(truncated|corrupt)"):
+        io.read(path)
+
+
+def test_4d_image_is_refused_with_its_size(tmp_path):
+    image = sitk.Image([4, 5, 6, 3], sitk.sitkFloat32)
+    sitk.WriteImage(image, str(tmp_path / "series.nii.gz"))
+    with pytest.raises(InputError, match=r"expected 2D or 3D, got 4D \(size \[4, 5, 6, 3\]\)"):
+        io.read(tmp_path / "series.nii.gz")
+
+
+def test_label_kind_refuses_fractional_values(tmp_path, volume_factory):
+    path = io.write(volume_factory("float", 3), tmp_path / "f.nii.gz")
+    with pytest.raises(InputError, match=r"expected integer labels"):
+        io.read(path, kind="label")
+
+
+def test_dicom_folder_without_series_is_refused(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "readme.txt").write_text("nothing here")
+    with pytest.raises(InputError, match=r"holds no DICOM series"):
+        io.read(tmp_path / "d")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads everything")
+def test_unreadable_file_is_reported(tmp_path, volume_factory):
+    path = io.write(volume_factory("float", 3), tmp_path / "locked.nii.gz")
+    path.chmod(0)
+    with pytest.raises(InputError, match="permission denied"):
+        io.read(path)
