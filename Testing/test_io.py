@@ -201,3 +201,15 @@ def test_unreadable_file_is_reported(tmp_path, volume_factory):
     path.chmod(0)
     with pytest.raises(InputError, match="permission denied"):
         io.read(path)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".nrrd"])
+def test_nonfinite_voxels_survive_reading(tmp_path, volume_factory, suffix):
+    """ITK's NIfTI reader turns NaN into 0; we put them back so bad input is caught, not hidden."""
+    vol = volume_factory("float", 3)
+    data = vol.numpy().copy()
+    data[0, 1, 2, 3] = np.nan
+    data[0, 4, 0, 1] = -np.inf
+    back = io.read(io.write(vol.with_data(data), tmp_path / f"nan{suffix}"))
+    np.testing.assert_array_equal(np.argwhere(~np.isfinite(back.data)), [[0, 1, 2, 3], [0, 4, 0, 1]])
+    np.testing.assert_array_equal(back.data[np.isfinite(back.data)], data[np.isfinite(data)])

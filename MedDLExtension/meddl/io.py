@@ -152,9 +152,10 @@ def read(path: str | os.PathLike, kind: Kind | str | None = None, series: str | 
             image, uid = _read_dicom_series(path, series)
             meta["series_uid"] = uid
         else:
-            if path.name.lower().endswith((".nii", ".nii.gz")):
-                _check_nifti_size(path)
+            nonfinite = _check_nifti(path) if path.name.lower().endswith((".nii", ".nii.gz")) else None
             image = sitk.ReadImage(str(path))
+            if nonfinite is not None:
+                image = _restore_nonfinite(image, nonfinite, path)
     except InputError:
         raise
     except RuntimeError as exc:
@@ -177,52 +178,79 @@ def read(path: str | os.PathLike, kind: Kind | str | None = None, series: str | 
     return vol
 
 
-def _check_nifti_size(path: Path) -> None:
-    """Refuse a truncated uncompressed NIfTI (ITK would silently fill the missing part with zeros)."""
+def _check_nifti(path: Path) -> np.ndarray | None:
+    """Refuse a truncated NIfTI, and find non-finite float voxels that ITK would hide.
+
+    ITK fills a cut NIfTI with zeros and reads NaN voxels as 0, both without a word; this
+    reads the header (NIfTI-1 or -2, either byte order) and the raw voxels to catch both.
+    Returns a boolean mask of non-finite voxels in ITK's array order ``(K, J, I[, C])``, or
+    None when there are none.
+    """
     import gzip
     import struct
     import zlib
 
     compressed = path.name.lower().endswith(".gz")
     try:
-        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
-            head = f.read(540)
-            if compressed:  # the decompressed size is only known by reading the stream
-                actual = len(head)
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    actual += len(chunk)
+        with gzip.open(path, "rb") if compressed else open(path, "rb") as f:
+            raw = f.read()
     except (EOFError, OSError, zlib.error) as exc:
         raise InputError(f"cannot read '{path}': corrupt or truncated gzip stream ({exc})") from exc
-    if not compressed:
-        actual = path.stat().st_size
+    head = raw[:540]
     if len(head) < 348:
         raise InputError(f"cannot read '{path}': truncated NIfTI header ({len(head)} of 348 bytes)")
     for order in ("<", ">"):
         size = struct.unpack(order + "i", head[:4])[0]
         if size == 348:
+            datatype, bitpix = struct.unpack(order + "2h", head[70:74])
             dims = struct.unpack(order + "8h", head[40:56])
-            bitpix = struct.unpack(order + "h", head[72:74])[0]
             offset = int(struct.unpack(order + "f", head[108:112])[0])
             break
         if size == 540 and len(head) >= 540:
-            bitpix = struct.unpack(order + "h", head[14:16])[0]
+            datatype, bitpix = struct.unpack(order + "2h", head[12:16])
             dims = struct.unpack(order + "8q", head[16:80])
-            offset = struct.unpack(order + "q", head[168:176])[0]
+            offset = int(struct.unpack(order + "q", head[168:176])[0])
             break
     else:
-        return  # not NIfTI-1/2: let ITK decide
+        return None  # not NIfTI-1/2: let ITK decide
     ndim = dims[0]
     if not 1 <= ndim <= 7:
-        return
-    voxels = 1
-    for d in dims[1 : ndim + 1]:
-        voxels *= max(int(d), 1)
-    expected = max(offset, 348) + voxels * max(bitpix, 8) // 8
-    if actual < expected:
+        return None
+    shape = [max(int(d), 1) for d in dims[1 : ndim + 1]]
+    voxels = int(np.prod(shape))
+    offset = max(offset, 348)
+    expected = offset + voxels * max(bitpix, 8) // 8
+    if len(raw) < expected:
         raise InputError(
-            f"cannot read '{path}': truncated NIfTI; expected {expected} bytes, got {actual}. "
+            f"cannot read '{path}': truncated NIfTI; expected {expected} bytes, got {len(raw)}. "
             "The file was cut short (interrupted copy or download?)"
         )
+    float_types = {16: "f4", 64: "f8"}
+    if datatype not in float_types:
+        return None
+    values = np.frombuffer(raw, dtype=order + float_types[datatype], count=voxels, offset=offset)
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return None
+    # NIfTI order: i fastest, then j, k, t, components; ITK's array: (K, J, I[, C])
+    spatial = shape[:3] + [1] * (3 - min(len(shape), 3))
+    rest = int(np.prod(shape[3:])) if len(shape) > 3 else 1
+    mask = bad.reshape(rest, spatial[2], spatial[1], spatial[0])
+    return np.moveaxis(mask, 0, -1) if rest > 1 else mask[0]
+
+
+def _restore_nonfinite(image, mask: np.ndarray, path: Path):
+    """Put NaN back where the file has non-finite voxels (ITK read them as 0)."""
+    sitk = _sitk()
+    arr = sitk.GetArrayFromImage(image)
+    if arr.size != mask.size:
+        raise InputError(f"'{path}': expected finite voxel values, got {int(mask.sum())} NaN/infinite voxel(s)")
+    arr = arr.reshape(mask.shape).astype(arr.dtype, copy=True)
+    arr[mask] = np.nan
+    out = sitk.GetImageFromArray(arr.reshape(sitk.GetArrayViewFromImage(image).shape),
+                                 isVector=image.GetNumberOfComponentsPerPixel() > 1)
+    out.CopyInformation(image)
+    return out
 
 
 def _itk_message(exc: Exception) -> str:

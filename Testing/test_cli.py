@@ -1,0 +1,142 @@
+"""The meddl command as a real subprocess: one `error:` line and exit 2 for bad input, never a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from meddl import __version__, io
+from meddl.cli import main
+from meddl.volume import Volume
+
+
+def _assert_clean_error(result, pattern: str) -> None:
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.stderr + result.stdout
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.fixture
+def scalar3d(tmp_path, volume_factory):
+    return str(io.write(volume_factory("float", 3), tmp_path / "scalar.nii.gz"))
+
+
+def test_version(cli):
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"meddl {__version__}"
+
+
+def test_missing_file(cli, tmp_path, scalar3d):
+    result = cli("register", scalar3d, str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path / "w.nii.gz"), "--progress", "none")
+    _assert_clean_error(result, r"cannot read '.*nope\.nii\.gz': no such file")
+
+
+def test_empty_file(cli, tmp_path, scalar3d):
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    result = cli("register", scalar3d, str(tmp_path / "empty.nii.gz"), "-o", str(tmp_path / "w.nii.gz"))
+    _assert_clean_error(result, r"the file is empty")
+
+
+def test_truncated_nifti(cli, tmp_path, scalar3d, volume_factory):
+    raw = io.write(volume_factory("float", 3), tmp_path / "full.nii").read_bytes()
+    (tmp_path / "cut.nii").write_bytes(raw[: len(raw) - 200])
+    result = cli("register", scalar3d, str(tmp_path / "cut.nii"), "-o", str(tmp_path / "w.nii.gz"))
+    _assert_clean_error(result, r"truncated NIfTI; expected \d+ bytes, got \d+")
+
+
+def test_nan_volume(cli, tmp_path, scalar3d, volume_factory):
+    vol = volume_factory("float", 3)
+    data = vol.numpy().copy()
+    data[0, 0, 0, 0] = np.nan
+    path = io.write(vol.with_data(data), tmp_path / "nan.nii.gz")
+    result = cli("register", scalar3d, str(path), "-o", str(tmp_path / "w.nii.gz"))
+    _assert_clean_error(result, r"moving image .*expected finite voxel values, got 1 NaN/infinite voxel")
+
+
+def test_4d_where_3d_needed(cli, tmp_path, scalar3d):
+    sitk.WriteImage(sitk.Image([4, 5, 6, 2], sitk.sitkFloat32), str(tmp_path / "four.nii.gz"))
+    result = cli("register", str(tmp_path / "four.nii.gz"), scalar3d, "-o", str(tmp_path / "w.nii.gz"))
+    _assert_clean_error(result, r"expected 2D or 3D, got 4D")
+
+
+def test_rgb_where_scalar_needed(cli, tmp_path, scalar3d, volume_factory):
+    path = io.write(volume_factory("rgb", 3), tmp_path / "rgb.nrrd")
+    result = cli("register", scalar3d, str(path), "-o", str(tmp_path / "w.nii.gz"))
+    _assert_clean_error(result, r"expected a scalar \(single-component\) image, got an RGB image")
+
+
+def test_output_that_is_an_input_is_refused(cli, scalar3d):
+    result = cli("register", scalar3d, scalar3d, "-o", scalar3d)
+    _assert_clean_error(result, r"is also an input")
+
+
+def test_usage_errors_are_one_line(cli):
+    _assert_clean_error(cli("register"), r"the following arguments are required")
+    _assert_clean_error(cli("frobnicate"), r"invalid choice: 'frobnicate'")
+    _assert_clean_error(cli("info", "x", "--bogus"), r"unrecognized arguments: --bogus")
+
+
+def test_unavailable_device_is_one_line(cli, tmp_path, scalar3d):
+    result = cli("register", scalar3d, scalar3d, "-o", str(tmp_path / "w.nii.gz"), "--device", "quantum")
+    _assert_clean_error(result, r"--device: expected auto, cpu, cuda, cuda:N or mps, got 'quantum'")
+
+
+def test_debug_shows_the_traceback(cli, tmp_path):
+    result = cli("info", str(tmp_path / "absent.nii.gz"), "--debug")
+    assert result.returncode == 2 and "Traceback" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot read")
+
+
+@pytest.mark.parametrize("command", [
+    ["reconstruct", "{file}", "-o", "{out}"],
+    ["segment", "{file}", "-o", "{out}", "--annotated", "{file}"],
+    ["batch", "{file}"],
+])
+def test_capabilities_not_in_this_build_say_so(cli, tmp_path, scalar3d, command):
+    from meddl import cli as cli_module
+
+    name = command[0]
+    if cli_module._capability_module(name) is not None:
+        pytest.skip(f"{name} is part of this build")
+    args = [a.format(file=scalar3d, out=str(tmp_path / "o.nii.gz")) for a in command]
+    _assert_clean_error(cli(*args), rf"meddl {name}: .* not available in this build")
+
+
+def test_info_json_describes_geometry(cli, tmp_path, oblique):
+    vol = Volume(np.arange(60, dtype=np.int16).reshape(1, 3, 4, 5), oblique(3))
+    path = io.write(vol, tmp_path / "v.nrrd")
+    result = cli("info", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    facts = json.loads(result.stdout)
+    assert facts["shape"] == [3, 4, 5] and facts["dtype"] == "int16" and facts["max"] == 59.0
+    np.testing.assert_allclose(facts["spacing_mm"], [0.7, 1.3, 2.5])
+    np.testing.assert_allclose(facts["origin_ras_mm"], [12.5, -30.25, 7.0])
+
+
+def test_convert_keeps_values_and_geometry(tmp_path, volume_factory, capsys):
+    vol = volume_factory("int16", 3)
+    src = io.write(vol, tmp_path / "a.nrrd")
+    assert main(["convert", str(src), "-o", str(tmp_path / "b.nii.gz")]) == 0
+    back = io.read(tmp_path / "b.nii.gz")
+    np.testing.assert_array_equal(back.data, vol.data)
+    np.testing.assert_allclose(back.affine, vol.affine, atol=1e-5)
+
+
+def test_main_returns_exit_codes_without_exiting(capsys):
+    assert main(["--version"]) == 0
+    assert main(["info"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error:")
+
+
+def test_samples_lists_every_sample(capsys):
+    assert main(["samples"]) == 0
+    out = capsys.readouterr().out
+    assert "mni152_t1" in out and "ihc_rgb" in out
