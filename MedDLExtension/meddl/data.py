@@ -115,7 +115,8 @@ def _dipy_slice() -> Volume:
     if spec is None or spec.origin is None:
         raise DependencyError("sample data: the package 'dipy' is needed; install it with pip install 'meddl[data]'")
     path = Path(spec.origin).parent / "data" / "files" / "t1_coronal_slice.npy"
-    arr = np.load(path).astype(np.float32)  # (256, 256), already (i, j)
+    # stored as a picture, (rows, cols) = (j, i), shown upright by imshow: same layout as a PNG
+    arr = np.ascontiguousarray(np.load(path).astype(np.float32).T)
     affine = affine_from_geometry([1.0, 1.0], [0.0, 0.0], np.diag([-1.0, -1.0]))
     return Volume(arr[None], affine, Kind.INTENSITY, {"source": "dipy/data/files/t1_coronal_slice.npy"})
 
