@@ -1,0 +1,890 @@
+"""The Logic of the four Slicer modules: scene nodes in, the ``meddl`` command out of process, nodes back.
+
+Each Logic writes its input nodes to files in a private temporary folder
+(:func:`meddl.mrml.node_to_volume` / :func:`~meddl.mrml.segmentation_node_to_labels`, then
+:func:`meddl.io.write`), builds the ``meddl`` command line, runs it with a
+:class:`~meddl.runner.ProcessRunner` (``--progress json``), and on success reads the outputs
+back into the scene (:func:`meddl.mrml.volume_to_node`, ``displacement_to_transform_node``,
+``labels_to_segmentation_node``, ``volumes_to_sequence_node``). The process's ``error:`` line
+becomes a :class:`~meddl.runner.ProcessError`; a cancel becomes :class:`~meddl.errors.Cancelled`.
+Input nodes are never modified; the temporary folder is always removed.
+
+Importable without the Slicer application: MRML is reached only through :mod:`meddl.mrml`
+(imported when a run starts; the ``slicer-core`` wheel is enough) and nothing here imports Qt.
+The runner is a constructor argument, so tests drive the Logic with a fake ``meddl`` program.
+
+Every Logic has ``start(...) -> Job`` (non-blocking: the Slicer widget calls ``job.poll()``
+from a timer) and ``run(...)`` (blocking: ``start(...).wait()``).
+
+Output arguments take ``True`` (make a new node), ``False``/``None`` (do not make this output)
+or an existing node (fill that node; it must not be one of the inputs).
+"""
+
+from __future__ import annotations
+
+import enum
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
+
+from .device import DeviceName
+from .errors import InputError, MedDLError
+from .runner import LogCallback, ProcessResult, ProcessRunner, ProgressCallback
+
+__all__ = [
+    "Job",
+    "MedDLLogic",
+    "RegistrationLogic",
+    "RegistrationResult",
+    "ReconstructionLogic",
+    "ReconstructionResult",
+    "AdaptationLogic",
+    "AdaptationResult",
+    "InContextSegmentationLogic",
+    "SegmentationResult",
+    "RegistrationMethod",
+    "Similarity",
+    "ReconstructionMethod",
+    "Undersampling",
+    "AdaptMode",
+    "StainMethod",
+    "FourierWindow",
+    "SegmentOutput",
+    "IN_CONTEXT_TASKS",
+    "SEGMENTATION_TASK",
+    "choices",
+]
+
+T = TypeVar("T")
+#: Extension of every file exchanged with the process: NRRD keeps vector/RGB pixels, any dtype and oblique grids.
+_EXT = ".nrrd"
+
+
+# -- options ------------------------------------------------------------------------------------
+
+
+class RegistrationMethod(str, enum.Enum):
+    NETWORK_AND_OPTIMISATION = "network+optimisation"
+    NETWORK = "network"
+    OPTIMISATION = "optimisation"
+
+
+class Similarity(str, enum.Enum):
+    LNCC = "lncc"
+    MI = "mi"
+    DEEPSIM = "deepsim"
+
+
+class ReconstructionMethod(str, enum.Enum):
+    VARNET = "varnet"
+    ZERO_FILLED = "zero-filled"
+    CG_SENSE = "cg-sense"
+    L1_WAVELET = "l1-wavelet"
+    TV = "tv"
+
+
+class Undersampling(str, enum.Enum):
+    EQUISPACED = "equispaced"
+    RANDOM = "random"
+
+
+class AdaptMode(str, enum.Enum):
+    STAIN = "stain"
+    FOURIER = "fourier"
+
+
+class StainMethod(str, enum.Enum):
+    MACENKO = "macenko"
+    REINHARD = "reinhard"
+    VAHADANE = "vahadane"
+
+
+class FourierWindow(str, enum.Enum):
+    SQUARE = "square"
+    CIRCLE = "circle"
+
+
+#: the in-context task whose examples and result are label maps; the others map images to images
+SEGMENTATION_TASK = "segmentation"
+#: the ``--task`` values of ``meddl segment`` (meddl.incontext's Task, kept here so that the Logic
+#: never imports torch in the Slicer process)
+IN_CONTEXT_TASKS = (SEGMENTATION_TASK, "denoise", "skullstrip", "bias", "inpaint", "superres", "image")
+
+
+class SegmentOutput(str, enum.Enum):
+    """Where an in-context segmentation goes."""
+
+    NEW_SEGMENT = "new segment"  #: added to a segmentation (the annotated one by default)
+    REPLACE_SEGMENT = "replace segment"  #: replaces the content of the annotated segment
+    NEW_VOLUME = "new volume"  #: a label map volume
+
+
+def choices(enum_type: type[enum.Enum]) -> list[str]:
+    """The values of an option enum, for combo boxes and parameter-node validators."""
+    return [str(member.value) for member in enum_type]
+
+
+def _choice(value: Any, allowed: Sequence[str], what: str) -> str:
+    text = str(value).strip()
+    if text not in allowed:
+        raise InputError(f"{what}: expected one of {', '.join(allowed)}, got {value!r}")
+    return text
+
+
+def _option(enum_type: type[enum.Enum], value: Any, what: str) -> str:
+    try:
+        return str(enum_type(value.value if isinstance(value, enum.Enum) else value).value)
+    except ValueError:
+        raise InputError(f"{what}: expected one of {', '.join(choices(enum_type))}, got {value!r}") from None
+
+
+# -- jobs ---------------------------------------------------------------------------------------
+
+
+class Job(Generic[T]):
+    """One background run: inputs already written, the process running, outputs imported once.
+
+    ``poll()`` returns True once the job has ended (call it from a timer); ``result()`` then gives
+    the outputs or raises the error. ``wait()`` blocks; ``cancel()`` kills the process tree.
+    The temporary folder is removed when the job ends, whatever the outcome.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        runner: ProcessRunner,
+        args: Sequence[str],
+        workdir: Path,
+        importer: Callable[[ProcessResult], T],
+        on_progress: ProgressCallback | None = None,
+        on_log: LogCallback | None = None,
+        keep_files: bool = False,
+    ) -> None:
+        self.what = what
+        self.runner = runner
+        self.args = [str(a) for a in args]
+        self.workdir = workdir
+        self._importer = importer
+        self._on_progress = on_progress
+        self._on_log = on_log
+        self._keep_files = keep_files
+        self._done = False
+        self._outputs: T | None = None
+        self._error: BaseException | None = None
+        self.process: ProcessResult | None = None
+
+    def start(self) -> Job[T]:
+        try:
+            self.runner.start(self.args, self._on_progress, self._on_log)
+        except BaseException:
+            self._cleanup()
+            raise
+        return self
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def poll(self) -> bool:
+        """Forward new output to the callbacks; True once the job has ended (success or not)."""
+        if self._done:
+            return True
+        result = self.runner.poll()
+        if result is None:
+            return False
+        self._complete(result)
+        return True
+
+    def wait(self, timeout: float | None = None) -> T:
+        """Block until the job ends and return its outputs (or raise its error)."""
+        if not self._done:
+            self._complete(self.runner.wait(timeout))
+        return self.result()
+
+    def cancel(self) -> None:
+        """Kill the process tree; the job then ends with :class:`~meddl.errors.Cancelled`."""
+        if not self._done:
+            self.runner.cancel()
+
+    def result(self) -> T:
+        if not self._done:
+            raise MedDLError(f"{self.what}: the job is still running")
+        if self._error is not None:
+            raise self._error
+        return self._outputs  # type: ignore[return-value]
+
+    def _complete(self, result: ProcessResult) -> None:
+        self.process = result
+        try:
+            result.raise_for_status(self.what)
+            if self._on_progress is not None:
+                self._on_progress(1.0, "loading results into the scene")
+            self._outputs = self._importer(result)
+        except (MedDLError, OSError) as exc:
+            if isinstance(exc, OSError):
+                exc = MedDLError(f"{self.what}: cannot read the results ({exc})")
+            self._error = exc
+        finally:
+            self._done = True
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        if not self._keep_files:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+# -- shared Logic -------------------------------------------------------------------------------
+
+
+class MedDLLogic:
+    """What the four Logics share: scene, runner, temporary files, common flags.
+
+    Args:
+        scene: the ``vtkMRMLScene`` results go into (default: the scene of the first input node).
+        runner: runs the ``meddl`` command; default ``ProcessRunner()`` (``python -m meddl``,
+            ``PythonSlicer -m meddl`` inside Slicer). Tests pass a runner around a fake program.
+        temp_root: parent folder of the per-run temporary folders (default: the system's).
+        keep_files: keep the temporary folder (to debug a run).
+    """
+
+    command: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        scene: Any = None,
+        runner: ProcessRunner | None = None,
+        temp_root: str | Path | None = None,
+        keep_files: bool = False,
+    ) -> None:
+        self.scene = scene
+        self.runner = runner if runner is not None else ProcessRunner()
+        self.temp_root = temp_root
+        self.keep_files = keep_files
+
+    def run(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Blocking: ``start(...)`` then ``wait()``; returns the result dataclass."""
+        return self.start(*args, **kwargs).wait(timeout)
+
+    def start(self, *args: Any, **kwargs: Any) -> Job:  # pragma: no cover - each Logic defines it
+        raise NotImplementedError
+
+    # -- helpers for subclasses -------------------------------------------------------------
+    @staticmethod
+    def _mrml():
+        from . import mrml  # lazily: needs the slicer-core wheel or the Slicer application
+
+        return mrml
+
+    def _scene_for(self, node: Any) -> Any:
+        scene = self.scene if self.scene is not None else node.GetScene()
+        if scene is None:
+            raise InputError(f"meddl {self.command}: the input node '{node.GetName()}' is not in a scene")
+        return scene
+
+    def _workdir(self) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"meddl-{self.command}-", dir=self.temp_root))
+
+    def _write_volume(self, node: Any, path: Path, role: str, kind: str | None = None) -> Path:
+        from . import io
+
+        if node is None:
+            raise InputError(f"meddl {self.command}: the {role} is not set")
+        io.write(self._mrml().node_to_volume(node, kind=kind), path, compress=False)
+        return path
+
+    def _write_labels(self, node: Any, path: Path, role: str, reference: Any = None,
+                      segment_ids: Sequence[str] | None = None) -> list:
+        from . import io
+
+        labels, segments = self._mrml().segmentation_node_to_labels(node, reference=reference, segment_ids=segment_ids)
+        if not segments:
+            raise InputError(f"meddl {self.command}: the {role} '{node.GetName()}' has no segments to use")
+        io.write(labels, path, compress=False)
+        return list(segments)
+
+    @staticmethod
+    def _flags(device: Any, seed: int | None) -> list[str]:
+        flags = ["--device", _option(DeviceName, device, "device"), "--progress", "json"]
+        if seed is not None:
+            flags += ["--seed", str(int(seed))]
+        return flags
+
+    @staticmethod
+    def _refuse_overwriting_inputs(inputs: Sequence[Any], outputs: dict[str, Any]) -> None:
+        ids = {id(n) for n in inputs if n is not None}
+        for role, target in outputs.items():
+            if target is not None and not isinstance(target, bool) and id(target) in ids:
+                raise InputError(
+                    f"{role}: expected a new or another node, got the input node '{target.GetName()}'; "
+                    "inputs are never overwritten"
+                )
+
+    def _launch(self, what: str, args: list[str], workdir: Path, importer: Callable[[ProcessResult], T],
+                progress: ProgressCallback | None, log: LogCallback | None) -> Job[T]:
+        return Job(what, self.runner, args, workdir, importer, progress, log, self.keep_files).start()
+
+
+def _wanted(target: Any) -> bool:
+    return target is not None and target is not False
+
+
+def _existing(target: Any) -> Any:
+    """The node to fill, or None for a new node."""
+    return None if target is None or isinstance(target, bool) else target
+
+
+def _prepare(logic: MedDLLogic, build: Callable[[Path], T]) -> tuple[Path, T]:
+    """Make the temporary folder and write the inputs; remove the folder if writing fails."""
+    workdir = logic._workdir()
+    try:
+        return workdir, build(workdir)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+# -- registration -------------------------------------------------------------------------------
+
+
+@dataclass
+class RegistrationResult:
+    """Nodes filled by a registration (``None`` where that output was not asked for)."""
+
+    warped: Any
+    transform: Any = None
+    jacobian: Any = None
+    warped_segmentation: Any = None
+    process: ProcessResult | None = field(default=None, repr=False)
+
+
+class RegistrationLogic(MedDLLogic):
+    """``meddl register``: deformable registration of a moving volume onto a fixed volume."""
+
+    command = "register"
+
+    def start(
+        self,
+        fixed: Any,
+        moving: Any,
+        moving_segmentation: Any = None,
+        *,
+        method: str = RegistrationMethod.NETWORK_AND_OPTIMISATION,
+        similarity: str = Similarity.LNCC,
+        device: str = "auto",
+        seed: int | None = None,
+        warped: Any = True,
+        transform: Any = True,
+        jacobian: Any = False,
+        warped_segmentation: Any = True,
+        progress: ProgressCallback | None = None,
+        log: LogCallback | None = None,
+    ) -> Job[RegistrationResult]:
+        """Start registering ``moving`` onto ``fixed`` (scalar volume nodes).
+
+        ``moving_segmentation`` (optional) is warped with the same transform into
+        ``warped_segmentation``. The transform node holds the displacement field (Slicer's
+        "from parent" direction): applied to ``moving`` it aligns it with ``fixed``.
+        """
+        if fixed is None or moving is None:
+            raise InputError("meddl register: expected a fixed and a moving volume node, got "
+                             f"fixed={getattr(fixed, 'GetName', lambda: None)()}, "
+                             f"moving={getattr(moving, 'GetName', lambda: None)()}")
+        method = _option(RegistrationMethod, method, "registration method")
+        similarity = _option(Similarity, similarity, "similarity")
+        flags = self._flags(device, seed)
+        with_labels = moving_segmentation is not None and _wanted(warped_segmentation)
+        self._refuse_overwriting_inputs(
+            (fixed, moving, moving_segmentation),
+            {"warped volume": warped, "transform": transform, "Jacobian volume": jacobian,
+             "warped segmentation": warped_segmentation},
+        )
+        scene = self._scene_for(fixed)
+
+        def build(d: Path) -> tuple[list[str], list]:
+            args = ["register", self._write_volume(fixed, d / f"fixed{_EXT}", "fixed volume"),
+                    self._write_volume(moving, d / f"moving{_EXT}", "moving volume"),
+                    "-o", d / f"warped{_EXT}", "--method", method, "--similarity", similarity]
+            if _wanted(transform):
+                args += ["--transform", d / "transform.h5"]
+            if _wanted(jacobian):
+                args += ["--jacobian", d / f"jacobian{_EXT}"]
+            segments: list = []
+            if with_labels:
+                segments = self._write_labels(moving_segmentation, d / f"moving-labels{_EXT}",
+                                              "moving segmentation", reference=moving)
+                args += ["--moving-labels", d / f"moving-labels{_EXT}", "--labels-out", d / f"warped-labels{_EXT}"]
+            return [str(a) for a in args] + flags, segments
+
+        workdir, (args, segments) = _prepare(self, build)
+        base = moving.GetName()
+
+        def importer(process: ProcessResult) -> RegistrationResult:
+            from . import io, transforms
+
+            mrml = self._mrml()
+            out = RegistrationResult(
+                warped=mrml.volume_to_node(io.read(workdir / f"warped{_EXT}"), scene,
+                                           name=f"{base} warped", node=_existing(warped)),
+                process=process,
+            )
+            if _wanted(transform):
+                out.transform = mrml.displacement_to_transform_node(
+                    transforms.read_transform(workdir / "transform.h5"), scene,
+                    name=f"{base} to {fixed.GetName()}", node=_existing(transform))
+            if _wanted(jacobian):
+                out.jacobian = mrml.volume_to_node(
+                    io.read(workdir / f"jacobian{_EXT}"), scene,
+                    name=f"{base} Jacobian determinant", node=_existing(jacobian))
+            if with_labels:
+                out.warped_segmentation = mrml.labels_to_segmentation_node(
+                    io.read(workdir / f"warped-labels{_EXT}", kind="label"), scene, segments=segments,
+                    name=f"{moving_segmentation.GetName()} warped",
+                    node=_existing(warped_segmentation))
+            return out
+
+        return self._launch("meddl register", args, workdir, importer, progress, log)
+
+
+# -- reconstruction -----------------------------------------------------------------------------
+
+
+@dataclass
+class ReconstructionResult:
+    """Nodes filled by a reconstruction (``None`` where that output was not asked for)."""
+
+    reconstruction: Any
+    zero_filled: Any = None
+    uncertainty: Any = None
+    coil_images: Any = None  #: a sequence node, one volume per coil
+    process: ProcessResult | None = field(default=None, repr=False)
+
+
+class ReconstructionLogic(MedDLLogic):
+    """``meddl reconstruct``: an image from a raw multi-coil k-space file (fastMRI/ISMRMRD HDF5)."""
+
+    command = "reconstruct"
+
+    def start(
+        self,
+        kspace_path: str | Path,
+        *,
+        method: str = ReconstructionMethod.VARNET,
+        undersampling: str | None = None,
+        acceleration: float = 4.0,
+        center_fraction: float = 0.08,
+        device: str = "auto",
+        seed: int | None = None,
+        reconstruction: Any = True,
+        zero_filled: Any = False,
+        uncertainty: Any = False,
+        coil_images: bool = False,
+        scene: Any = None,
+        progress: ProgressCallback | None = None,
+        log: LogCallback | None = None,
+    ) -> Job[ReconstructionResult]:
+        """Start reconstructing ``kspace_path``.
+
+        ``undersampling`` (``"equispaced"``/``"random"``) retrospectively undersamples fully
+        sampled data by ``acceleration``, keeping ``center_fraction`` of the central lines.
+        ``zero_filled`` and ``coil_images`` need the command's ``--zero-filled`` and
+        ``--coil-images`` outputs (the latter a multi-channel image, one channel per coil).
+        """
+        path = Path(kspace_path) if kspace_path else None
+        if path is None or not path.is_file():
+            raise InputError(f"meddl reconstruct: expected an existing k-space file (.h5), got '{kspace_path or ''}'")
+        method = _option(ReconstructionMethod, method, "reconstruction method")
+        scene = scene if scene is not None else self.scene
+        if scene is None:
+            raise InputError("meddl reconstruct: no scene to put the results in; pass scene=")
+        flags = self._flags(device, seed)
+        if undersampling:
+            undersampling = _option(Undersampling, undersampling, "undersampling")
+            if not acceleration or float(acceleration) < 1:
+                raise InputError(f"acceleration: expected a factor >= 1, got {acceleration}")
+            if not 0 < float(center_fraction) < 1:
+                raise InputError(f"centre fraction: expected a value between 0 and 1, got {center_fraction}")
+
+        def build(d: Path) -> list[str]:
+            args: list[Any] = ["reconstruct", path, "-o", d / f"reconstruction{_EXT}", "--method", method]
+            if undersampling:
+                args += ["--undersample", undersampling, "--acceleration", f"{float(acceleration):g}",
+                         "--center-fraction", f"{float(center_fraction):g}"]
+            if _wanted(uncertainty):
+                args += ["--uncertainty", d / f"uncertainty{_EXT}"]
+            if _wanted(zero_filled):
+                args += ["--zero-filled", d / f"zero-filled{_EXT}"]
+            if coil_images:
+                args += ["--coil-images", d / f"coils{_EXT}"]
+            return [str(a) for a in args] + flags
+
+        workdir, args = _prepare(self, build)
+        base = path.name.split(".")[0]
+
+        def importer(process: ProcessResult) -> ReconstructionResult:
+            from . import io
+
+            mrml = self._mrml()
+
+            def volume(stem: str, label: str, target: Any) -> Any:
+                return mrml.volume_to_node(io.read(workdir / f"{stem}{_EXT}"), scene,
+                                           name=f"{base} {label}", node=_existing(target))
+
+            out = ReconstructionResult(volume("reconstruction", method, reconstruction), process=process)
+            if _wanted(zero_filled):
+                out.zero_filled = volume("zero-filled", "zero-filled", zero_filled)
+            if _wanted(uncertainty):
+                out.uncertainty = volume("uncertainty", "uncertainty", uncertainty)
+            if coil_images:
+                coils = io.read(workdir / f"coils{_EXT}")
+                per_coil = [coils.with_data(coils.numpy()[c:c + 1]) for c in range(coils.channels)]
+                out.coil_images = mrml.volumes_to_sequence_node(
+                    per_coil, scene, name=f"{base} coil images", index_name="coil")
+            return out
+
+        return self._launch("meddl reconstruct", args, workdir, importer, progress, log)
+
+    @staticmethod
+    def header_text(kspace_path: str | Path, max_lines: int = 60) -> str:
+        """A readable summary of a k-space HDF5 file: datasets, attributes, ISMRMRD header start."""
+        path = Path(kspace_path)
+        if not path.is_file():
+            return f"(no such file: {path})"
+        try:
+            import h5py
+        except ImportError:
+            return "(h5py is not installed: cannot show the header)"
+        lines: list[str] = []
+        try:
+            with h5py.File(path, "r") as f:
+                for key, value in f.attrs.items():
+                    lines.append(f"@{key} = {value}")
+
+                def visit(name: str, obj: Any) -> None:
+                    if isinstance(obj, h5py.Dataset) and name != "ismrmrd_header":
+                        lines.append(f"{name}: shape {tuple(obj.shape)}, {obj.dtype}")
+
+                f.visititems(visit)
+                if "ismrmrd_header" in f:
+                    raw = f["ismrmrd_header"][()]
+                    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+                    lines.append("ismrmrd_header:")
+                    lines.extend(ln for ln in text.splitlines() if ln.strip())
+        except OSError as exc:
+            return f"(not a readable HDF5 file: {exc})"
+        if len(lines) > max_lines:
+            lines = lines[:max_lines] + [f"... ({len(lines) - max_lines} more lines)"]
+        return "\n".join(lines)
+
+
+# -- domain adaptation --------------------------------------------------------------------------
+
+
+@dataclass
+class AdaptationResult:
+    """Nodes filled by a domain adaptation (``None`` where that output was not asked for)."""
+
+    output: Any
+    hematoxylin: Any = None
+    eosin: Any = None
+    process: ProcessResult | None = field(default=None, repr=False)
+
+
+class AdaptationLogic(MedDLLogic):
+    """``meddl adapt``: stain normalisation or Fourier domain adaptation towards reference images."""
+
+    command = "adapt"
+
+    def start(
+        self,
+        input_volume: Any,
+        references: Sequence[Any],
+        *,
+        mode: str = AdaptMode.STAIN,
+        method: str = StainMethod.MACENKO,
+        beta: float = 0.01,
+        window: str = FourierWindow.SQUARE,
+        device: str = "auto",
+        seed: int | None = None,
+        output: Any = True,
+        hematoxylin: Any = False,
+        eosin: Any = False,
+        progress: ProgressCallback | None = None,
+        log: LogCallback | None = None,
+    ) -> Job[AdaptationResult]:
+        """Start adapting ``input_volume`` (scalar or RGB vector volume) to ``references``.
+
+        Stain mode takes exactly one reference and ``method``; its hematoxylin and eosin
+        concentration maps need the command's ``--hematoxylin``/``--eosin`` outputs. Fourier mode takes one or more references, ``beta`` (the size of the
+        swapped low-frequency window, as a fraction of the image) and the window shape.
+        """
+        if input_volume is None:
+            raise InputError("meddl adapt: the input volume is not set")
+        references = [r for r in (references or []) if r is not None]
+        mode = _option(AdaptMode, mode, "adaptation mode")
+        if not references:
+            raise InputError("meddl adapt: expected at least one reference volume, got none")
+        if mode == AdaptMode.STAIN.value:
+            method = _option(StainMethod, method, "stain method")
+            if len(references) != 1:
+                raise InputError(f"meddl adapt stain: expected exactly one reference volume, got {len(references)}")
+        else:
+            window = _option(FourierWindow, window, "Fourier window")
+            if not 0 < float(beta) <= 1:
+                raise InputError(f"beta: expected a value in (0, 1], got {beta}")
+            if _wanted(hematoxylin) or _wanted(eosin):
+                raise InputError("hematoxylin/eosin outputs: expected stain mode, got fourier")
+        self._refuse_overwriting_inputs((input_volume, *references),
+                                        {"output volume": output, "hematoxylin volume": hematoxylin,
+                                         "eosin volume": eosin})
+        flags = self._flags(device, seed)
+        scene = self._scene_for(input_volume)
+
+        def build(d: Path) -> list[str]:
+            args: list[Any] = ["adapt", mode, self._write_volume(input_volume, d / f"input{_EXT}", "input volume")]
+            for i, ref in enumerate(references):
+                args.append(self._write_volume(ref, d / f"reference{i}{_EXT}", "reference volume"))
+            args += ["-o", d / f"output{_EXT}"]
+            if mode == AdaptMode.STAIN.value:
+                args += ["--method", method]
+                if _wanted(hematoxylin):
+                    args += ["--hematoxylin", d / f"hematoxylin{_EXT}"]
+                if _wanted(eosin):
+                    args += ["--eosin", d / f"eosin{_EXT}"]
+            else:
+                args += ["--beta", f"{float(beta):g}", "--window", window]
+            return [str(a) for a in args] + flags
+
+        workdir, args = _prepare(self, build)
+        base = input_volume.GetName()
+
+        def importer(process: ProcessResult) -> AdaptationResult:
+            from . import io
+
+            mrml = self._mrml()
+
+            def volume(stem: str, label: str, target: Any) -> Any:
+                return mrml.volume_to_node(io.read(workdir / f"{stem}{_EXT}"), scene,
+                                           name=f"{base} {label}", node=_existing(target))
+
+            out = AdaptationResult(volume("output", "adapted", output), process=process)
+            if _wanted(hematoxylin):
+                out.hematoxylin = volume("hematoxylin", "hematoxylin", hematoxylin)
+            if _wanted(eosin):
+                out.eosin = volume("eosin", "eosin", eosin)
+            return out
+
+        return self._launch(f"meddl adapt {mode}", args, workdir, importer, progress, log)
+
+
+# -- in-context segmentation --------------------------------------------------------------------
+
+
+@dataclass
+class SegmentationResult:
+    """Where the result went: a segmentation node (and the segment IDs written), or a volume node
+    (a label map, or the output image of an image-to-image task)."""
+
+    segmentation: Any = None
+    segment_ids: list[str] = field(default_factory=list)
+    volume: Any = None
+    process: ProcessResult | None = field(default=None, repr=False)
+
+
+class InContextSegmentationLogic(MedDLLogic):
+    """``meddl segment``: segment a target from a few painted slices or a few labelled examples.
+
+    Besides ``segmentation``, the in-context network does image-to-image tasks (``denoise``,
+    ``skullstrip``, ...) shown by example pairs of volumes; their result is a volume.
+    """
+
+    command = "segment"
+    #: suffix of the names given to results, so they never collide with what the user painted
+    _task_label: ClassVar[str] = "in-context"
+
+    def start(
+        self,
+        target: Any,
+        *,
+        segmentation: Any = None,
+        segment_id: str | None = None,
+        context: Sequence[tuple[Any, Any]] = (),
+        task: str = "segmentation",
+        output_mode: str = SegmentOutput.NEW_SEGMENT,
+        output_segmentation: Any = None,
+        output_volume: Any = None,
+        device: str = "auto",
+        seed: int | None = None,
+        progress: ProgressCallback | None = None,
+        log: LogCallback | None = None,
+    ) -> Job[SegmentationResult]:
+        """Start segmenting ``target`` (a scalar volume node).
+
+        Give either ``segmentation`` with ``segment_id`` (a segment painted on a few slices of
+        the target) or ``context``: ``(volume node, segmentation node or label map node)`` example
+        pairs; for an image task, ``(volume node, output volume node)`` pairs.
+
+        ``output_mode``: ``"new segment"`` adds the result to ``output_segmentation`` (default: the
+        painted segmentation, or a new segmentation node); ``"replace segment"`` replaces the
+        painted segment; ``"new volume"`` fills ``output_volume`` (or a new label map volume).
+        An image task always gives a volume (``output_volume`` or a new scalar volume).
+        """
+        if target is None:
+            raise InputError("meddl segment: the target volume is not set")
+        context = [(v, s) for v, s in (context or []) if v is not None or s is not None]
+        annotated = segmentation is not None
+        if annotated == bool(context):
+            raise InputError("meddl segment: expected either a segmentation painted on the target or context "
+                             f"examples, got {'both' if annotated else 'neither'}")
+        for i, (vol, seg) in enumerate(context, 1):
+            if vol is None or seg is None:
+                raise InputError(f"context example {i}: expected a volume and its segmentation, got only one of them")
+        task = _choice(task or SEGMENTATION_TASK, IN_CONTEXT_TASKS, "task")
+        image_task = task != SEGMENTATION_TASK
+        if image_task and annotated:
+            raise InputError(f"task '{task}': expected context examples (pairs of volumes), got a painted "
+                             "segmentation; painted slices work with the segmentation task")
+        if annotated and not segment_id:
+            raise InputError("meddl segment: expected the painted segment to be chosen, got none")
+        if annotated and segmentation.GetSegmentation().GetSegment(segment_id) is None:
+            raise InputError(f"segment: expected a segment of '{segmentation.GetName()}', got unknown ID '{segment_id}'")
+        output_mode = SegmentOutput.NEW_VOLUME.value if image_task else _option(SegmentOutput, output_mode, "output")
+        if output_mode == SegmentOutput.REPLACE_SEGMENT.value and not annotated:
+            raise InputError("output 'replace segment': expected a painted segment to replace, got context examples")
+        inputs = (target, segmentation, *(n for pair in context for n in pair))
+        self._refuse_overwriting_inputs(
+            [n for n in inputs if n is not segmentation],  # the painted segmentation may receive the result
+            {"output segmentation": output_segmentation, "output volume": output_volume})
+        flags = self._flags(device, seed)
+        scene = self._scene_for(target)
+
+        def build(d: Path) -> tuple[list[str], list]:
+            args: list[Any] = ["segment", self._write_volume(target, d / f"target{_EXT}", "target volume"),
+                               "-o", d / f"labels{_EXT}"]
+            if annotated:
+                segments = self._write_labels(segmentation, d / f"annotated{_EXT}", "painted segmentation",
+                                              reference=target, segment_ids=[segment_id])
+                args += ["--annotated", d / f"annotated{_EXT}"]
+            else:
+                args.append("--context")
+                segments = []
+                for i, (vol, example) in enumerate(context):
+                    args.append(self._write_volume(vol, d / f"context{i}{_EXT}", f"context volume {i + 1}"))
+                    path = d / f"context{i}-output{_EXT}"
+                    if example.IsA("vtkMRMLSegmentationNode"):
+                        if image_task:
+                            raise InputError(f"context example {i + 1}: task '{task}' expected an output volume, "
+                                             f"got the segmentation '{example.GetName()}'")
+                        found = self._write_labels(example, path, f"context segmentation {i + 1}", reference=vol)
+                        segments = segments or found
+                    else:
+                        self._write_volume(example, path, f"context output {i + 1}",
+                                           kind=None if image_task else "label")
+                    args.append(path)
+            args += ["--task", task]
+            return [str(a) for a in args] + flags, segments
+
+        workdir, (args, segments) = _prepare(self, build)
+
+        def importer(process: ProcessResult) -> SegmentationResult:
+            from . import io
+
+            if image_task:
+                image = io.read(workdir / f"labels{_EXT}")
+                node = self._mrml().volume_to_node(image, scene, name=f"{target.GetName()} {task}",
+                                                   node=_existing(output_volume))
+                return SegmentationResult(volume=node, process=process)
+            labels = io.read(workdir / f"labels{_EXT}", kind="label")
+            return self._import_labels(labels, segments, scene, target, output_mode,
+                                       segmentation, segment_id, output_segmentation, output_volume, process)
+
+        return self._launch("meddl segment", args, workdir, importer, progress, log)
+
+    def _import_labels(self, labels: Any, segments: list, scene: Any, target: Any, output_mode: str,
+                       segmentation: Any, segment_id: str | None, output_segmentation: Any, output_volume: Any,
+                       process: ProcessResult) -> SegmentationResult:
+        mrml = self._mrml()
+        if output_mode == SegmentOutput.NEW_VOLUME.value:
+            name = f"{target.GetName()} {self._task_label}"
+            node = mrml.volume_to_node(labels, scene, name=name, node=_existing(output_volume))
+            return SegmentationResult(volume=node, process=process)
+        replace = output_mode == SegmentOutput.REPLACE_SEGMENT.value
+        if replace:
+            # only the painted segment's label is taken back, under the painted segment's ID
+            keep = segments[0]
+            wanted = [mrml.SegmentInfo(keep.label, keep.name, tuple(keep.color))]
+        else:
+            # new segments are renamed so that they never collide with what the user painted
+            wanted = [mrml.SegmentInfo(s.label, f"{s.name} ({self._task_label})", tuple(s.color)) for s in segments]
+        destination = segmentation if replace else (_existing(output_segmentation) or segmentation)
+        if destination is None:
+            node = mrml.labels_to_segmentation_node(
+                labels, scene, segments=wanted, name=f"{target.GetName()} segmentation")
+            return SegmentationResult(segmentation=node, segment_ids=_segment_ids(node), process=process)
+        # labels_to_segmentation_node replaces every segment of a node it fills, so the result is
+        # imported into a scratch node and only its segments are copied over.
+        scratch = mrml.labels_to_segmentation_node(labels, scene, segments=wanted, name="MedDL scratch")
+        try:
+            names = [w.name for w in wanted]
+            ids = _copy_segments(scratch, destination, names, replace_id=segment_id if replace else None)
+        finally:
+            _remove_node(scene, scratch)
+        return SegmentationResult(segmentation=destination, segment_ids=ids, process=process)
+
+
+def _copy_segments(source: Any, destination: Any, names: Sequence[str], replace_id: str | None = None) -> list[str]:
+    """Copy the segments called ``names`` from one segmentation node to another.
+
+    With ``replace_id`` the first named segment takes the place, ID, name and colour of that
+    segment of the destination (the other segments of the destination are untouched).
+    """
+    src = source.GetSegmentation()
+    dst = destination.GetSegmentation()
+    ids = [src.GetSegmentIdBySegmentName(n) for n in names]
+    ids = [i for i in ids if i]
+    if replace_id is not None:
+        old = dst.GetSegment(replace_id)
+        if old is None or not ids:
+            raise MedDLError(f"segment '{replace_id}': cannot replace it (missing in the result or in the segmentation)")
+        index = dst.GetSegmentIndex(replace_id)
+        name, color = old.GetName(), old.GetColor()
+        # give the new segment the old ID inside the scratch node, so the copy keeps it
+        segment = src.GetSegment(ids[0])
+        src.RemoveSegment(ids[0])
+        src.AddSegment(segment, replace_id)
+        dst.RemoveSegment(replace_id)
+        if not dst.CopySegmentFromSegmentation(src, replace_id):
+            raise MedDLError(f"segment '{name}': copying the result into '{destination.GetName()}' failed")
+        dst.SetSegmentIndex(replace_id, index)
+        copied = dst.GetSegment(replace_id)
+        copied.SetName(name)
+        copied.SetColor(*color)
+        return [replace_id]
+    before = set(_segment_ids(destination))
+    for segment_id in ids:
+        if not dst.CopySegmentFromSegmentation(src, segment_id):
+            raise MedDLError(f"segment '{segment_id}': copying the result into '{destination.GetName()}' failed")
+    return [i for i in _segment_ids(destination) if i not in before]
+
+
+def _remove_node(scene: Any, node: Any) -> None:
+    for i in reversed(range(node.GetNumberOfDisplayNodes())):
+        display = node.GetNthDisplayNode(i)
+        if display is not None:
+            scene.RemoveNode(display)
+    storage = node.GetStorageNode()
+    if storage is not None:
+        scene.RemoveNode(storage)
+    scene.RemoveNode(node)
+
+
+def _segment_ids(node: Any) -> list[str]:
+    seg = node.GetSegmentation()
+    return [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
+
