@@ -92,6 +92,8 @@ with open(os.environ["FAKE_MEDDL_RECORD"], "w") as f:
 if mode == "fail":
     print("error: fake failure: expected something else, got this", file=sys.stderr)
     sys.exit(2)
+if mode == "silent":  # claims success, writes nothing
+    sys.exit(0)
 if mode == "hang":
     print(json.dumps({"progress": 0.5, "message": "hanging"}), flush=True)
     time.sleep(600)
@@ -288,6 +290,19 @@ def test_process_error_line_becomes_a_meddl_error_and_nothing_is_added(scene, fa
     assert not Path(fake.record()["workdir"]).exists()
 
 
+def test_missing_output_after_a_successful_exit_is_an_error_not_a_crash(scene, fake, rng):
+    fixed, moving = _images(scene, rng)
+    fake.mode("silent")
+    count = scene.GetNumberOfNodes()
+    job = RegistrationLogic(runner=fake.runner).start(fixed, moving)
+    deadline = time.time() + 60
+    while not job.poll() and time.time() < deadline:  # poll() never raises: the error waits in result()
+        time.sleep(0.02)
+    with pytest.raises(InputError, match="warped.nrrd': no such file"):
+        job.result()
+    assert scene.GetNumberOfNodes() == count and not job.workdir.exists()
+
+
 def test_cancel_ends_the_job_with_cancelled_and_cleans_up(scene, fake, rng):
     fixed, moving = _images(scene, rng)
     fake.mode("hang")
@@ -318,8 +333,11 @@ def test_choices_list_what_the_command_line_accepts():
 def test_real_meddl_error_line_is_raised_for_an_rgb_fixed_image(scene, rng):
     rgb = _volume_node(scene, rng.integers(0, 255, size=(3, 8, 7, 5)).astype(np.uint8), "rgb")
     _, moving = _images(scene, rng)
-    with pytest.raises(ProcessError, match="fixed image .*expected a scalar \\(single-component\\) image, got an RGB"):
+    with pytest.raises(ProcessError, match="(?i)rgb|scalar|component|channel") as err:
         RegistrationLogic(runner=ProcessRunner()).run(rgb, moving, device="cpu", transform=False)
+    result = err.value.result
+    assert result.returncode == 2 and str(err.value) == result.error  # the command's own one-line message
+    assert f"error: {result.error}" in result.stderr
 
 
 def _pending_capabilities() -> list[str]:

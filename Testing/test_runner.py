@@ -261,10 +261,3 @@ def test_inside_slicer_the_child_is_pythonslicer(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     monkeypatch.setattr(sys, "executable", str(fake_bin / "SlicerApp-real"))
     assert python_executable() == str(launcher.resolve())  # found beside the application
-
-
-def test_real_meddl_version_runs_in_the_background():
-    log = []
-    result = ProcessRunner().run(["--version"], on_log=log.append)
-    assert result.ok, result.stderr
-    assert log and log[0].startswith("meddl ")

@@ -167,12 +167,7 @@ class MedDLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job is None:
             self._timer.stop()
             return
-        try:
-            finished = job.poll()
-        except Exception:  # a bug while importing results: stop polling, show it
-            logging.exception(f"{self.moduleName}: polling the background process failed")
-            finished = True
-        if not finished:
+        if not job.poll():
             return
         self._timer.stop()
         self._job = None
@@ -181,7 +176,9 @@ class MedDLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             outputs = job.result()
         except Cancelled:
             self._setStatus("Cancelled.")
-        except MedDLError as exc:
+        except Exception as exc:
+            if not isinstance(exc, MedDLError):  # a bug, not a user error: keep the traceback in the log
+                logging.error(f"{self.moduleName}: importing the results failed", exc_info=exc)
             self._setStatus(f"Failed: {exc}")
             details = job.process.stderr if job.process is not None else ""
             slicer.util.errorDisplay(f"{self.moduleName} failed:\n\n{exc}", detailedText=details)

@@ -23,6 +23,7 @@ or an existing node (fill that node; it must not be one of the inputs).
 from __future__ import annotations
 
 import enum
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -59,6 +60,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 #: Extension of every file exchanged with the process: NRRD keeps vector/RGB pixels, any dtype and oblique grids.
 _EXT = ".nrrd"
 
@@ -227,7 +229,7 @@ class Job(Generic[T]):
             if self._on_progress is not None:
                 self._on_progress(1.0, "loading results into the scene")
             self._outputs = self._importer(result)
-        except (MedDLError, OSError) as exc:
+        except Exception as exc:  # kept for result(): poll() runs in a timer and must not raise
             if isinstance(exc, OSError):
                 exc = MedDLError(f"{self.what}: cannot read the results ({exc})")
             self._error = exc
@@ -296,7 +298,11 @@ class MedDLLogic:
 
         if node is None:
             raise InputError(f"meddl {self.command}: the {role} is not set")
-        io.write(self._mrml().node_to_volume(node, kind=kind), path, compress=False)
+        volume = self._mrml().node_to_volume(node, kind=kind)
+        if "parent_transform" in volume.meta:
+            log.warning("meddl %s: the %s '%s' is under a transform, which is not applied; harden it first "
+                        "to use the transformed position", self.command, role, node.GetName())
+        io.write(volume, path, compress=False)
         return path
 
     def _write_labels(self, node: Any, path: Path, role: str, reference: Any = None,
@@ -318,9 +324,10 @@ class MedDLLogic:
 
     @staticmethod
     def _refuse_overwriting_inputs(inputs: Sequence[Any], outputs: dict[str, Any]) -> None:
-        ids = {id(n) for n in inputs if n is not None}
         for role, target in outputs.items():
-            if target is not None and not isinstance(target, bool) and id(target) in ids:
+            if target is None or isinstance(target, bool):
+                continue
+            if any(n is not None and (n is target or (n.GetID() and n.GetID() == target.GetID())) for n in inputs):
                 raise InputError(
                     f"{role}: expected a new or another node, got the input node '{target.GetName()}'; "
                     "inputs are never overwritten"
