@@ -1,0 +1,456 @@
+"""meddl batch: manifests checked up front, jobs on a real Dask cluster, nothing lost, resumable.
+
+Most tests share one LocalCluster of two worker processes (``--scheduler`` path); one test runs
+the command as a real process with its embedded cluster and interrupts it like Ctrl-C.
+Jobs are real ``meddl adapt fourier`` runs on tiny volumes when that command is in the build, and
+``sleepcopy`` (``test_batch_ops.py``: a test operation that plugs in like a capability) where a
+job must take a known time, be killed or fail on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from meddl import batch, io
+from meddl.batch import Job, job_is_complete, read_manifest, run_batch, worker_specs
+from meddl.cli import main
+from meddl.errors import Cancelled, InputError
+from meddl.progress import CancelToken
+from meddl.volume import Volume
+
+TESTING = Path(__file__).resolve().parent
+HAS_ADAPT = batch._module_available("meddl.adaptation.cli")
+needs_adapt = pytest.mark.skipif(not HAS_ADAPT, reason="meddl adapt is not in this build yet")
+
+
+@pytest.fixture(autouse=True)
+def _sleepcopy(monkeypatch):
+    monkeypatch.setitem(batch._EXTRA_OPERATIONS, "sleepcopy", "test_batch_ops")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two worker processes (they import the test operation through PYTHONPATH)."""
+    distributed = pytest.importorskip("distributed")
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTING), *([old] if old else [])])
+    try:
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                           dashboard_address=None, host="127.0.0.1", silence_logs=50)
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+    client = distributed.Client(cluster, set_as_default=False)
+    client.run(lambda: __import__("torch"))  # warm both workers once for the whole module
+    yield cluster
+    client.close()
+    cluster.close()
+
+
+def _inputs(folder: Path, n: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = folder / f"in{i:02d}.txt"
+        p.write_text(f"case {i}\n")
+        paths.append(p)
+    return paths
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    lines = [",".join(header)] + [",".join("" if v is None else str(v) for v in row) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _partial_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if ".meddl-part-" in p.name or ".part" in p.name]
+
+
+def _runs(log: Path, name: str, what: str) -> int:
+    return len(list(log.glob(f"{name}.*.{what}")))
+
+
+def _verify(report) -> None:
+    """Every output named in the report exists and hashes to its recorded checksum."""
+    for job in report.jobs:
+        if job.status in ("done", "skipped"):
+            assert job.outputs
+            for path, digest in job.outputs.items():
+                assert batch.sha256_of(path) == digest, path
+
+
+# -- manifests: checked up front --------------------------------------------------------------
+
+
+def test_csv_and_jsonl_give_the_same_jobs(tmp_path):
+    ins = _inputs(tmp_path / "in", 2)
+    csv_path = _write_csv(tmp_path / "m.csv", ["operation", "id", "input", "output", "seconds", "fail", "tag"],
+                          [["sleepcopy", "a", "in/in00.txt", "out/a.txt", 0.5, "false", "x y"],
+                           ["sleepcopy", "", str(ins[1]), "out/b.txt", "", "", "-3"]])
+    jsonl_path = _write_jsonl(tmp_path / "m.jsonl", [
+        {"operation": "sleepcopy", "id": "a", "input": "in/in00.txt", "output": "out/a.txt", "seconds": 0.5,
+         "fail": False, "tag": "x y"},
+        {"operation": "sleepcopy", "input": str(ins[1]), "--output": "out/b.txt", "tag": "-3"}])
+    from_csv, from_jsonl = read_manifest(csv_path), read_manifest(jsonl_path)
+    assert [j.argv for j in from_csv.jobs] == [j.argv for j in from_jsonl.jobs]
+    first, second = from_csv.jobs
+    assert first.argv == (str(ins[0]), f"--output={tmp_path / 'out' / 'a.txt'}", "--seconds=0.5", "--tag=x y")
+    assert first.id == "a" and second.id == "out/b.txt"  # default id: the output, relative to the root
+    assert second.outputs == (str(tmp_path / "out" / "b.txt"),) and second.inputs == (str(ins[1]),)
+    assert second.argv_with(["/x/y.txt"])[1] == "--output=/x/y.txt"
+    assert first.key != second.key
+
+
+def test_bad_manifest_lists_every_problem_and_runs_nothing(tmp_path, capsys):
+    ins = _inputs(tmp_path, 3)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "folder.txt").mkdir()
+    manifest = _write_csv(tmp_path / "m.csv", ["operation", "input", "output", "seconds", "mode", "colour"], [
+        ["sleepcopy", ins[0].name, "outputs/ok.txt", "", "", ""],  # fine
+        ["sleepcopy turbo", ins[0].name, "outputs/r.txt", "", "", ""],  # unknown operation
+        ["sleepcopy", "missing.txt", "outputs/a.txt", "soon", "", ""],  # missing input, bad float
+        ["sleepcopy", ins[1].name, "outputs/ok.txt", "", "", ""],  # same output as line 2
+        ["sleepcopy", ins[1].name, "../escape.txt", "", "", ""],  # outside the root
+        ["sleepcopy", ins[2].name, "outputs/c.txt", "", "fastest", "red"],  # bad choice, unknown option
+        ["sleepcopy", ins[2].name, ins[2].name, "", "", ""],  # would overwrite its input
+        ["sleepcopy", ins[2].name, "outputs/folder.txt", "", "", ""],  # a folder
+    ])
+    with pytest.raises(InputError) as err:
+        read_manifest(manifest)
+    message = str(err.value)
+    expected = [
+        r"line 3: unknown operation 'sleepcopy turbo'",
+        r"line 4: .*argument --seconds: invalid float value: 'soon'",
+        r"line 4: input '.*missing\.txt' does not exist",
+        r"line 5: output '.*ok\.txt' is also written by line 2",
+        r"line 6: output '.*escape\.txt' is outside the output root",
+        r"line 7: .*argument --mode: invalid choice: 'fastest'",
+        r"line 7: unknown option 'colour' for 'sleepcopy'; expected one of .*mode",
+        r"line 8: output '.*in02\.txt' is also an input of this job",
+        r"line 9: output '.*folder\.txt' is a folder",
+    ]
+    for pattern in expected:
+        assert re.search(pattern, message), pattern
+    assert message.startswith(f"manifest '{manifest}': {len(expected)} problem(s), nothing was run")
+    # the command: one error line, exit 2, nothing created
+    assert main(["batch", str(manifest), "--progress", "none"]) == 2
+    err_lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err_lines) == 1 and err_lines[0].startswith("error: manifest")
+    assert not (tmp_path / batch.STATE_DIR).exists()
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["folder.txt"]
+
+
+@pytest.mark.parametrize("content, pattern", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", r"expected a CSV or JSON Lines text file, got binary data"),
+    (b"", r"the file is empty"),
+    (b"jobs:\n  - adapt: a.nii.gz\n", r"expected CSV with a header row naming the columns .*'operation'"),
+    (b"input,output\na.txt,b.txt\n", r"expected CSV with a header row naming the columns .*'operation'"),
+    (b'{"operation": "sleepcopy", "input": "a"}\n{"operation": \n', r"line 2: not valid JSON"),
+    (b'["sleepcopy", "a", "b"]\n', r"line 1: expected a JSON object, got list"),
+    (b"operation,input,output\n", r"no jobs"),
+], ids=["binary", "empty", "yaml", "no-operation-column", "broken-jsonl", "jsonl-array", "header-only"])
+def test_not_a_manifest(tmp_path, content, pattern):
+    suffix = ".jsonl" if content.startswith((b"{", b"[")) else ".txt"
+    path = tmp_path / f"m{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=pattern):
+        read_manifest(path)
+
+
+def test_missing_manifest_and_bad_flags(tmp_path, capsys):
+    assert main(["batch", str(tmp_path / "none.csv"), "--progress", "none"]) == 2
+    assert "error: cannot read manifest" in capsys.readouterr().err
+    _inputs(tmp_path, 1)
+    manifest = _write_csv(tmp_path / "m.csv", ["operation", "input", "output"], [["sleepcopy", "in00.txt", "o.txt"]])
+    with pytest.raises(InputError, match=r"--workers: expected 1 or more, got 0"):
+        run_batch(manifest, workers=0)
+    with pytest.raises(InputError, match=r"--device: expected auto, cpu, cuda, cuda:N or mps, got 'tpu'"):
+        run_batch(manifest, device="tpu")
+    with pytest.raises(InputError, match=r"--report .*: it is also an output of a job"):
+        run_batch(manifest, report=tmp_path / "o.txt")
+    assert not (tmp_path / "o.txt").exists()
+
+
+def test_operation_not_in_this_build_is_an_invalid_row(tmp_path, monkeypatch):
+    _inputs(tmp_path, 1)
+    monkeypatch.setitem(batch._EXTRA_OPERATIONS, "warp", "meddl.no_such_capability.cli")
+    manifest = _write_jsonl(tmp_path / "m.jsonl", [{"operation": "warp", "input": "in00.txt", "output": "o.nii.gz"}])
+    with pytest.raises(InputError, match=r"line 1: operation 'warp' is not available in this build"):
+        read_manifest(manifest)
+
+
+def test_unreachable_scheduler_fails_within_seconds(tmp_path):
+    _inputs(tmp_path, 1)
+    manifest = _write_csv(tmp_path / "m.csv", ["operation", "input", "output"], [["sleepcopy", "in00.txt", "o.txt"]])
+    started = time.perf_counter()
+    with pytest.raises(InputError, match=r"--scheduler tcp://127\.0\.0\.1:9: cannot reach a Dask scheduler"):
+        run_batch(manifest, scheduler="tcp://127.0.0.1:9", connect_timeout=2.0)
+    assert time.perf_counter() - started < 10
+    with pytest.raises(InputError, match=r"--scheduler: expected an address like tcp://host:8786"):
+        run_batch(manifest, scheduler="nowhere")
+    assert not (tmp_path / "o.txt").exists()
+
+
+# -- running on the cluster -------------------------------------------------------------------
+
+
+def _tiny_volumes(folder: Path, n: int, rng: np.random.Generator) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        data = rng.normal(100.0 + 10 * i, 5.0 + i, size=(1, 12, 10, 6)).astype(np.float32)
+        paths.append(io.write(Volume(data, np.diag([1.0, 1.2, 2.0, 1.0])), folder / f"case{i:02d}.nii.gz"))
+    return paths
+
+
+@needs_adapt
+def test_twenty_adapt_jobs_on_an_embedded_cluster_of_two_workers(tmp_path):
+    rng = np.random.default_rng(7)
+    cases = _tiny_volumes(tmp_path / "scans", 20, rng)
+    reference = _tiny_volumes(tmp_path / "ref", 1, rng)[0]
+    rows = [{"operation": "adapt fourier", "input": str(c), "references": [str(reference)],
+             "output": f"adapted/{c.name}", "beta": 0.2} for c in cases]
+    manifest = _write_jsonl(tmp_path / "cohort.jsonl", rows)
+    seen = []
+    report = run_batch(manifest, workers=2, progress=lambda f, m: seen.append(f))
+    assert report.workers == 2 and report.scheduler == "local"
+    assert report.summary() == {"jobs": 20, "done": 20, "skipped": 0, "failed": 0, "cancelled": 0}
+    assert len({j.worker for j in report.jobs}) == 2
+    assert seen[-1] == 1.0 and seen == sorted(seen)
+    _verify(report)
+    # the same result as the command run by hand on one case
+    by_hand = tmp_path / "by_hand.nii.gz"
+    assert main(["adapt", "fourier", str(cases[3]), str(reference), "-o", str(by_hand), "--beta", "0.2",
+                 "--progress", "none"]) == 0
+    np.testing.assert_allclose(io.read(tmp_path / "adapted" / cases[3].name).numpy(), io.read(by_hand).numpy())
+    assert not _partial_files(tmp_path)
+    saved = json.loads(Path(report.report_path).read_text())
+    assert saved["summary"]["done"] == 20 and all(j["outputs"] for j in saved["jobs"])
+
+
+def test_twenty_jobs_on_two_workers_one_failing(tmp_path, cluster):
+    ins = _inputs(tmp_path / "in", 20)
+    rows = [["sleepcopy", f"in/{p.name}", f"out/{p.stem}.txt", 0.05, f"#{i}",
+             "true" if i == 13 else ""] for i, p in enumerate(ins)]
+    manifest = _write_csv(tmp_path / "m.csv", ["operation", "input", "output", "seconds", "tag", "fail"], rows)
+    results = []
+    report = run_batch(manifest, scheduler=cluster.scheduler_address, on_result=results.append,
+                       report=tmp_path / "report.json")
+    assert report.summary() == {"jobs": 20, "done": 19, "skipped": 0, "failed": 1, "cancelled": 0}
+    assert not report.ok and len(results) == 20
+    failed = [j for j in report.jobs if j.status == "failed"]
+    assert failed[0].id == "out/in13.txt" and "expected no --fail" in failed[0].error
+    assert not (tmp_path / "out" / "in13.txt").exists()
+    for i, p in enumerate(ins):
+        if i != 13:
+            assert (tmp_path / "out" / f"{p.stem}.txt").read_text() == f"case {i}\n#{i}"
+    assert len({j.worker for j in report.jobs}) == 2
+    _verify(report)
+    assert not _partial_files(tmp_path)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["summary"]["failed"] == 1 and saved["jobs"][13]["status"] == "failed"
+    assert saved["jobs"][0]["command"].startswith("meddl sleepcopy ")
+    # a re-run redoes only the failed job (still failing), the rest is verified and skipped
+    again = run_batch(manifest, scheduler=cluster.scheduler_address)
+    assert again.summary() == {"jobs": 20, "done": 0, "skipped": 19, "failed": 1, "cancelled": 0}
+
+
+def test_worker_killed_mid_job_is_retried(tmp_path, cluster):
+    ins = _inputs(tmp_path / "in", 4)
+    log = tmp_path / "log"
+    log.mkdir()
+    rows = [{"operation": "sleepcopy", "input": str(p), "output": f"out/{p.stem}.txt", "seconds": 2.0,
+             "log": str(log)} for p in ins]
+    manifest = _write_jsonl(tmp_path / "m.jsonl", rows)
+    killed = {}
+
+    def kill_first_started() -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            starts = sorted(log.glob("*.start"))
+            if starts:
+                time.sleep(0.3)  # well inside the job
+                killed["name"] = starts[0].name.split(".")[0]
+                killed["pid"] = int(starts[0].read_text())
+                os.kill(killed["pid"], signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_first_started)
+    killer.start()
+    report = run_batch(manifest, scheduler=cluster.scheduler_address)
+    killer.join()
+    assert killed, "no job started"
+    assert report.summary()["done"] == 4, [(j.id, j.status, j.error) for j in report.jobs]
+    _verify(report)
+    name = killed["name"] + ".txt"
+    assert _runs(log, name, "start") == 2 and _runs(log, name, "end") == 1  # killed once, rerun once
+    assert all(j.worker and str(killed["pid"]) not in j.worker for j in report.jobs)
+    for p in ins:
+        assert (tmp_path / "out" / f"{p.stem}.txt").read_text() == p.read_text()
+    assert not _partial_files(tmp_path)
+
+
+def test_interrupted_run_resumes_without_redoing_jobs(tmp_path, cluster):
+    ins = _inputs(tmp_path / "in", 8)
+    log = tmp_path / "log"
+    log.mkdir()
+    rows = [{"operation": "sleepcopy", "input": str(p), "output": f"out/{p.stem}.txt", "seconds": 0.6,
+             "log": str(log)} for p in ins]
+    manifest = _write_jsonl(tmp_path / "m.jsonl", rows)
+    token = CancelToken()
+    arrived = []
+
+    def on_result(result) -> None:
+        arrived.append(result)
+        if len(arrived) == 3:
+            token.cancel()
+
+    with pytest.raises(Cancelled, match=r"interrupted; \d of 8 jobs complete .* run the same command again"):
+        run_batch(manifest, scheduler=cluster.scheduler_address, cancel=token, on_result=on_result)
+    first = json.loads((tmp_path / batch.STATE_DIR / "report.json").read_text())
+    assert first["interrupted"] is True
+    done_first = {j["id"] for j in first["jobs"] if j["status"] == "done"}
+    assert 3 <= len(done_first) < 8
+    assert {j["status"] for j in first["jobs"]} <= {"done", "cancelled"}
+    for j in first["jobs"]:
+        out = Path(next(iter(j["outputs"]))) if j["outputs"] else None
+        if j["status"] == "done":
+            assert batch.sha256_of(out) == next(iter(j["outputs"].values()))
+    assert not _partial_files(tmp_path / "out")
+    written = {p.name for p in (tmp_path / "out").iterdir()}
+    assert written == {Path(i).name for i in done_first}  # no output of an unfinished job
+
+    second = run_batch(manifest, scheduler=cluster.scheduler_address)
+    assert {j.id for j in second.jobs if j.status == "skipped"} == done_first
+    assert second.count("done") == 8 - len(done_first) and second.ok
+    _verify(second)
+    for p in ins:
+        assert _runs(log, p.name, "end") == 1, p.name  # no job done twice
+        assert (tmp_path / "out" / f"{p.stem}.txt").read_text() == p.read_text()
+    assert not _partial_files(tmp_path / "out")
+
+
+def test_changed_or_corrupted_output_is_redone(tmp_path, cluster):
+    ins = _inputs(tmp_path / "in", 3)
+    manifest = _write_csv(tmp_path / "m.csv", ["operation", "input", "output", "tag"],
+                          [["sleepcopy", f"in/{p.name}", f"out/{p.stem}.txt", "a"] for p in ins])
+    run_batch(manifest, scheduler=cluster.scheduler_address)
+    (tmp_path / "out" / "in01.txt").write_text("corrupt")
+    (tmp_path / "out" / "in02.txt").unlink()
+    stale = tmp_path / "out" / ".in00.meddl-part-0123456789ab.txt"  # left by a killed run
+    stale.write_text("half")
+    report = run_batch(manifest, scheduler=cluster.scheduler_address)
+    assert [j.status for j in report.jobs] == ["skipped", "done", "done"]
+    assert not stale.exists()
+    _verify(report)
+    # another option is another job: the record of the old one does not count
+    changed = read_manifest(_write_csv(tmp_path / "m2.csv", ["operation", "input", "output", "tag"],
+                                       [["sleepcopy", f"in/{p.name}", f"out/{p.stem}.txt", "b"] for p in ins]))
+    assert all(job_is_complete(j, changed.state_dir) is None for j in changed.jobs)
+
+
+# -- the command, with its embedded cluster, interrupted like Ctrl-C -----------------------------
+
+
+@pytest.mark.slow
+def test_command_embedded_cluster_ctrl_c_then_resume(tmp_path, cluster):
+    ins = _inputs(tmp_path / "in", 6)
+    log = tmp_path / "log"
+    log.mkdir()
+    manifest = _write_csv(tmp_path / "m.csv", ["operation", "input", "output", "seconds", "log"],
+                          [["sleepcopy", f"in/{p.name}", f"out/{p.stem}.txt", 1.0, str(log)] for p in ins])
+    env = dict(os.environ, MEDDL_BATCH_OPERATIONS="sleepcopy=test_batch_ops",
+               PYTHONPATH=os.pathsep.join([str(TESTING), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "meddl", "batch", str(manifest), "--workers", "2", "--progress", "none"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and not list(log.glob("*.end")):
+            time.sleep(0.1)
+        assert list(log.glob("*.end")), "no job finished"
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground process group
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: meddl batch: interrupted;"), err
+    assert "Traceback" not in err
+    report = json.loads((tmp_path / batch.STATE_DIR / "report.json").read_text())
+    done = {j["id"] for j in report["jobs"] if j["status"] == "done"}
+    assert done and len(done) < 6
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {Path(d).name for d in done}
+    assert not _partial_files(tmp_path / "out")
+
+    # the same manifest again (on the shared cluster, to save starting another): only the rest runs
+    rerun = run_batch(manifest, scheduler=cluster.scheduler_address)
+    assert rerun.ok and {j.id for j in rerun.jobs if j.status == "skipped"} == done
+    for p in ins:
+        assert _runs(log, p.name, "end") == 1
+        assert (tmp_path / "out" / f"{p.stem}.txt").read_text() == p.read_text()
+
+
+# -- per-worker set-up ------------------------------------------------------------------------
+
+
+def test_gpu_workers_are_pinned_one_per_device():
+    specs = worker_specs(3, 2, ["4", "7"])
+    envs = [s["options"]["env"] for s in specs.values()]
+    assert envs == [{"CUDA_VISIBLE_DEVICES": "4"}, {"CUDA_VISIBLE_DEVICES": "7"}, {"CUDA_VISIBLE_DEVICES": "4"}]
+    assert all(s["options"]["nthreads"] == 2 and s["options"]["preload"] == ["meddl.batch"] for s in specs.values())
+    assert [s["options"]["env"] for s in worker_specs(2, 1, []).values()] == [{}, {}]
+
+
+def test_model_loaded_once_per_worker_and_not_shared(tmp_path, monkeypatch):
+    import torch
+    from meddl import models
+    from meddl.nets import UNet
+
+    args = {"spatial_dims": 2, "in_channels": 1, "out_channels": 1, "features": [4, 8]}
+    models.save_model(UNet(**args), tmp_path, "tiny", args, "synthetic", "test", {})
+    monkeypatch.setattr(models, "load_state_dict", models.load_state_dict)  # restored after the test
+    monkeypatch.setitem(batch._WORKER_STATE, "model_loads", 0)
+    calls = []
+    original = models.load_state_dict
+    monkeypatch.setattr(models, "load_state_dict", lambda *a, **k: calls.append(a) or original(*a, **k))
+    batch._install_model_cache()
+    batch._install_model_cache()  # idempotent
+    first, _ = models.load_model("tiny", tmp_path / "tiny.pt")
+    with torch.no_grad():
+        next(first.parameters()).add_(1.0)  # a job changing its network...
+    second, _ = models.load_model("tiny", tmp_path / "tiny.pt")
+    assert len(calls) == 1 and batch._WORKER_STATE["model_loads"] == 1
+    reference = UNet(**args)
+    reference.load_state_dict(torch.load(tmp_path / "tiny.pt", weights_only=True))
+    for a, b in zip(second.state_dict().values(), reference.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # ...does not change the next job's
+
+
+def test_job_is_picklable_for_the_workers(tmp_path):
+    import pickle
+
+    _inputs(tmp_path, 1)
+    job = read_manifest(_write_csv(tmp_path / "m.csv", ["operation", "input", "output"],
+                                   [["sleepcopy", "in00.txt", "o.txt"]])).jobs[0]
+    assert isinstance(job, Job) and pickle.loads(pickle.dumps(job)) == job
