@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from meddl import InputError, Volume
 from meddl.adaptation import (
     StainConfig,
@@ -146,9 +145,8 @@ def test_macenko_agrees_with_torchstain(ihc):
 
 def test_output_keeps_the_volume_axis_order(ihc, tmp_path):
     """(3, I, J) is (3, x, y): the PNG written from the output reads back as the (H, W, 3) image."""
-    from skimage import io as skio
-
     from meddl import io
+    from skimage import io as skio
 
     rgb = ihc[:100, :160]  # not square: a transposition would show
     vol = _volume_from_hwc(rgb)
@@ -199,8 +197,13 @@ def test_nonnegative_lasso_matches_scipy_nnls_and_the_lasso_optimum():
         assert np.abs(got - ref).max() < 1e-8
         lam = 0.1
         got = S.nonnegative_lasso(w.T @ w, w.T @ x, lam).numpy()
+        wn = w.numpy()
         for i in range(0, 200, 20):
-            f = lambda c, i=i: 0.5 * np.sum((x[:, i].numpy() - w.numpy() @ c) ** 2) + lam * c.sum()  # noqa: E731
+            xi = x[:, i].numpy()
+
+            def f(c, xi=xi, wn=wn, lam=lam):
+                return 0.5 * np.sum((xi - wn @ c) ** 2) + lam * c.sum()
+
             best = minimize(f, np.full(k, 0.3), bounds=[(0, None)] * k, method="L-BFGS-B").fun
             assert f(got[:, i]) <= best + 1e-9
 
@@ -300,3 +303,14 @@ def test_float_input_in_unit_range_is_accepted(ihc):
     a = adapt_stain(vol, vol, device="cpu").numpy()
     b = adapt_stain(as_float, vol, device="cpu").numpy()
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small images: one thread is faster, and far faster on a busy machine (no OpenMP barriers)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -141,7 +141,7 @@ def run(args, ctx) -> int:
             io.write(out, args.output)
         if stain_paths:
             stains = separate_stains(image, Separation(separation), config, rep.stage(0.8, 1.0), device=ctx.device)
-            for name, path in zip(stain_names, stain_paths):
+            for name, path in zip(stain_names, stain_paths, strict=True):
                 io.write(stains[name], path)
             ctx.log("stains: " + ", ".join(stain_paths))
         ctx.summary(f"stain normalisation ({args.method}) -> {args.output}")
@@ -165,7 +165,7 @@ def run(args, ctx) -> int:
         else:
             result = adapt_fourier(image, refs, config, rep, device=ctx.device)
             results = result if isinstance(result, list) else [result]
-        for vol, path in zip(results, outputs):
+        for vol, path in zip(results, outputs, strict=False):
             io.write(vol, path)
         what = "histogram matching" if args.histogram_match else f"Fourier adaptation ({config.window.value}, {config.mode.value})"
         ctx.summary(f"{what} -> {', '.join(outputs)}")

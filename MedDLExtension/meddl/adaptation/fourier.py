@@ -32,8 +32,9 @@ window always holds at least the first non-zero frequency along the shortest axi
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -233,7 +234,8 @@ def adapt_fourier(
         device: torch device (``None``: CUDA, then MPS, then CPU).
     Returns:
         One volume on the input's grid (``combine="mean"``) or a list, one per reference kept
-        (``combine="each"``). float32, or the input's integer dtype when ``preserve_range``.
+        (``combine="each"``). The input's dtype (float32 for other types, and for integer input
+        without ``preserve_range``).
     Raises:
         InputError: NaNs, references of another dimensionality, bad options.
     """
@@ -288,12 +290,12 @@ def adapt_fourier(
 
 
 def _to_output(image: Volume, y, config: FourierConfig, beta: float) -> Volume:
-    import torch
-
     src = image.numpy().dtype
-    arr = y.to(torch.float32).cpu().numpy()
+    arr = y.cpu().numpy()  # float64
     if np.issubdtype(src, np.integer) and config.preserve_range:
         arr = np.rint(arr).astype(src)  # in the input's range, so the integer type holds it
+    else:
+        arr = arr.astype(src if src in (np.float32, np.float64) else np.float32)
     return image.with_data(
         arr, fda_beta=round(float(beta), 6), fda_window=config.window.value, fda_mode=config.mode.value
     )

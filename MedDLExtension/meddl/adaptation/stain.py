@@ -425,7 +425,6 @@ def _vahadane_matrix(od_tissue, config: StainConfig):
     squares of each channel (a 2 x 2 problem, solved in Python floats: it is too small for torch),
     over-relaxed (factor 1.5) to cut the zig-zag of plain alternation.
     """
-    import torch
 
     x = od_tissue
     w = _macenko_matrix(x, config.alpha).clamp_min(0.0)

@@ -15,8 +15,9 @@ A 40,000 x 40,000 slide therefore never sits in memory: the peak is one tile (a 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -160,7 +161,7 @@ def adapt_stain_tiff(
             return
         band = np.zeros((th, width, samples), np.uint8)
         filled, band_y = 0, 0
-        for i, (y, _, seg) in enumerate(tiff_tiles(source)):
+        for i, (_, _, seg) in enumerate(tiff_tiles(source)):
             seg = mapped(seg)
             row = 0
             while row < seg.shape[0]:

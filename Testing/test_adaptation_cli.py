@@ -1,0 +1,123 @@
+"""``meddl adapt stain|fourier|histogram|classwise`` through ``meddl.cli.main``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+from meddl import Volume, io
+from meddl.cli import main
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from skimage import data
+
+    folder = tmp_path_factory.mktemp("adapt")
+    ihc = data.immunohistochemistry()
+    io.write(Volume(np.ascontiguousarray(ihc[:96, :128].transpose(2, 1, 0))), folder / "slide.png")
+    io.write(Volume(np.ascontiguousarray(ihc[200:328, 200:328].transpose(2, 1, 0))), folder / "ref.png")
+    io.write(Volume(np.ascontiguousarray(ihc[:96, :128, :1].transpose(2, 1, 0))), folder / "grey.png")
+    tifffile.imwrite(folder / "slide.tif", ihc[:96, :128], tile=(32, 32), photometric="rgb")
+    rng = np.random.default_rng(0)
+    for name, scale in (("mr.nii.gz", 1.0), ("mr_ref1.nii.gz", 2.0), ("mr_ref2.nii.gz", 3.0)):
+        io.write(Volume((rng.random((1, 16, 18, 12)) * 100 * scale).astype(np.float32)), folder / name)
+    io.write(Volume(rng.random((1, 16, 18)).astype(np.float32)), folder / "slice.nii.gz")
+    labels = (rng.random((1, 16, 18, 12)) > 0.5).astype(np.int16)
+    io.write(Volume(labels, kind="label"), folder / "labels.nii.gz")
+    return folder
+
+
+def test_stain_writes_the_image_and_the_stains(images, capsys):
+    out, prefix = images / "out.png", images / "stains.nrrd"
+    assert main(["adapt", "stain", str(images / "slide.png"), str(images / "ref.png"), "-o", str(out),
+                 "--stains-out", str(prefix), "--device", "cpu"]) == 0
+    vol = io.read(out)
+    assert vol.channels == 3 and vol.spatial_shape == (128, 96) and vol.numpy().dtype == np.uint8
+    for name in ("H", "E"):
+        stain = io.read(images / f"stains_{name}.nrrd")
+        assert stain.channels == 1 and stain.spatial_shape == (128, 96)
+    assert "stain normalisation (macenko)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["reinhard", "vahadane"])
+def test_stain_methods(method, images):
+    out = images / f"out_{method}.png"
+    assert main(["adapt", "stain", str(images / "slide.png"), str(images / "ref.png"), "-o", str(out),
+                 "--method", method, "--device", "cpu"]) == 0
+    assert io.read(out).channels == 3
+
+
+def test_stain_tiled_streams_a_tiff(images):
+    out = images / "out.tif"
+    assert main(["adapt", "stain", str(images / "slide.tif"), str(images / "ref.png"), "-o", str(out),
+                 "--tiled", "--device", "cpu"]) == 0
+    assert tifffile.imread(out).shape == (96, 128, 3)
+
+
+def test_fourier_each_reference_and_histogram_baseline(images):
+    out = images / "fda.nii.gz"
+    refs = [str(images / "mr_ref1.nii.gz"), str(images / "mr_ref2.nii.gz")]
+    assert main(["adapt", "fourier", str(images / "mr.nii.gz"), *refs, "-o", str(out), "--combine", "each",
+                 "--beta", "0.1", "--window", "square", "--mode", "2d", "--device", "cpu"]) == 0
+    for i in (1, 2):
+        assert io.read(images / f"fda_{i}.nii.gz").spatial_shape == (16, 18, 12)
+    hist = images / "hist.nii.gz"
+    assert main(["adapt", "fourier", str(images / "mr.nii.gz"), *refs, "-o", str(hist), "--histogram-match"]) == 0
+    assert io.read(hist).spatial_shape == (16, 18, 12)
+    assert main(["adapt", "histogram", str(images / "mr.nii.gz"), refs[0], "-o", str(images / "h2.nii.gz")]) == 0
+    assert main(["adapt", "classwise", str(images / "mr.nii.gz"), str(images / "labels.nii.gz"), refs[0],
+                 str(images / "labels.nii.gz"), "-o", str(images / "cw.nii.gz")]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv,pattern",
+    [
+        (["fourier", "{d}/mr.nii.gz", "{d}/mr_ref1.nii.gz", "-o", "{d}/x.nii.gz", "--beta", "-0.1"],
+         r"error: Fourier beta: expected a number in \[0, 0.5\], got -0.1"),
+        (["fourier", "{d}/mr.nii.gz", "{d}/mr_ref1.nii.gz", "-o", "{d}/x.nii.gz", "--beta", "0.7"],
+         r"error: Fourier beta: expected a number in \[0, 0.5\], got 0.7"),
+        (["fourier", "{d}/mr.nii.gz", "{d}/slice.nii.gz", "-o", "{d}/x.nii.gz"],
+         r"error: reference 1: expected a 3D volume like the input, got 2D"),
+        (["stain", "{d}/grey.png", "{d}/ref.png", "-o", "{d}/x.png"],
+         r"error: input '.*grey.png': expected an RGB colour image \(3 components\), got 1"),
+        (["stain", "{d}/slide.png", "{d}/ref.png", "-o", "{d}/slide.png"], r"error: output .* is also an input"),
+        (["stain", "{d}/slide.png", "{d}/ref.png", "-o", "{d}/x.png", "--method", "fancy"], r"error: .*invalid choice"),
+        ([], r"error: meddl adapt: expected a method"),
+    ],
+)
+def test_bad_input_is_one_error_line_and_exit_2(argv, pattern, images, capsys):
+    code = main(["adapt", *[a.format(d=images) for a in argv]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and err.startswith("error:")
+    import re
+
+    assert re.search(pattern, err), err
+
+
+def test_nan_input_is_refused(images, capsys):
+    bad = np.ones((1, 8, 8, 8), np.float32)
+    bad[0, 1, 1, 1] = np.nan
+    io.write(Volume(bad), images / "nan.nii.gz")
+    assert main(["adapt", "fourier", str(images / "nan.nii.gz"), str(images / "mr_ref1.nii.gz"), "-o",
+                 str(images / "y.nii.gz")]) == 2
+    assert "NaN" in capsys.readouterr().err
+
+
+def test_background_only_slide_is_refused(images, capsys):
+    io.write(Volume(np.full((3, 40, 40), 250, np.uint8)), images / "blank.png")
+    assert main(["adapt", "stain", str(images / "blank.png"), str(images / "ref.png"), "-o",
+                 str(images / "z.png")]) == 2
+    assert "background only" in capsys.readouterr().err
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small images: one thread is faster, and far faster on a busy machine (no OpenMP barriers)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
