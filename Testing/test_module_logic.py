@@ -47,7 +47,7 @@ argv = sys.argv[1:]
 mode = os.environ.get("FAKE_MEDDL_MODE", "ok")
 record = {"argv": argv, "inputs": {}}
 OUTPUT_FLAGS = {"-o", "--transform", "--jacobian", "--labels-out", "--uncertainty", "--zero-filled",
-                "--coil-images", "--hematoxylin", "--eosin"}
+                "--coil-images", "--stains-out"}
 VALUE_FLAGS = {"--method", "--similarity", "--device", "--progress", "--seed", "--undersample", "--acceleration",
                "--center-fraction", "--beta", "--window", "--task", "--moving-labels", "--annotated"}
 outputs, options, positional, context = {}, {}, [], []
@@ -122,9 +122,10 @@ elif command == "reconstruct":
 elif command == "adapt":
     image = io.read(positional[1])
     io.write(image.with_data(255 - image.numpy()), outputs["-o"])
-    for flag, value in (("--hematoxylin", 0.25), ("--eosin", 0.75)):
-        if flag in outputs:
-            io.write(image.with_data(np.full((1, *image.spatial_shape), value, np.float32)), outputs[flag])
+    if "--stains-out" in outputs:  # PREFIX_H.nrrd, PREFIX_E.nrrd as the real command writes them
+        for stain, value in (("H", 0.25), ("E", 0.75)):
+            io.write(image.with_data(np.full((1, *image.spatial_shape), value, np.float32)),
+                     outputs["--stains-out"] + f"_{stain}.nrrd")
 elif command == "segment":
     target = io.read(positional[0])
     labels = np.zeros((1, *target.spatial_shape), np.uint8)
@@ -340,6 +341,21 @@ def test_real_meddl_error_line_is_raised_for_an_rgb_fixed_image(scene, rng):
     assert f"error: {result.error}" in result.stderr
 
 
+@pytest.mark.slow
+def test_real_meddl_fourier_adaptation_round_trip(scene, rng):
+    """End to end with the real command: nodes -> files -> meddl adapt fourier -> a node on the input grid."""
+    image = _volume_node(scene, rng.normal(100, 10, size=(1, 16, 12, 6)).astype(np.float32), "image")
+    reference = _volume_node(scene, rng.normal(300, 50, size=(1, 16, 12, 6)).astype(np.float32), "reference")
+    result = AdaptationLogic(runner=ProcessRunner()).run(image, [reference], mode="fourier", beta=0.1,
+                                                         device="cpu", timeout=300)
+    out = mrml.node_to_volume(result.output)
+    np.testing.assert_allclose(out.affine, _affine(), atol=1e-6)
+    assert out.spatial_shape == (16, 12, 6) and result.process.ok
+    before = mrml.node_to_volume(image).numpy()
+    assert not np.allclose(out.numpy(), before)  # adapted (the command clips to the input's range)
+    assert out.numpy().max() <= before.max() + 1e-3
+
+
 def _pending_capabilities() -> list[str]:
     from meddl.cli import _capability_module
 
@@ -439,7 +455,7 @@ def test_stain_adaptation_of_an_rgb_volume_with_h_and_e_outputs(scene, fake, rng
     result = AdaptationLogic(runner=fake.runner).run(
         slide, [reference], mode="stain", method="vahadane", hematoxylin=True, eosin=True, device="cpu")
     argv = fake.record()["argv"]
-    assert argv[:2] == ["adapt", "stain"] and _flag(argv, "--method") == "vahadane"
+    assert argv[:2] == ["adapt", "stain"] and _flag(argv, "--method") == "vahadane" and "--stains-out" in argv
     assert fake.record()["inputs"][argv[2]]["channels"] == 3
     assert result.output.IsA("vtkMRMLVectorVolumeNode") and result.output.GetName() == "slide adapted"
     np.testing.assert_array_equal(mrml.node_to_volume(result.output).numpy(), 255 - before)
@@ -456,12 +472,15 @@ def test_fourier_adaptation_sends_every_reference_beta_and_window(scene, fake, r
     assert argv[:2] == ["adapt", "fourier"]
     assert len(argv[2:argv.index("-o")]) == 3  # the input and both references
     assert _flag(argv, "--beta") == "0.05" and _flag(argv, "--window") == "circle"
-    assert "--method" not in argv
+    assert "--method" not in argv and "--stains-out" not in argv
+    AdaptationLogic(runner=fake.runner).run(image, refs[:1], mode="fourier", window="square")
+    argv = fake.record()["argv"]
+    assert _flag(argv, "--window") == "square" and "--beta" not in argv  # the command picks beta for the window
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"mode": "stain", "references": 2}, "expected exactly one reference volume, got 2"),
-    ({"mode": "fourier", "beta": 0.0}, "beta: expected a value in \\(0, 1\\], got 0.0"),
+    ({"mode": "fourier", "beta": 0.7}, "beta: expected a value in \\[0, 0.5\\], got 0.7"),
     ({"mode": "cyclegan"}, "adaptation mode: expected one of stain, fourier"),
 ])
 def test_adaptation_refuses_bad_requests(scene, fake, rng, kwargs, message):

@@ -32,7 +32,7 @@ Make an image look like it came from another scanner, stain batch or site.
 <b>stain</b>: normalise an RGB H&amp;E slide to one reference slide (Macenko, Reinhard or Vahadane); Macenko
 and Vahadane can also output the hematoxylin and eosin concentration maps.
 <b>fourier</b>: swap the low-frequency amplitude spectrum with that of one or more reference images
-(window size <i>beta</i>, square or circular window).
+(window size <i>beta</i>, circular or square window; "auto" picks beta for the window).
 <br>The work runs in a background process; the command line equivalent is <code>meddl adapt</code>.
 """
         self.parent.acknowledgementText = """
@@ -48,8 +48,8 @@ class MedDLDomainAdaptationParameterNode:
     referenceVolumes: list[vtkMRMLScalarVolumeNode]
     mode: Annotated[str, Choice(choices(AdaptMode))] = AdaptMode.STAIN.value
     stainMethod: Annotated[str, Choice(choices(StainMethod))] = StainMethod.MACENKO.value
-    beta: Annotated[float, WithinRange(0.001, 1.0)] = 0.01
-    window: Annotated[str, Choice(choices(FourierWindow))] = FourierWindow.SQUARE.value
+    beta: Annotated[float, WithinRange(0.0, 0.5)] = 0.0  # 0: the command's default for the window
+    window: Annotated[str, Choice(choices(FourierWindow))] = FourierWindow.CIRCLE.value
     device: Annotated[str, Choice(DEVICES)] = "auto"
     outputVolume: vtkMRMLScalarVolumeNode
     hematoxylinVolume: vtkMRMLScalarVolumeNode
@@ -110,7 +110,7 @@ class MedDLDomainAdaptationWidget(MedDLModuleWidget):
         stain = p.mode == AdaptMode.STAIN.value
         return self.logic.start(
             p.inputVolume, [r for r in p.referenceVolumes if r],
-            mode=p.mode, method=p.stainMethod, beta=p.beta, window=p.window, device=p.device,
+            mode=p.mode, method=p.stainMethod, beta=p.beta or None, window=p.window, device=p.device,
             output=p.outputVolume if p.outputVolume else True,
             hematoxylin=p.hematoxylinVolume if (stain and p.hematoxylinVolume) else False,
             eosin=p.eosinVolume if (stain and p.eosinVolume) else False,

@@ -105,8 +105,8 @@ class StainMethod(str, enum.Enum):
 
 
 class FourierWindow(str, enum.Enum):
-    SQUARE = "square"
     CIRCLE = "circle"
+    SQUARE = "square"
 
 
 #: the in-context task whose examples and result are label maps; the others map images to images
@@ -615,8 +615,8 @@ class AdaptationLogic(MedDLLogic):
         *,
         mode: str = AdaptMode.STAIN,
         method: str = StainMethod.MACENKO,
-        beta: float = 0.01,
-        window: str = FourierWindow.SQUARE,
+        beta: float | None = None,
+        window: str = FourierWindow.CIRCLE,
         device: str = "auto",
         seed: int | None = None,
         output: Any = True,
@@ -627,9 +627,10 @@ class AdaptationLogic(MedDLLogic):
     ) -> Job[AdaptationResult]:
         """Start adapting ``input_volume`` (scalar or RGB vector volume) to ``references``.
 
-        Stain mode takes exactly one reference and ``method``; its hematoxylin and eosin
-        concentration maps need the command's ``--hematoxylin``/``--eosin`` outputs. Fourier mode takes one or more references, ``beta`` (the size of the
-        swapped low-frequency window, as a fraction of the image) and the window shape.
+        Stain mode takes exactly one reference and ``method``; it can also give the hematoxylin
+        and eosin concentration maps (the command's ``--stains-out``). Fourier mode takes one or
+        more references, ``beta`` (the size of the swapped low-frequency window, as a fraction of
+        the image, 0-0.5; ``None``: the command's default for the window) and the window shape.
         """
         if input_volume is None:
             raise InputError("meddl adapt: the input volume is not set")
@@ -643,8 +644,8 @@ class AdaptationLogic(MedDLLogic):
                 raise InputError(f"meddl adapt stain: expected exactly one reference volume, got {len(references)}")
         else:
             window = _option(FourierWindow, window, "Fourier window")
-            if not 0 < float(beta) <= 1:
-                raise InputError(f"beta: expected a value in (0, 1], got {beta}")
+            if beta is not None and not 0 <= float(beta) <= 0.5:
+                raise InputError(f"beta: expected a value in [0, 0.5], got {beta}")
             if _wanted(hematoxylin) or _wanted(eosin):
                 raise InputError("hematoxylin/eosin outputs: expected stain mode, got fourier")
         self._refuse_overwriting_inputs((input_volume, *references),
@@ -660,12 +661,12 @@ class AdaptationLogic(MedDLLogic):
             args += ["-o", d / f"output{_EXT}"]
             if mode == AdaptMode.STAIN.value:
                 args += ["--method", method]
-                if _wanted(hematoxylin):
-                    args += ["--hematoxylin", d / f"hematoxylin{_EXT}"]
-                if _wanted(eosin):
-                    args += ["--eosin", d / f"eosin{_EXT}"]
+                if _wanted(hematoxylin) or _wanted(eosin):
+                    args += ["--stains-out", d / "stains"]  # writes stains_H.nrrd, stains_E.nrrd
             else:
-                args += ["--beta", f"{float(beta):g}", "--window", window]
+                args += ["--window", window]
+                if beta is not None:
+                    args += ["--beta", f"{float(beta):g}"]
             return [str(a) for a in args] + flags
 
         workdir, args = _prepare(self, build)
@@ -682,9 +683,9 @@ class AdaptationLogic(MedDLLogic):
 
             out = AdaptationResult(volume("output", "adapted", output), process=process)
             if _wanted(hematoxylin):
-                out.hematoxylin = volume("hematoxylin", "hematoxylin", hematoxylin)
+                out.hematoxylin = volume("stains_H", "hematoxylin", hematoxylin)
             if _wanted(eosin):
-                out.eosin = volume("eosin", "eosin", eosin)
+                out.eosin = volume("stains_E", "eosin", eosin)
             return out
 
         return self._launch(f"meddl adapt {mode}", args, workdir, importer, progress, log)
