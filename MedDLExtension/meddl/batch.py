@@ -58,6 +58,13 @@ __all__ = [
     "register_operation",
     "operations",
     "job_is_complete",
+    "parse_job",
+    "job_parser",
+    "output_parts",
+    "commit_outputs",
+    "discard_parts",
+    "sweep_partial_files",
+    "sha256_of",
     "worker_specs",
     "STATE_DIR",
 ]
@@ -778,7 +785,32 @@ def _produced(final: Path, part: Path) -> list[tuple[Path, Path]]:
     return sorted(pairs)
 
 
-def _remove_parts(parts: Sequence[Path]) -> None:
+def output_parts(job: Job) -> list[Path]:
+    """Fresh temporary names for the job's outputs (same folder and suffix), in :attr:`Job.outputs` order."""
+    return [_part_name(Path(p)) for p in job.outputs]
+
+
+def commit_outputs(job: Job, parts: Sequence[Path], state_dir: str | os.PathLike, *, seconds: float = 0.0,
+                   device: str = "") -> dict[str, str]:
+    """Checksum what the job wrote under ``parts``, rename it onto the final names, then write the
+    job's record (which makes it complete). Returns ``{final path: sha256}``."""
+    finals = [Path(p) for p in job.outputs]
+    produced = [_produced(f, p) for f, p in zip(finals, parts, strict=True)]
+    missing = [str(f) for f, pairs in zip(finals, produced, strict=True) if not pairs]
+    if missing:
+        raise MedDLError(f"meddl {job.operation} finished without writing {', '.join(missing)}")
+    pairs = [pair for group in produced for pair in group]
+    sums = {str(final): sha256_of(written) for written, final in pairs}
+    for written, final in pairs:
+        os.replace(written, final)
+    record = {"id": job.id, "operation": job.operation, "command": job.command_line(), "outputs": sums,
+              "seconds": round(seconds, 4), "device": device, "finished": time.time()}
+    _write_json_atomic(_record_path(Path(state_dir), job), record)
+    return sums
+
+
+def discard_parts(parts: Sequence[Path]) -> None:
+    """Remove whatever is left under these temporary names (a failed or cancelled job)."""
     for part in parts:
         marker = _stem_of(part.name)
         with contextlib.suppress(OSError):
@@ -787,6 +819,31 @@ def _remove_parts(parts: Sequence[Path]) -> None:
                 if entry.name.startswith((marker, "." + marker)):
                     with contextlib.suppress(OSError):
                         os.unlink(entry.path)
+
+
+def parse_job(job: Job, outputs: Sequence[str | os.PathLike] | None = None, device: str | None = None):
+    """The job's arguments parsed by its subcommand's parser (outputs replaced by ``outputs``),
+    as ``meddl`` would see them with ``--progress none``."""
+    parser, _ = _parser_for(job.command, job.module)
+    argv = [job.command, *(job.argv_with([str(p) for p in outputs]) if outputs is not None else job.argv)]
+    if device is not None and "device" in job.accepts:
+        argv.append(f"--device={device}")
+    if "progress" in job.accepts:
+        argv.append("--progress=none")
+    return parser.parse_args(argv)
+
+
+def job_parser(job: Job):
+    """The (innermost) parser of the job's subcommand, e.g. that of ``adapt fourier``."""
+    import argparse
+
+    _, sub = _parser_for(job.command, job.module)
+    for token in job.operation.split()[1:]:
+        nested = next((a for a in sub._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if nested is None or token not in nested.choices:
+            break
+        sub = nested.choices[token]
+    return sub
 
 
 def _context(args):
@@ -810,20 +867,14 @@ def execute_job(job: Job, settings: Mapping[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     token = _RunToken(settings["run_id"])
     finals = [Path(p) for p in job.outputs]
-    parts = [_part_name(p) for p in finals]
+    parts = output_parts(job)
     result: dict[str, Any] = {"id": job.id, "status": "failed", "device": "", "worker": _worker_name(),
                               "error": "", "outputs": {}, "pid": os.getpid()}
     try:
         token.check()
         for p in finals:
             p.parent.mkdir(parents=True, exist_ok=True)
-        parser, _ = _parser_for(job.command, job.module)
-        argv = [job.command, *job.argv_with([str(p) for p in parts])]
-        if "device" in job.accepts:
-            argv.append(f"--device={settings.get('device', 'auto')}")
-        if "progress" in job.accepts:
-            argv.append("--progress=none")
-        args = parser.parse_args(argv)
+        args = parse_job(job, parts, device=settings.get("device", "auto"))
         ctx = _context(args)
         ctx.reporter = Reporter(None, token)
         ctx.stdout = _stdio.StringIO()
@@ -834,18 +885,8 @@ def execute_job(job: Job, settings: Mapping[str, Any]) -> dict[str, Any]:
         if code != 0:
             raise MedDLError(f"meddl {job.operation} ended with exit code {code}")
         token.check()
-        produced = [_produced(f, p) for f, p in zip(finals, parts, strict=True)]
-        missing = [str(f) for f, pairs in zip(finals, produced, strict=True) if not pairs]
-        if missing:
-            raise MedDLError(f"meddl {job.operation} finished without writing {', '.join(missing)}")
-        pairs = [pair for group in produced for pair in group]
-        sums = {str(final): sha256_of(written) for written, final in pairs}
-        for written, final in pairs:
-            os.replace(written, final)
-        result["seconds"] = round(time.perf_counter() - started, 4)
-        record = {"id": job.id, "operation": job.operation, "command": job.command_line(), "outputs": sums,
-                  "seconds": result["seconds"], "device": result["device"], "finished": time.time()}
-        _write_json_atomic(_record_path(Path(settings["state_dir"]), job), record)
+        sums = commit_outputs(job, parts, settings["state_dir"], seconds=time.perf_counter() - started,
+                              device=result["device"])
         result.update(status="done", outputs=sums)
     except Cancelled as exc:
         result.update(status="cancelled", error=_one_line(exc))
@@ -857,7 +898,7 @@ def execute_job(job: Job, settings: Mapping[str, Any]) -> dict[str, Any]:
         result["error"] = f"internal error ({type(exc).__name__}: {_one_line(exc)})"
         result["traceback"] = traceback.format_exc()
     finally:
-        _remove_parts(parts)
+        discard_parts(parts)
     result["seconds"] = round(time.perf_counter() - started, 4)
     result["model_loads"] = _WORKER_STATE["model_loads"]
     return result
