@@ -1,0 +1,101 @@
+"""Coil combination and ESPIRiT coil-sensitivity estimation (in torch: runs on CPU or GPU).
+
+ESPIRiT (Uecker et al. 2014), following sigpy's ``EspiritCalib``: the calibration (ACS) block
+of k-space gives a block-Hankel matrix; its dominant right singular vectors are k-space kernels;
+in the image domain each pixel's ``C x C`` matrix ``sum_n v_n v_n^H`` of the transformed kernels
+has the coil sensitivities as its eigenvector of eigenvalue ~1. Pixels whose top eigenvalue is
+below ``crop`` (outside the object) get zero maps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from .fft import ifft2c
+
+__all__ = ["rss", "sense_combine", "calibration_block", "espirit_maps", "MIN_CALIBRATION_LINES"]
+
+#: fewer fully sampled centre lines than this cannot calibrate coil sensitivities
+MIN_CALIBRATION_LINES = 4
+
+
+def rss(images: torch.Tensor, dim: int = -3) -> torch.Tensor:
+    """Root-sum-of-squares over the coil axis of complex coil images ``(..., C, H, W)``."""
+    return torch.sqrt((images.real**2 + images.imag**2).sum(dim=dim))
+
+
+def sense_combine(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Sensitivity-weighted combination ``sum_c conj(S_c) x_c / sum_c |S_c|^2`` of ``(..., C, H, W)``."""
+    num = (maps.conj() * images).sum(dim=-3)
+    den = (maps.real**2 + maps.imag**2).sum(dim=-3)
+    return torch.where(den > 1e-12, num / den.clamp_min(1e-12), torch.zeros_like(num))
+
+
+def calibration_block(mask: np.ndarray, what: str = "k-space") -> slice:
+    """The fully sampled centre columns of a 1-D column mask ``(W,)``; refuse too few."""
+    from .masks import _centre_run
+
+    block = _centre_run(np.asarray(mask, dtype=bool).reshape(-1))
+    n = block.stop - block.start
+    if n < MIN_CALIBRATION_LINES:
+        raise InputError(
+            f"{what}: expected a fully sampled calibration (ACS) block of at least {MIN_CALIBRATION_LINES} "
+            f"central phase-encoding lines, got {n}; coil sensitivities cannot be estimated "
+            "(use --method zero-filled, or data acquired with a calibration region)"
+        )
+    return block
+
+
+def espirit_maps(
+    kspace: torch.Tensor,
+    calib_width: int = 24,
+    kernel: int = 6,
+    threshold: float = 0.02,
+    crop: float = 0.95,
+    calib_cols: slice | None = None,
+) -> torch.Tensor:
+    """ESPIRiT sensitivity maps ``(C, H, W)`` complex from one slice of k-space ``(C, H, W)``.
+
+    The calibration region is the central ``calib_width x calib_width`` block, narrowed to the
+    fully sampled columns ``calib_cols`` when given.
+    """
+    if kspace.dim() != 3:
+        raise InputError(f"ESPIRiT: expected k-space (C, H, W), got shape {tuple(kspace.shape)}")
+    c, h, w = kspace.shape
+    ch = min(calib_width, h)
+    r0 = h // 2 - ch // 2
+    if calib_cols is not None:
+        width = min(calib_cols.stop - calib_cols.start, calib_width)
+        mid = (calib_cols.start + calib_cols.stop) // 2
+        c0 = mid - width // 2
+    else:
+        width = min(calib_width, w)
+        c0 = w // 2 - width // 2
+    kernel = min(kernel, ch, width)
+    calib = kspace[:, r0 : r0 + ch, c0 : c0 + width]
+    # Hankel matrix: one row per kernel position, columns (coil, ky, kx)
+    blocks = calib.unfold(1, kernel, 1).unfold(2, kernel, 1)  # (C, nh, nw, k, k)
+    mat = blocks.permute(1, 2, 0, 3, 4).reshape(-1, c * kernel * kernel)
+    _, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    vh = vh[s > threshold * s.max()]
+    kernels = vh.reshape(-1, c, kernel, kernel)
+    # each kernel, zero-padded to the image size (centred) and transformed to the image domain
+    padded = torch.zeros((kernels.shape[0], c, h, w), dtype=kspace.dtype, device=kspace.device)
+    p0, q0 = h // 2 - kernel // 2, w // 2 - kernel // 2
+    padded[:, :, p0 : p0 + kernel, q0 : q0 + kernel] = kernels
+    aha = torch.zeros((h * w, c, c), dtype=kspace.dtype, device=kspace.device)
+    scale = (h * w) / kernel**2
+    for start in range(0, padded.shape[0], 16):
+        v = ifft2c(padded[start : start + 16]).reshape(-1, c, h * w).permute(2, 1, 0)  # (HW, C, n)
+        aha += v @ v.conj().transpose(1, 2)
+    aha *= scale
+    evals, evecs = torch.linalg.eigh(aha)  # ascending
+    top = evecs[..., -1]  # (HW, C)
+    lam = evals[..., -1]
+    # phase relative to the first coil, as sigpy does, so maps vary smoothly
+    ref = top[:, :1]
+    top = top * (ref.conj() / ref.abs().clamp_min(1e-12))
+    top = top * (lam > crop).unsqueeze(-1)
+    return top.T.reshape(c, h, w).contiguous()

@@ -1,0 +1,176 @@
+"""ISMRMRD raw data (``.h5`` with a ``dataset`` group) through the ``ismrmrd`` package.
+
+Acquisitions are placed into Cartesian k-space by their encoding counters: slice
+``idx.slice``, phase-encoding column ``idx.kspace_encode_step_1`` shifted so the header's
+``kspace_encoding_step_1`` centre lands at ``W // 2`` (fastMRI's padding rule); repeated lines
+(averages, repetitions) are averaged. Noise, navigator and phase-correction acquisitions are
+skipped. Readout oversampling (encoded field of view larger than the recon one along x) is
+removed by cropping the centre of the inverse FFT along the readout.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DependencyError, InputError
+from .kspace import Header, KSpaceData, header_xml, open_hdf5, parse_header
+
+__all__ = ["read_ismrmrd", "write_ismrmrd"]
+
+
+def _package():
+    try:
+        import ismrmrd
+    except ImportError as exc:
+        raise DependencyError(
+            "ISMRMRD files: the package 'ismrmrd' is needed; install it with pip install ismrmrd"
+        ) from exc
+    return ismrmrd
+
+
+def _remove_oversampling(k: np.ndarray, keep: int) -> np.ndarray:
+    """Crop the readout axis (-2) of k-space to ``keep`` samples in the image domain."""
+    n = k.shape[-2]
+    if keep >= n:
+        return k
+    img = np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(k, axes=-2), axis=-2, norm="ortho"), axes=-2)
+    start = (n - keep) // 2
+    img = img[..., start : start + keep, :] * np.sqrt(keep / n)
+    return np.fft.fftshift(np.fft.fft(np.fft.ifftshift(img, axes=-2), axis=-2, norm="ortho"), axes=-2)
+
+
+def read_ismrmrd(
+    path: str | os.PathLike, slices: tuple[int, ...] | None = None, dataset: str = "dataset"
+) -> KSpaceData:
+    """Read a Cartesian ISMRMRD dataset into ``(S, C, H, W)`` k-space (readout oversampling removed)."""
+    ismrmrd = _package()
+    path = Path(path)
+    open_hdf5(path).close()  # the same checks as fastMRI files (missing, text, truncated)
+    try:
+        dset = ismrmrd.Dataset(str(path), dataset, mode="r")
+    except OSError as exc:
+        raise InputError(f"cannot read '{path}': corrupt or truncated HDF5 file ({exc})") from exc
+    try:
+        try:
+            xml = dset.read_xml_header()
+        except (LookupError, OSError):
+            raise InputError(
+                f"'{path}': expected an ISMRMRD XML header in '{dataset}/xml', got none; the file is incomplete"
+            ) from None
+        header = parse_header(xml)
+        try:
+            n = dset.number_of_acquisitions()
+        except (LookupError, OSError):
+            raise InputError(f"'{path}': expected acquisitions in '{dataset}/data' (raw k-space), got none") from None
+        enc_x, enc_y = header.encoded_matrix[:2]
+        offset = enc_y // 2 - header.step1_limits[2] if header.step1_limits else 0
+        skip = [
+            getattr(ismrmrd, f)
+            for f in (
+                "ACQ_IS_NOISE_MEASUREMENT",
+                "ACQ_IS_NAVIGATION_DATA",
+                "ACQ_IS_PHASECORR_DATA",
+                "ACQ_IS_DUMMYSCAN_DATA",
+            )
+        ]
+        lines: dict[tuple[int, int], list[np.ndarray]] = {}
+        coils = None
+        for a in range(n):
+            try:
+                acq = dset.read_acquisition(a)
+            except (OSError, ValueError) as exc:
+                raise InputError(f"cannot read '{path}': acquisition {a} is corrupt or truncated ({exc})") from exc
+            if any(acq.is_flag_set(f) for f in skip):
+                continue
+            data = np.asarray(acq.data)
+            if data.shape[1] != enc_x:
+                raise InputError(
+                    f"'{path}': acquisition {a} has {data.shape[1]} readout samples, but the header's encoded "
+                    f"matrix x is {enc_x}; the file is inconsistent"
+                )
+            if coils is None:
+                coils = data.shape[0]
+            elif data.shape[0] != coils:
+                raise InputError(f"'{path}': acquisitions have {coils} and {data.shape[0]} coils; expected one count")
+            ky = int(acq.idx.kspace_encode_step_1) + offset
+            if not 0 <= ky < enc_y:
+                raise InputError(
+                    f"'{path}': acquisition {a} phase-encoding line {ky} lies outside the encoded matrix y "
+                    f"({enc_y}); the header and data disagree"
+                )
+            lines.setdefault((int(acq.idx.slice), ky), []).append(data)
+    finally:
+        dset.close()
+    if not lines:
+        raise InputError(f"'{path}': expected imaging acquisitions, got only noise/navigator data")
+    n_slices = max(s for s, _ in lines) + 1
+    kspace = np.zeros((n_slices, coils, enc_x, enc_y), dtype=np.complex64)
+    for (s, ky), items in lines.items():
+        kspace[s, :, :, ky] = np.mean(items, axis=0)
+    if slices is not None:
+        bad = [s for s in slices if not -n_slices <= s < n_slices]
+        if bad:
+            raise InputError(f"--slices: expected indices in 0..{n_slices - 1} for '{path.name}', got {bad}")
+        kspace = kspace[sorted({s % n_slices for s in slices})]
+    ef, rf = header.encoded_fov_mm, header.recon_fov_mm
+    keep = enc_x
+    if ef[0] > 0 and rf[0] > 0 and rf[0] < ef[0]:
+        keep = int(round(enc_x * rf[0] / ef[0]))
+    kspace = _remove_oversampling(kspace, keep).astype(np.complex64)
+    header = Header(
+        (keep, enc_y, header.encoded_matrix[2]),
+        (ef[0] * keep / enc_x, ef[1], ef[2]),
+        header.recon_matrix,
+        header.recon_fov_mm,
+        header.step1_limits,
+        header.slices,
+        header.coils,
+    )
+    return KSpaceData(kspace, header, None, None, coils == 1, str(path), "ismrmrd", {})
+
+
+def write_ismrmrd(
+    path: str | os.PathLike,
+    kspace: np.ndarray,
+    fov_mm: tuple[float, float, float] = (220.0, 220.0, 5.0),
+    oversampling: int = 2,
+) -> Path:
+    """Write k-space ``(S, C, H, W)`` as an ISMRMRD dataset, one acquisition per line and slice.
+
+    The readout is oversampled ``oversampling`` times (zero-padded in the image domain), as
+    scanners store it; :func:`read_ismrmrd` removes it again.
+    """
+    ismrmrd = _package()
+    kspace = np.asarray(kspace, dtype=np.complex64)
+    s, c, h, w = kspace.shape
+    hx = h * oversampling
+    img = np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(kspace, axes=-2), axis=-2, norm="ortho"), axes=-2)
+    big = np.zeros((s, c, hx, w), dtype=np.complex64)
+    big[:, :, (hx - h) // 2 : (hx - h) // 2 + h] = img * np.sqrt(hx / h)
+    kbig = np.fft.fftshift(np.fft.fft(np.fft.ifftshift(big, axes=-2), axis=-2, norm="ortho"), axes=-2)
+    header = Header(
+        (hx, w, 1), (fov_mm[0] * oversampling, fov_mm[1], fov_mm[2]), (h, w, 1), tuple(fov_mm), (0, w - 1, w // 2), s, c
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.unlink()
+    dset = ismrmrd.Dataset(str(path), "dataset", create_if_needed=True)
+    try:
+        dset.write_xml_header(header_xml(header).encode())
+        for sl in range(s):
+            for ky in range(w):
+                acq = ismrmrd.Acquisition.from_array(np.ascontiguousarray(kbig[sl, :, :, ky]), center_sample=hx // 2)
+                acq.idx.kspace_encode_step_1 = ky
+                acq.idx.slice = sl
+                if ky == 0:
+                    acq.set_flag(ismrmrd.ACQ_FIRST_IN_SLICE)
+                if ky == w - 1:
+                    acq.set_flag(ismrmrd.ACQ_LAST_IN_SLICE)
+                dset.append_acquisition(acq)
+    finally:
+        dset.close()
+    return path

@@ -1,0 +1,258 @@
+"""``reconstruct``: k-space file (or :class:`KSpaceData`) -> image volumes, any method, any device."""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..progress import CancelToken, ProgressCallback, Reporter
+from ..volume import Kind, Volume
+from . import classical
+from .coils import calibration_block, espirit_maps, rss
+from .fft import ifft2c
+from .kspace import KSpaceData, read_kspace
+from .masks import MaskType, default_center_fraction, detect_mask, make_mask
+
+__all__ = ["Method", "ReconstructionConfig", "ReconstructionResult", "reconstruct", "MODEL_NAME"]
+
+MODEL_NAME = "reconstruction_varnet"
+
+
+class Method(str, enum.Enum):
+    VARNET = "varnet"
+    ZERO_FILLED = "zero-filled"
+    CG_SENSE = "cg-sense"
+    L1_WAVELET = "l1-wavelet"
+    TV = "tv"
+
+
+@dataclass(frozen=True)
+class ReconstructionConfig:
+    """How to reconstruct; CLI flags mirror the fields (``--center-fraction`` ...).
+
+    Attributes:
+        method: the reconstruction (:class:`Method`).
+        undersample: retrospectively undersample fully sampled data with this mask type.
+        acceleration: for ``undersample`` (default 4).
+        center_fraction: for ``undersample`` (default fastMRI's 0.32 / R).
+        seed: the retrospective mask's random seed (one mask per volume).
+        iterations: solver iterations (classical methods; default per method).
+        regularization: lambda of CG-SENSE (Tikhonov) / L1-wavelet / TV, relative to data scaled to max 1.
+        uncertainty: also compute a SURE per-pixel error map.
+        probes: Monte-Carlo probes for the SURE divergence.
+        coil_images: also return the per-coil zero-filled magnitude images.
+        slices: slice indices to reconstruct (default all).
+        weights: a VarNet weights file instead of the bundled one.
+    """
+
+    method: Method | str = Method.VARNET
+    undersample: MaskType | str | None = None
+    acceleration: float | None = None
+    center_fraction: float | None = None
+    seed: int = 0
+    iterations: int | None = None
+    regularization: float | None = None
+    uncertainty: bool = False
+    probes: int = 4
+    coil_images: bool = False
+    slices: tuple[int, ...] | None = None
+    weights: str | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "method", Method(self.method))
+        except ValueError:
+            raise InputError(
+                f"--method: expected one of {', '.join(m.value for m in Method)}, got '{self.method}'"
+            ) from None
+        if self.undersample is not None:
+            try:
+                object.__setattr__(self, "undersample", MaskType(self.undersample))
+            except ValueError:
+                raise InputError(
+                    f"--undersample: expected one of {', '.join(m.value for m in MaskType)}, got '{self.undersample}'"
+                ) from None
+        elif self.acceleration is not None or self.center_fraction is not None:
+            raise InputError(
+                "--acceleration/--center-fraction: expected --undersample with them (they describe a "
+                "retrospective mask); the acceleration of undersampled files is detected"
+            )
+        if self.acceleration is not None and not (np.isfinite(self.acceleration) and self.acceleration >= 1):
+            raise InputError(f"--acceleration: expected a number >= 1, got {self.acceleration}")
+        if self.center_fraction is not None and not 0 < self.center_fraction < 1:
+            raise InputError(f"--center-fraction: expected a fraction in (0, 1), got {self.center_fraction}")
+        if self.iterations is not None and self.iterations < 1:
+            raise InputError(f"--iterations: expected a positive number, got {self.iterations}")
+        if self.regularization is not None and not self.regularization >= 0:
+            raise InputError(f"--regularization: expected a number >= 0, got {self.regularization}")
+        if self.probes < 1:
+            raise InputError(f"--probes: expected a positive number, got {self.probes}")
+        if self.slices is not None:
+            object.__setattr__(self, "slices", tuple(int(s) for s in self.slices))
+
+
+@dataclass(frozen=True)
+class ReconstructionResult:
+    """Volumes of shape ``(1, h, w, S)`` (``(C, h, w, S)`` for coil images) on the file's geometry."""
+
+    image: Volume
+    zero_filled: Volume
+    uncertainty: Volume | None = None
+    coil_images: Volume | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _crop(img: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    h, w = img.shape[-2:]
+    th, tw = shape
+    i0, j0 = (h - th) // 2, (w - tw) // 2
+    return img[..., i0 : i0 + th, j0 : j0 + tw]
+
+
+def _volume(stack: list[np.ndarray], data: KSpaceData, **meta: Any) -> Volume:
+    arr = np.stack(stack, axis=-1).astype(np.float32)  # (..., h, w, S)
+    if arr.ndim == 3:
+        arr = arr[None]
+    return Volume(arr, data.affine(), Kind.INTENSITY, {"source": data.source, **meta})
+
+
+def reconstruct(
+    source: str | os.PathLike | KSpaceData,
+    config: ReconstructionConfig | None = None,
+    device: Any = "cpu",
+    progress: ProgressCallback | Reporter | None = None,
+    cancel: CancelToken | None = None,
+) -> ReconstructionResult:
+    """Reconstruct every (selected) slice of a fastMRI / ISMRMRD file or of :class:`KSpaceData`.
+
+    Returns magnitude volumes ``(1, h, w, S)`` cropped to the header's recon matrix, with
+    the geometry from the header's field of view (:meth:`KSpaceData.affine`).
+    """
+    config = config or ReconstructionConfig()
+    rep = Reporter.of(progress, cancel)
+    device = torch.device(device)
+    rep(0.0, "reading k-space")
+    data = source if isinstance(source, KSpaceData) else read_kspace(source, config.slices)
+    if isinstance(source, KSpaceData) and config.slices is not None:
+        n = data.slices
+        bad = [s for s in config.slices if not -n <= s < n]
+        if bad:
+            raise InputError(f"--slices: expected indices in 0..{n - 1}, got {bad}")
+        data = KSpaceData(
+            data.kspace[sorted({s % n for s in config.slices})],
+            data.header,
+            data.mask,
+            None,
+            data.single_coil,
+            data.source,
+            data.format,
+            data.attrs,
+        )
+    kspace = data.kspace
+    h, w = data.matrix
+    found = data.sampling()
+    if config.undersample is not None:
+        if found.acceleration > 1.01:
+            raise InputError(
+                f"--undersample: expected fully sampled k-space, got data already undersampled "
+                f"(R = {found.acceleration:.2f}); drop --undersample"
+            )
+        acc = config.acceleration or 4.0
+        cf = config.center_fraction or default_center_fraction(acc)
+        mask = np.broadcast_to(make_mask(config.undersample, (h, w), acc, cf, config.seed), (h, w))
+        kspace = kspace * mask
+        sampling = detect_mask(kspace[:, :, :, :], None) if config.undersample is not MaskType.POISSON else found
+        acceleration, center_fraction = (h * w) / float(mask.sum()), cf
+    else:
+        mask = np.broadcast_to(found.mask[None, :], (h, w))
+        sampling = found
+        acceleration, center_fraction = found.acceleration, found.center_fraction
+    undersampled = acceleration > 1.01
+    method = Method(config.method)
+    needs_calibration = method is not Method.ZERO_FILLED and undersampled
+    calib = slice(0, w)
+    if needs_calibration:
+        if config.undersample is MaskType.POISSON:
+            calib = slice(w // 2 - 2, w // 2 + 2)  # the Poisson mask's calibration square
+        else:
+            calib = calibration_block(sampling.mask, f"'{data.source or 'k-space'}'")
+    if method is not Method.VARNET and data.coils == 1 and method is not Method.ZERO_FILLED:
+        pass  # single coil: the ESPIRiT map of one coil is its phase; the solvers still apply
+    net = None
+    card_info: dict[str, Any] = {}
+    if method is Method.VARNET:
+        from .. import models
+
+        net, card = models.load_model(MODEL_NAME, config.weights, device)
+        card_info = {"model": card.name, "model_sha256": card.sha256[:12]}
+    iters = config.iterations or classical.DEFAULT_ITERATIONS.get(method.value, 0)
+    lam = classical.DEFAULT_LAMBDA.get(method.value, 0.0) if config.regularization is None else config.regularization
+    mask_t = torch.from_numpy(np.ascontiguousarray(mask)).to(device)
+    gen = torch.Generator().manual_seed(config.seed)
+    images, zfs, uncs, coils = [], [], [], []
+    seconds = []
+    shape = data.image_shape
+    n = data.slices
+    for s in range(n):
+        rep(0.05 + 0.9 * s / n, f"slice {s + 1}/{n}")
+        t0 = time.perf_counter()
+        k = torch.from_numpy(np.ascontiguousarray(kspace[s])).to(device)
+        scale = classical.normalisation(k)
+        k = k / scale
+        maps = None
+        if method in (Method.CG_SENSE, Method.L1_WAVELET, Method.TV) or config.uncertainty:
+            maps = espirit_maps(k, calib_cols=calib, crop=0.0)
+
+        def run(kk: torch.Tensor, maps: torch.Tensor | None = maps) -> torch.Tensor:
+            if method is Method.ZERO_FILLED:
+                return rss(ifft2c(kk))
+            if method is Method.VARNET:
+                with torch.no_grad():
+                    return net(kk[None], mask_t)[0]
+            if method is Method.CG_SENSE:
+                return classical.cg_sense(kk, maps, mask_t, iterations=iters, lam=lam).abs()
+            if method is Method.L1_WAVELET:
+                return classical.l1_wavelet(kk, maps, mask_t, lam=lam, iterations=iters).abs()
+            return classical.tv_cs(kk, maps, mask_t, lam=lam, iterations=iters).abs()
+
+        out = run(k)
+        seconds.append(time.perf_counter() - t0)
+        images.append((_crop(out, shape) * scale).cpu().numpy())
+        coil_imgs = ifft2c(k)
+        zfs.append((_crop(rss(coil_imgs), shape) * scale).cpu().numpy())
+        if config.coil_images:
+            coils.append((_crop(coil_imgs.abs(), shape) * scale).cpu().numpy())
+        if config.uncertainty:
+            rep(0.05 + 0.9 * (s + 0.5) / n, f"uncertainty {s + 1}/{n}")
+            from .uncertainty import sure_map
+
+            unc = sure_map(run, k, mask_t, maps, probes=config.probes, generator=gen, output=out)
+            uncs.append((_crop(unc, shape) * scale).cpu().numpy())
+    rep(0.97, "assembling volumes")
+    info = {
+        "method": method.value,
+        "acceleration": round(float(acceleration), 3),
+        "center_fraction": round(float(center_fraction), 4),
+        "retrospective": config.undersample.value if config.undersample is not None else None,
+        "slices": n,
+        "coils": data.coils,
+        "seconds_per_slice": round(float(np.mean(seconds)), 4),
+        "device": str(device),
+    } | card_info
+    meta = {"method": method.value, "acceleration": info["acceleration"]}
+    result = ReconstructionResult(
+        image=_volume(images, data, **meta),
+        zero_filled=_volume(zfs, data, method="zero-filled", acceleration=info["acceleration"]),
+        uncertainty=_volume(uncs, data, **meta, quantity="SURE estimated RMS error") if uncs else None,
+        coil_images=_volume(coils, data, quantity="zero-filled coil magnitude") if coils else None,
+        info=info,
+    )
+    rep(1.0, "done")
+    return result

@@ -1,0 +1,273 @@
+"""Train the E2E-VarNet on multi-coil k-space simulated from the allowed sample images.
+
+Resumable: the full training state (network, optimiser, step, random state) goes to
+``--work-dir`` every ``--save-minutes``; the bundled weights and card
+(``Resources/models/reconstruction_varnet.pt/.json``) are written at the same time. Rerunning
+the same command continues from the saved step.
+
+Data (SCIENCE.md, issue 4): MNI152 slices (three orientations, 2 mm upsampled to 1 mm), dipy's
+T1 slice, ITK's PD and T1 brain slices, and Colin27 axial slices outside the held-out blocks
+used by ``benchmarks/reconstruction.py`` (:data:`HELD_OUT_COLIN27_Z`). The ITK slices are
+BrainWeb slices of the Colin27 anatomy near z = 88-94, away from the held-out blocks.
+Per sample: random flips / 90-degree turns / gamma, a random 128 x 128 crop, a smooth random
+phase, birdcage coil maps (4-8 coils per batch, random ring radius and rotation), complex
+noise, a new equispaced or random mask at 4x or 8x (fastMRI centre fractions), and a k-space
+transpose with p = 0.5 (Defazio et al.'s augmentation against banding). Loss: SSIM to the
+clean magnitude, Adam with warm-up and cosine decay, gradient clipping.
+
+    python -m meddl.reconstruction.train --steps 4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import models
+from .fft import ifft2c
+from .masks import make_mask
+from .metrics import ssim_loss
+from .simulate import pad_to, simulate_kspace
+from .varnet import VarNet
+
+__all__ = ["HELD_OUT_COLIN27_Z", "BENCHMARK_COLIN27_Z", "training_slices", "make_batch", "main"]
+
+MODEL_NAME = "reconstruction_varnet"
+#: Colin27 axial slice indices never used for training (the benchmark's slices sit inside)
+HELD_OUT_COLIN27_Z = tuple(range(50, 90)) + tuple(range(106, 146))
+#: the slices ``benchmarks/reconstruction.py`` scores
+BENCHMARK_COLIN27_Z = (62, 70, 78, 116, 124, 132)
+ARCH = {"num_cascades": 6, "chans": 10, "pools": 3, "sens_chans": 4, "sens_pools": 3}
+
+
+def _normalise(img: np.ndarray) -> np.ndarray:
+    img = np.clip(img.astype(np.float32), 0, None)
+    peak = np.percentile(img, 99.9)
+    return np.clip(img / max(peak, 1e-6), 0, 1.2)
+
+
+def training_slices() -> list[np.ndarray]:
+    """The 2-D magnitude training images, each scaled to about [0, 1]."""
+    from scipy.ndimage import zoom
+
+    from ..data import load_sample
+
+    out: list[np.ndarray] = []
+    mni = zoom(load_sample("mni152_t1").numpy()[0], 2.0, order=1)
+    for axis in range(3):
+        n = mni.shape[axis]
+        for i in range(int(n * 0.2), int(n * 0.8), 4):
+            out.append(_normalise(np.take(mni, i, axis=axis)))
+    for name in ("dipy_t1_slice", "itk_brain_pd_slice", "itk_brain_t1_slice"):
+        out.append(_normalise(load_sample(name).numpy()[0]))
+    colin = load_sample("colin27_t1").numpy()[0]
+    held = set(HELD_OUT_COLIN27_Z)
+    for z in list(range(20, 50, 2)) + list(range(90, 106, 2)) + list(range(146, 160, 2)):
+        if z not in held:
+            out.append(_normalise(colin[:, :, z]))
+    return [s for s in out if (s > 0.1).mean() > 0.15]
+
+
+def _augment(img: np.ndarray, rng: np.random.Generator, crop: int) -> np.ndarray:
+    img = np.rot90(img, int(rng.integers(0, 4)))
+    if rng.uniform() < 0.5:
+        img = img[::-1]
+    img = np.clip(img, 0, None) ** rng.uniform(0.7, 1.4)
+    h, w = img.shape
+    if h > crop:
+        i0 = int(rng.integers(0, h - crop + 1))
+        img = img[i0 : i0 + crop]
+    if w > crop:
+        j0 = int(rng.integers(0, w - crop + 1))
+        img = img[:, j0 : j0 + crop]
+    return pad_to(np.ascontiguousarray(img), (crop, crop)) * rng.uniform(0.5, 2.0)
+
+
+def make_batch(
+    pool: list[np.ndarray],
+    rng: np.random.Generator,
+    batch: int = 2,
+    crop: int = 128,
+    accelerations: tuple[float, ...] = (4.0, 8.0),
+    transpose_p: float = 0.5,
+):
+    """One simulated batch: ``(kspace (B, C, H, W) complex64, mask (B, 1, H, W) bool, target (B, H, W))``."""
+    coils = int(rng.choice([4, 6, 8]))
+    ks, ms, ts = [], [], []
+    for _ in range(batch):
+        img = _augment(pool[int(rng.integers(0, len(pool)))], rng, crop)
+        k, _, _ = simulate_kspace(img, coils, rng, noise=float(rng.uniform(0, 0.01)))
+        acc = float(rng.choice(accelerations))
+        mask = make_mask(str(rng.choice(["equispaced", "random"])), k.shape, acc, seed=rng)
+        mask = np.broadcast_to(mask, k.shape[-2:])
+        target = img.astype(np.float32)
+        if rng.uniform() < transpose_p:
+            k, mask, target = k.transpose(0, 2, 1), mask.T, target.T
+        ks.append(k * mask)
+        ms.append(mask)
+        ts.append(target)
+    return (
+        torch.from_numpy(np.stack(ks)),
+        torch.from_numpy(np.stack(ms)[:, None].copy()),
+        torch.from_numpy(np.stack(ts)),
+    )
+
+
+def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return 0.1 * peak + 0.9 * peak * 0.5 * (1 + np.cos(np.pi * t))
+
+
+def _validate(net: VarNet, val) -> dict[str, float]:
+    net.eval()
+    scores: dict[str, list[float]] = {"4x": [], "8x": []}
+    zf: dict[str, list[float]] = {"4x": [], "8x": []}
+    with torch.no_grad():
+        for key, (k, m, t) in val:
+            out = net(k, m)
+            r = t.amax(dim=(1, 2))
+            scores[key].append(1 - float(ssim_loss(out, t, r)))
+            zfi = torch.sqrt((ifft2c(k).abs() ** 2).sum(1))
+            zf[key].append(1 - float(ssim_loss(zfi, t, r)))
+    net.train()
+    return {f"val_ssim_{k}": round(float(np.mean(v)), 4) for k, v in scores.items()} | {
+        f"val_ssim_zero_filled_{k}": round(float(np.mean(v)), 4) for k, v in zf.items()
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m meddl.reconstruction.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=4000, help="total optimisation steps (the schedule's length)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--save-minutes", type=float, default=5.0)
+    p.add_argument("--work-dir", default=None, help="resume state folder (default: ~/.cache/meddl/train/NAME)")
+    p.add_argument("--models-dir", default=None, help="where the weights and card go (default: Resources/models)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (after saving) after this long")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    from ..data import cache_dir
+
+    work = Path(args.work_dir) if args.work_dir else cache_dir() / "train" / MODEL_NAME
+    work.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(args.models_dir) if args.models_dir else models.models_dir()
+    state_path = work / "state.pt"
+    log = open(work / "train.log", "a")
+
+    def say(msg: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        print(line, flush=True)
+        log.write(line + "\n")
+        log.flush()
+
+    pool = training_slices()
+    say(f"{len(pool)} training slices")
+    net = VarNet(**ARCH)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    step, history = 0, []
+    rng = np.random.default_rng(args.seed)
+    if state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        step, history = state["step"], state["history"]
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        say(f"resumed at step {step}")
+    val_rng = np.random.default_rng(12345)
+    val = []
+    for acc in (4.0, 8.0):
+        for _ in range(3):
+            val.append((f"{int(acc)}x", make_batch(pool, val_rng, 2, args.crop, (acc,), transpose_p=0.0)))
+    n_params = sum(p.numel() for p in net.parameters())
+    say(f"VarNet {ARCH}: {n_params} parameters")
+
+    def save(metrics: dict) -> None:
+        tmp = state_path.with_suffix(".tmp")
+        torch.save(
+            {
+                "net": net.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "history": history,
+                "rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+            },
+            tmp,
+        )
+        os.replace(tmp, state_path)
+        models.save_model(
+            net,
+            out_dir,
+            MODEL_NAME,
+            ARCH,
+            training_data={
+                "images": "MNI152 2009c T1 (nilearn, 2 mm upsampled to 1 mm; axial, coronal, sagittal slices), "
+                "dipy t1_coronal_slice, ITK BrainProtonDensitySlice and BrainT1Slice, Colin27 "
+                "(mricron ch2) axial slices z in [20,50) U [90,106) U [146,160), step 2",
+                "held_out": "Colin27 axial slices z in [50,90) U [106,146) (benchmark slices "
+                f"{list(BENCHMARK_COLIN27_Z)})",
+                "simulation": "random 128x128 crops, flips/rot90/gamma, smooth random phase, birdcage maps "
+                "(4/6/8 coils), complex noise up to 1% of max, equispaced or random masks at 4x "
+                "and 8x (centre fractions 0.08 / 0.04), k-space transpose p=0.5",
+                "loss": "SSIM (7x7, data range = target max), Adam, warm-up + cosine decay, clip 1.0",
+            },
+            command=f"python -m meddl.reconstruction.train --steps {args.steps} --batch {args.batch} "
+            f"--crop {args.crop} --seed {args.seed}",
+            metrics=metrics,
+            step=step,
+            parameters=n_params,
+            input="masked multi-coil k-space (B, C, H, W) complex64 + mask",
+            output="RSS magnitude (B, H, W)",
+        )
+
+    net.train()
+    last_save = time.time()
+    started = time.time()
+    running = []
+    while step < args.steps:
+        k, m, t = make_batch(pool, rng, args.batch, args.crop)
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, args.steps, args.lr)
+        out = net(k, m)
+        loss = ssim_loss(out, t, t.amax(dim=(1, 2)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        step += 1
+        running.append(loss.item())
+        if step % 25 == 0:
+            say(f"step {step} loss {np.mean(running[-25:]):.4f} lr {opt.param_groups[0]['lr']:.2e}")
+        done = step >= args.steps
+        over = args.max_minutes is not None and time.time() - started > 60 * args.max_minutes
+        if done or over or time.time() - last_save > 60 * args.save_minutes:
+            metrics = _validate(net, val) | {
+                "train_loss_last100": round(float(np.mean(running[-100:])), 4),
+                "step": step,
+            }
+            history.append(metrics)
+            save(metrics)
+            say(f"saved step {step}: {json.dumps(metrics)}")
+            last_save = time.time()
+            if over:
+                break
+    log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

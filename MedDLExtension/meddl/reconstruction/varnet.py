@@ -1,0 +1,148 @@
+"""End-to-end variational network (E2E-VarNet, Sriram et al. 2020) for multi-coil k-space.
+
+Each cascade updates the k-space estimate
+
+    k <- k - eta * M (k - y) - F S ( U-Net( sum_c conj(S_c) F^-1 k_c ) )
+
+with a learnable soft data-consistency weight ``eta`` (initialised to 1). The sensitivity maps
+``S`` come from a U-Net applied to each coil image of the calibration (ACS) region only,
+normalised by their root-sum-of-squares. The output is the RSS of the coil images of the final
+k-space. Every U-Net normalises its input to zero mean / unit std and undoes it after, so the
+whole network is equivariant to the scale of the data.
+
+Shapes: k-space ``(B, C, H, W)`` complex; mask broadcastable to ``(B, 1, H, W)`` (bool);
+output ``(B, H, W)`` real.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..nets.unet import UNet
+from .fft import fft2c, ifft2c
+
+__all__ = ["VarNet", "NormUNet", "SensitivityNet", "acs_mask"]
+
+
+class NormUNet(nn.Module):
+    """A U-Net on complex images ``(B, C, H, W)`` (as 2C real channels), normalised per sample."""
+
+    def __init__(self, chans: int, pools: int, in_coils: int = 1) -> None:
+        super().__init__()
+        self.pools = pools
+        self.unet = UNet(2, 2 * in_coils, 2 * in_coils, features=tuple(chans * 2**i for i in range(pools + 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        z = torch.cat([x.real, x.imag], dim=1)  # (B, 2C, H, W)
+        groups = z.reshape(b, 2, -1)
+        mean = groups.mean(dim=2).view(b, 2, 1, 1).repeat_interleave(c, dim=1)
+        std = groups.std(dim=2).view(b, 2, 1, 1).repeat_interleave(c, dim=1) + 1e-8
+        z = (z - mean) / std
+        factor = 2**self.pools
+        ph, pw = (-h) % factor, (-w) % factor
+        z = nn.functional.pad(z, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        z = self.unet(z)[..., ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w]
+        z = z * std + mean
+        return torch.complex(z[:, :c], z[:, c:])
+
+
+def _centre_run(line: torch.Tensor) -> tuple[int, int]:
+    n = line.numel()
+    c = n // 2
+    if not bool(line[c]):
+        return c, c + 1
+    lo = c
+    while lo > 0 and bool(line[lo - 1]):
+        lo -= 1
+    hi = c
+    while hi < n - 1 and bool(line[hi + 1]):
+        hi += 1
+    return lo, hi + 1
+
+
+def acs_mask(mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The fully sampled centre rectangle of each mask: ``(B, 1, H, W)`` bool.
+
+    Columns: the contiguous sampled run through the centre of the middle row; rows likewise along
+    the middle column (all rows for a column mask).
+    """
+    h, w = shape
+    full = mask.expand(mask.shape[0], 1, h, w) if mask.dim() == 4 else mask.reshape(1, 1, -1, w).expand(1, 1, h, w)
+    out = torch.zeros(full.shape[0], 1, h, w, dtype=torch.bool, device=mask.device)
+    for i in range(full.shape[0]):
+        m = full[i, 0].cpu()
+        c0, c1 = _centre_run(m[h // 2])
+        r0, r1 = _centre_run(m[:, w // 2])
+        out[i, 0, r0:r1, c0:c1] = True
+    return out
+
+
+def _rss(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    return torch.sqrt((x.real**2 + x.imag**2).sum(dim=dim))
+
+
+class SensitivityNet(nn.Module):
+    """Coil maps from the ACS-only coil images: a shared U-Net per coil, then RSS normalisation."""
+
+    def __init__(self, chans: int = 8, pools: int = 3) -> None:
+        super().__init__()
+        self.norm_unet = NormUNet(chans, pools)
+
+    def forward(self, kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = kspace.shape
+        acs = acs_mask(mask, (h, w))
+        images = ifft2c(kspace * acs)
+        maps = self.norm_unet(images.reshape(b * c, 1, h, w)).reshape(b, c, h, w)
+        return maps / (_rss(maps).unsqueeze(1) + 1e-12)
+
+
+class _Cascade(nn.Module):
+    def __init__(self, chans: int, pools: int) -> None:
+        super().__init__()
+        self.model = NormUNet(chans, pools)
+        self.dc_weight = nn.Parameter(torch.ones(1))
+
+    def forward(self, k: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        reduced = (maps.conj() * ifft2c(k)).sum(dim=1, keepdim=True)
+        refined = fft2c(maps * self.model(reduced))
+        soft_dc = torch.where(mask, k - y, torch.zeros((), dtype=k.dtype, device=k.device)) * self.dc_weight
+        return k - soft_dc - refined
+
+
+class VarNet(nn.Module):
+    """E2E-VarNet: ``num_cascades`` unrolled steps of ``chans``-channel U-Nets with ``pools`` poolings."""
+
+    def __init__(
+        self, num_cascades: int = 6, chans: int = 12, pools: int = 3, sens_chans: int = 6, sens_pools: int = 3
+    ) -> None:
+        super().__init__()
+        self.sens_net = SensitivityNet(sens_chans, sens_pools)
+        self.cascades = nn.ModuleList(_Cascade(chans, pools) for _ in range(num_cascades))
+
+    def sensitivities(self, kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Estimated coil maps ``(B, C, H, W)`` complex, unit RSS."""
+        return self.sens_net(kspace, _as_mask(mask, kspace))
+
+    def forward(self, kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Reconstruct ``(B, H, W)`` magnitude images from masked k-space ``(B, C, H, W)``."""
+        mask = _as_mask(mask, kspace)
+        maps = self.sens_net(kspace, mask)
+        k = kspace
+        for cascade in self.cascades:
+            k = cascade(k, kspace, mask, maps)
+        return _rss(ifft2c(k))
+
+
+def _as_mask(mask: torch.Tensor, kspace: torch.Tensor) -> torch.Tensor:
+    """Any mask shape ``(W,)``, ``(H, W)``, ``(B, H, W)`` or ``(B, 1, H, W)`` -> bool ``(B, 1, H, W)``."""
+    b, _, h, w = kspace.shape
+    m = mask.to(device=kspace.device, dtype=torch.bool)
+    if m.dim() == 1:
+        m = m.view(1, 1, 1, -1)
+    elif m.dim() == 2:
+        m = m.view(1, 1, *m.shape)
+    elif m.dim() == 3:
+        m = m.unsqueeze(1)
+    return m.expand(b, 1, h, w)

@@ -1,0 +1,158 @@
+"""fastMRI / ISMRMRD readers, geometry, and every bad input the issue lists (error line, exit 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from meddl.cli import main
+from meddl.errors import InputError
+from meddl.reconstruction import read_kspace
+from meddl.reconstruction.fastmri import read_fastmri, write_fastmri
+from meddl.reconstruction.kspace import Header, header_xml, parse_header
+from meddl.reconstruction.masks import equispaced_mask
+
+
+def _kspace(rng, shape=(3, 4, 32, 24)) -> np.ndarray:
+    return (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
+
+
+def test_header_round_trip_and_fastmri_padding():
+    h = Header((640, 368, 1), (280.0, 140.0, 4.5), (320, 320, 1), (140.0, 140.0, 3.0), (0, 329, 165), 35, 15)
+    back = parse_header(header_xml(h))
+    assert back == h
+    # fastMRI: padding_left = enc_y // 2 - center, padding_right = padding_left + maximum + 1
+    assert back.padding == (184 - 165, 184 - 165 + 330)
+
+
+def test_synthetic_fastmri_file_round_trip_with_geometry(tmp_path, rng):
+    k = _kspace(rng)
+    mask = equispaced_mask(24, 4, 0.17, rng)
+    target = rng.uniform(size=(3, 16, 24)).astype(np.float32)
+    path = write_fastmri(
+        tmp_path / "f.h5",
+        k * mask,
+        fov_mm=(200.0, 150.0, 4.0),
+        recon_matrix=(16, 24),
+        mask=mask,
+        target=target,
+        acquisition="CORPD_FBK",
+    )
+    data = read_kspace(path)
+    assert data.format == "fastmri"
+    np.testing.assert_array_equal(data.kspace, k * mask)
+    np.testing.assert_array_equal(data.mask, mask)
+    np.testing.assert_array_equal(data.target, target)
+    assert data.image_shape == (16, 24)
+    assert data.attrs["acquisition"] == "CORPD_FBK"
+    affine = data.affine()
+    # pixel spacing = recon FOV / recon matrix (readout 100/16, phase 150/24), slice = encoded z FOV
+    np.testing.assert_allclose(np.linalg.norm(affine[:3, :3], axis=0), [6.25, 6.25, 4.0])
+    centre = affine @ np.array([7.5, 11.5, 1.0, 1.0])
+    np.testing.assert_allclose(centre[:3], 0.0, atol=1e-9)
+    info = data.info()
+    assert info["coils"] == 4 and info["slices"] == 3
+    assert info["acceleration"] == pytest.approx(24 / mask.sum(), abs=1e-3)
+
+
+def test_single_coil_file_and_slice_selection(tmp_path, rng):
+    k = _kspace(rng, (4, 16, 12))
+    path = write_fastmri(tmp_path / "s.h5", k)
+    data = read_fastmri(path, slices=(3, 1))
+    assert data.single_coil and data.kspace.shape == (2, 1, 16, 12)
+    np.testing.assert_array_equal(data.kspace[:, 0], k[[1, 3]])
+    with pytest.raises(InputError, match="--slices: expected indices in 0..3"):
+        read_fastmri(path, slices=(7,))
+
+
+def test_ismrmrd_file_written_with_the_package_reads_back(tmp_path, rng):
+    pytest.importorskip("ismrmrd")
+    from meddl.reconstruction.ismrmrd_io import write_ismrmrd
+
+    k = _kspace(rng, (2, 3, 16, 12))
+    path = write_ismrmrd(tmp_path / "raw.h5", k, fov_mm=(160.0, 120.0, 5.0), oversampling=2)
+    with h5py.File(path, "r") as f:
+        assert f["dataset/data"].shape == (2 * 12,)
+    data = read_kspace(path)
+    assert data.format == "ismrmrd"
+    assert data.kspace.shape == (2, 3, 16, 12)  # readout oversampling removed
+    np.testing.assert_allclose(data.kspace, k, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(data.affine()[:3, :3], axis=0), [10.0, 10.0, 5.0])
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+def _write(path: Path, **datasets) -> Path:
+    with h5py.File(path, "w") as f:
+        for name, value in datasets.items():
+            f.create_dataset(name, data=value)
+    return path
+
+
+def _header(h=32, w=24) -> bytes:
+    return header_xml(Header((h, w, 1), (200.0, 150.0, 4.0), (h, w, 1), (200.0, 150.0, 4.0))).encode()
+
+
+def _bad_files(tmp: Path, rng) -> dict[str, tuple[Path, str]]:
+    k = _kspace(rng)
+    files = {
+        "missing kspace": (
+            _write(tmp / "nok.h5", ismrmrd_header=_header(), reconstruction_rss=np.ones((3, 8, 8))),
+            "expected a dataset 'kspace'",
+        ),
+        "real data": (_write(tmp / "real.h5", kspace=np.abs(k), ismrmrd_header=_header()), "expected complex k-space"),
+        "shape vs header": (
+            _write(tmp / "shape.h5", kspace=k, ismrmrd_header=_header(40, 24)),
+            "disagrees with the header",
+        ),
+        "no header": (_write(tmp / "nohdr.h5", kspace=k), "expected an 'ismrmrd_header'"),
+    }
+    text = tmp / "notes.h5"
+    text.write_text("this is not HDF5\n" * 20)
+    files["text file"] = (text, "expected an HDF5 file")
+    good = write_fastmri(tmp / "good.h5", k)
+    cut = tmp / "cut.h5"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    files["truncated"] = (cut, "corrupt or truncated")
+    mask = np.zeros(24, bool)
+    mask[::4] = True
+    mask[11:13] = True  # a 2-line centre: too narrow to calibrate
+    files["no calibration"] = (write_fastmri(tmp / "nocal.h5", k * mask, mask=mask), "calibration")
+    return files
+
+
+@pytest.mark.parametrize(
+    "case", ["missing kspace", "real data", "shape vs header", "no header", "text file", "truncated", "no calibration"]
+)
+def test_bad_input_gives_one_error_line_and_exit_2(case, tmp_path, rng, capsys):
+    path, message = _bad_files(tmp_path, rng)[case]
+    code = main(
+        [
+            "reconstruct",
+            str(path),
+            "-o",
+            str(tmp_path / "out.nii.gz"),
+            "--method",
+            "cg-sense",
+            "--progress",
+            "none",
+            "--device",
+            "cpu",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error:")
+    assert message in err[0]
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_bad_input_raises_input_error_in_the_library(tmp_path, rng):
+    for path, message in _bad_files(tmp_path, rng).values():
+        if "calibration" in message:
+            continue
+        with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            read_kspace(path)
