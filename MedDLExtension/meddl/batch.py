@@ -740,14 +740,16 @@ def _install_model_cache() -> None:
 
 def _prepare_worker(settings: Mapping[str, Any]) -> None:
     with _WORKER_LOCK:
-        if _WORKER_STATE["prepared"]:
-            return
+        first = not _WORKER_STATE["prepared"]
         _WORKER_STATE["prepared"] = True
-    _install_model_cache()
-    import torch  # here rather than in the first job's time
+    if first:
+        _install_model_cache()
+    import torch  # the first time: here rather than in the first job's time
 
     threads = settings.get("torch_threads")
-    if threads:
+    if threads and torch.get_num_threads() != int(threads):
+        # per job: OpenMP's thread count belongs to the calling thread, and Dask may run the
+        # next job on another thread of its pool
         torch.set_num_threads(int(threads))
 
 
@@ -826,8 +828,8 @@ def parse_job(job: Job, outputs: Sequence[str | os.PathLike] | None = None, devi
     as ``meddl`` would see them with ``--progress none``."""
     parser, _ = _parser_for(job.command, job.module)
     argv = [job.command, *(job.argv_with([str(p) for p in outputs]) if outputs is not None else job.argv)]
-    if device is not None and "device" in job.accepts:
-        argv.append(f"--device={device}")
+    if device is not None and "device" in job.accepts and not any(a.startswith("--device=") for a in job.argv):
+        argv.append(f"--device={device}")  # a row's own --device wins
     if "progress" in job.accepts:
         argv.append("--progress=none")
     return parser.parse_args(argv)
@@ -1000,15 +1002,27 @@ def worker_specs(n_workers: int, threads_per_worker: int, gpus: Sequence[str]) -
     return specs
 
 
+def compute_threads(n_workers: int, threads_per_worker: int) -> int:
+    """Threads for numpy/torch in each job of an embedded cluster: the cores shared among the jobs
+    running at once (Dask's own default is 1, for clusters that run many small tasks per worker)."""
+    return max(1, (os.cpu_count() or 1) // (n_workers * threads_per_worker))
+
+
 def _start_cluster(n_workers: int, threads_per_worker: int, gpus: Sequence[str]):
+    import dask
     from distributed import LocalCluster, Scheduler, SpecCluster
 
     common = {"dashboard_address": None, "host": "127.0.0.1"}
-    if not gpus:
-        return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-                            silence_logs=logging.ERROR, preload=["meddl.batch"], **common)
-    return SpecCluster(workers=worker_specs(n_workers, threads_per_worker, gpus),
-                       scheduler={"cls": Scheduler, "options": common}, silence_logs=logging.ERROR)
+    threads = str(compute_threads(n_workers, threads_per_worker))
+    # read by OpenMP/MKL/OpenBLAS when a worker process starts (including one restarted after a crash)
+    environ = {f"distributed.nanny.pre-spawn-environ.{name}": threads
+               for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    with dask.config.set(environ):
+        if not gpus:
+            return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+                                silence_logs=logging.ERROR, preload=["meddl.batch"], **common)
+        return SpecCluster(workers=worker_specs(n_workers, threads_per_worker, gpus),
+                           scheduler={"cls": Scheduler, "options": common}, silence_logs=logging.ERROR)
 
 
 def _connect(address: str, timeout: float):
@@ -1130,7 +1144,7 @@ def run_batch(
                     + (f", GPUs {', '.join(gpus)}" if gpus else ""))
                 cluster = _start_cluster(n_workers, threads_per_worker, gpus)
                 client = distributed.Client(cluster, set_as_default=False)
-                threads = max(1, (os.cpu_count() or 1) // (n_workers * threads_per_worker))
+                threads = compute_threads(n_workers, threads_per_worker)
             run_id = uuid.uuid4().hex
             settings = {"run_id": run_id, "state_dir": str(manifest.state_dir), "device": device,
                         "torch_threads": threads}
@@ -1199,8 +1213,9 @@ def _collect(fut, job: Job) -> JobResult:
         else:
             message = f"{name}: {_one_line(exc)}"
         return JobResult(job.id, job.line, job.operation, "failed", error=message)
+    device = res.get("device", "") + (f" (CUDA_VISIBLE_DEVICES={res['gpu']})" if res.get("gpu") else "")
     return JobResult(job.id, job.line, job.operation, res["status"], seconds=float(res.get("seconds", 0.0)),
-                     device=res.get("device", ""), worker=res.get("worker", ""), error=res.get("error", ""),
+                     device=device, worker=res.get("worker", ""), error=res.get("error", ""),
                      outputs=dict(res.get("outputs", {})), traceback=res.get("traceback"))
 
 
