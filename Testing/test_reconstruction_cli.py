@@ -1,0 +1,159 @@
+"""``reconstruct()`` and ``meddl reconstruct``: outputs, geometry, options, uncertainty."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from meddl import io
+from meddl.cli import main
+from meddl.errors import InputError
+from meddl.reconstruction import ReconstructionConfig, read_kspace, reconstruct
+from meddl.reconstruction.cli import parse_slices
+from meddl.reconstruction.fastmri import write_fastmri
+from meddl.reconstruction.simulate import simulate_kspace
+from scipy.ndimage import gaussian_filter
+
+
+def _phantom(h=48, w=40):
+    y, x = np.meshgrid(np.linspace(-1, 1, h), np.linspace(-1, 1, w), indexing="ij")
+    img = ((x / 0.75) ** 2 + (y / 0.85) ** 2 < 1) * 0.7 + (((x + 0.2) ** 2 + (y - 0.1) ** 2) < 0.06) * 0.3
+    img = img + 0.2 * np.sin(6 * x) * (img > 0)
+    return np.clip(img, 0, None).astype(np.float32)
+
+
+@pytest.fixture
+def kfile(tmp_path):
+    img = _phantom()
+    ks = np.stack([simulate_kspace(img * s, 6, rng=s)[0] for s in (1, 2)])
+    return write_fastmri(
+        tmp_path / "k.h5",
+        ks,
+        fov_mm=(240.0, 200.0, 3.0),
+        recon_matrix=(40, 40),
+        target=np.stack([img[4:44], 2 * img[4:44]]),
+    ), img
+
+
+def test_zero_filled_of_fully_sampled_data_is_the_truth_on_the_header_grid(kfile):
+    path, img = kfile
+    res = reconstruct(path, ReconstructionConfig(method="zero-filled"))
+    out = res.image.numpy()
+    assert out.shape == (1, 40, 40, 2)  # recon matrix crop of the (48, 40) encoded matrix, 2 slices
+    np.testing.assert_allclose(out[0, :, :, 1], 2 * img[4:44], atol=1e-5)
+    np.testing.assert_allclose(res.image.spacing, [5.0, 5.0, 3.0])
+    assert res.image.same_grid(res.zero_filled)
+    assert res.info["acceleration"] == 1.0
+
+
+def test_undersampling_is_refused_on_undersampled_data(tmp_path, kfile):
+    path, _ = kfile
+    data = read_kspace(path)
+    mask = np.zeros(40, bool)
+    mask[::2] = True
+    mask[16:24] = True
+    under = write_fastmri(tmp_path / "u.h5", data.kspace * mask, mask=mask)
+    with pytest.raises(InputError, match="expected fully sampled k-space"):
+        reconstruct(under, ReconstructionConfig(method="zero-filled", undersample="equispaced"))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(method="magic"), "--method: expected one of"),
+        (dict(undersample="spiral"), "--undersample: expected one of"),
+        (dict(acceleration=4), "expected --undersample"),
+        (dict(undersample="random", acceleration=0.5), "--acceleration: expected a number >= 1"),
+        (dict(undersample="random", center_fraction=2.0), "--center-fraction: expected a fraction"),
+        (dict(probes=0), "--probes: expected a positive number"),
+    ],
+)
+def test_config_validation(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        ReconstructionConfig(**kwargs)
+
+
+def test_parse_slices():
+    assert parse_slices("0,3,5") == (0, 3, 5)
+    assert parse_slices("2:5,7") == (2, 3, 4, 7)
+    with pytest.raises(InputError, match="--slices: expected"):
+        parse_slices("a:b")
+
+
+def test_cg_sense_beats_zero_filled(kfile):
+    path, img = kfile
+    cfg = ReconstructionConfig(
+        method="cg-sense", undersample="equispaced", acceleration=3, center_fraction=0.15, slices=(0,)
+    )
+    res = reconstruct(path, cfg)
+    truth = img[4:44]
+    out, zf = res.image.numpy()[0, :, :, 0], res.zero_filled.numpy()[0, :, :, 0]
+    assert np.linalg.norm(out - truth) < 0.8 * np.linalg.norm(zf - truth)
+    assert res.uncertainty is None
+
+
+def test_sure_uncertainty_tracks_the_error_on_a_brain_slice(tmp_path):
+    from meddl.data import load_sample
+    from scipy.ndimage import zoom
+
+    img = zoom(load_sample("dipy_t1_slice").numpy()[0], 0.25, order=1).astype(np.float32)
+    img /= img.max()
+    path = write_fastmri(tmp_path / "b.h5", simulate_kspace(img, 6, rng=0, noise=0.002)[0][None])
+    cfg = ReconstructionConfig(method="cg-sense", undersample="equispaced", acceleration=4, uncertainty=True, probes=3)
+    res = reconstruct(path, cfg)
+    out, unc = res.image.numpy()[0, :, :, 0], res.uncertainty.numpy()[0, :, :, 0]
+    err = np.sqrt(gaussian_filter((out - img) ** 2, 2))
+    assert unc.shape == img.shape and np.all(unc >= 0)
+    assert np.corrcoef(unc.ravel(), err.ravel())[0, 1] > 0.3
+    assert 0.1 < unc.mean() / err.mean() < 10
+
+
+def test_command_writes_every_output(tmp_path, kfile, capsys):
+    path, _ = kfile
+    outs = {k: tmp_path / f"{k}.nii.gz" for k in ("recon", "zf", "unc")}
+    coils = tmp_path / "coils.nrrd"
+    code = main(
+        [
+            "reconstruct",
+            str(path),
+            "-o",
+            str(outs["recon"]),
+            "--method",
+            "tv",
+            "--undersample",
+            "random",
+            "--acceleration",
+            "2",
+            "--zero-filled",
+            str(outs["zf"]),
+            "--uncertainty",
+            str(outs["unc"]),
+            "--coils-out",
+            str(coils),
+            "--slices",
+            "1",
+            "--iterations",
+            "5",
+            "--probes",
+            "1",
+            "--device",
+            "cpu",
+            "--progress",
+            "none",
+            "--seed",
+            "3",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    recon = io.read(outs["recon"])
+    assert recon.spatial_shape == (40, 40, 1)
+    assert io.read(outs["zf"]).same_grid(recon) and io.read(outs["unc"]).same_grid(recon)
+    assert io.read(coils).channels == 6
+    assert "reconstruct: tv" in capsys.readouterr().out
+
+
+def test_command_refuses_output_equal_to_input_and_2d_formats(tmp_path, kfile, capsys):
+    path, _ = kfile
+    assert main(["reconstruct", str(path), "-o", str(path), "--progress", "none"]) == 2
+    assert main(["reconstruct", str(path), "-o", str(tmp_path / "x.png"), "--progress", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "is also an input" in err and "expected a volume file" in err

@@ -1,0 +1,91 @@
+"""E2E-VarNet: shapes, data consistency, scale equivariance, the bundled weights; training batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from meddl import models
+from meddl.reconstruction.masks import make_mask
+from meddl.reconstruction.simulate import simulate_kspace
+from meddl.reconstruction.varnet import VarNet, _Cascade, acs_mask
+
+TINY = {"num_cascades": 2, "chans": 4, "pools": 2, "sens_chans": 2, "sens_pools": 2}
+
+
+def _data(h=32, w=28, coils=4, acc=4, seed=0):
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w), np.float32)
+    img[6:26, 5:22] = 1.0
+    img[10:16, 8:14] = 0.4
+    k, maps, x = simulate_kspace(img, coils, rng)
+    mask = np.broadcast_to(make_mask("equispaced", (h, w), acc, 0.2, seed=seed), (h, w)).copy()
+    return torch.from_numpy(k * mask)[None], torch.from_numpy(mask), img
+
+
+def test_varnet_output_shape_and_finite():
+    torch.manual_seed(0)
+    k, mask, img = _data()
+    out = VarNet(**TINY)(k, mask)
+    assert out.shape == (1, *img.shape)
+    assert torch.isfinite(out).all()
+
+
+class _Zero(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def test_soft_data_consistency_leaves_sampled_kspace_equal_to_measurement():
+    k, mask, _ = _data()
+    cascade = _Cascade(4, 2)
+    cascade.model = _Zero()  # no refinement: the update is pure data consistency
+    current = k + (torch.randn_like(k.real) + 1j * torch.randn_like(k.real)).to(k.dtype)
+    m = mask[None, None]
+    out = cascade(current, k, m, torch.ones_like(k))
+    torch.testing.assert_close(out[m.expand_as(out)], k[m.expand_as(k)])
+    torch.testing.assert_close(out[~m.expand_as(out)], current[~m.expand_as(current)])
+
+
+def test_varnet_is_equivariant_to_data_scale():
+    torch.manual_seed(1)
+    net = VarNet(**TINY).eval()
+    k, mask, _ = _data()
+    with torch.no_grad():
+        a = net(k, mask)
+        b = net(k * 1000.0, mask)
+    torch.testing.assert_close(b / 1000.0, a, rtol=1e-3, atol=1e-5)
+
+
+def test_acs_mask_is_the_centre_block_of_a_column_mask():
+    mask = torch.zeros(16, 20, dtype=torch.bool)
+    mask[:, 8:13] = True
+    mask[:, ::4] = True
+    acs = acs_mask(mask[None, None], (16, 20))[0, 0]
+    assert acs[:, 8:13].all() and acs.sum() == 16 * 5
+
+
+def test_training_batches_are_consistent():
+    from meddl.reconstruction.train import make_batch
+
+    pool = [np.random.default_rng(0).uniform(size=(150, 140)).astype(np.float32)]
+    k, m, t = make_batch(pool, np.random.default_rng(1), batch=2, crop=64)
+    assert k.shape[0] == 2 and k.shape[2:] == (64, 64) and t.shape == (2, 64, 64)
+    # masked k-space is zero wherever the mask is off
+    assert (k.abs() * (~m)).max() == 0
+    for i in range(2):
+        frac = m[i, 0].float().mean().item()
+        assert 1 / 8 - 0.05 < frac < 1 / 4 + 0.06
+
+
+def test_bundled_weights_load_and_card_names_held_out_data():
+    try:
+        net, card = models.load_model("reconstruction_varnet")
+    except models.ModelError:
+        pytest.skip("no bundled VarNet weights in this checkout")
+    assert isinstance(net, VarNet)
+    assert "held_out" in card.training_data
+    k, mask, img = _data(64, 64, 6)
+    with torch.no_grad():
+        out = net(k, mask)
+    assert out.shape == (1, 64, 64) and torch.isfinite(out).all()
