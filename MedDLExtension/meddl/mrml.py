@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import uuid
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -964,3 +965,60 @@ def load_scene(path: str | os.PathLike, scene=None):
     if not ok or messages.GetNumberOfMessagesOfType(vtk.vtkCommand.ErrorEvent):
         raise InputError(f"cannot read scene '{path}': {_error_text(messages) or 'MRML reported a failure'}")
     return scene
+
+
+# -- editing segmentations in place ------------------------------------------------------------
+
+
+def copy_segments(source, destination, names: Sequence[str], replace_id: str | None = None) -> list[str]:
+    """Copy the segments called ``names`` from one segmentation node to another.
+
+    With ``replace_id`` the first named segment takes the place, ID, name and colour of that
+    segment of the destination (the other segments of the destination are untouched).
+    """
+    src = source.GetSegmentation()
+    dst = destination.GetSegmentation()
+    ids = [src.GetSegmentIdBySegmentName(n) for n in names]
+    ids = [i for i in ids if i]
+    if replace_id is not None:
+        old = dst.GetSegment(replace_id)
+        if old is None or not ids:
+            raise MedDLError(f"segment '{replace_id}': cannot replace it (missing in the result or in the segmentation)")
+        index = dst.GetSegmentIndex(replace_id)
+        name, color = old.GetName(), old.GetColor()
+        # give the new segment the old ID inside the scratch node, so the copy keeps it
+        segment = src.GetSegment(ids[0])
+        src.RemoveSegment(ids[0])
+        src.AddSegment(segment, replace_id)
+        dst.RemoveSegment(replace_id)
+        if not dst.CopySegmentFromSegmentation(src, replace_id):
+            raise MedDLError(f"segment '{name}': copying the result into '{destination.GetName()}' failed")
+        dst.SetSegmentIndex(replace_id, index)
+        copied = dst.GetSegment(replace_id)
+        copied.SetName(name)
+        copied.SetColor(*color)
+        return [replace_id]
+    before = set(segment_ids(destination))
+    for segment_id in ids:
+        if not dst.CopySegmentFromSegmentation(src, segment_id):
+            raise MedDLError(f"segment '{segment_id}': copying the result into '{destination.GetName()}' failed")
+    return [i for i in segment_ids(destination) if i not in before]
+
+
+def remove_node(scene, node) -> None:
+    """Remove a node with its display and storage nodes."""
+    for i in reversed(range(node.GetNumberOfDisplayNodes())):
+        display = node.GetNthDisplayNode(i)
+        if display is not None:
+            scene.RemoveNode(display)
+    storage = node.GetStorageNode()
+    if storage is not None:
+        scene.RemoveNode(storage)
+    scene.RemoveNode(node)
+
+
+def segment_ids(node) -> list[str]:
+    """The segment IDs of a segmentation node, in order."""
+    seg = node.GetSegmentation()
+    return [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
+

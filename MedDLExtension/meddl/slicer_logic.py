@@ -834,65 +834,13 @@ class InContextSegmentationLogic(MedDLLogic):
         if destination is None:
             node = mrml.labels_to_segmentation_node(
                 labels, scene, segments=wanted, name=f"{target.GetName()} segmentation")
-            return SegmentationResult(segmentation=node, segment_ids=_segment_ids(node), process=process)
+            return SegmentationResult(segmentation=node, segment_ids=mrml.segment_ids(node), process=process)
         # labels_to_segmentation_node replaces every segment of a node it fills, so the result is
         # imported into a scratch node and only its segments are copied over.
         scratch = mrml.labels_to_segmentation_node(labels, scene, segments=wanted, name="MedDL scratch")
         try:
             names = [w.name for w in wanted]
-            ids = _copy_segments(scratch, destination, names, replace_id=segment_id if replace else None)
+            ids = mrml.copy_segments(scratch, destination, names, replace_id=segment_id if replace else None)
         finally:
-            _remove_node(scene, scratch)
+            mrml.remove_node(scene, scratch)
         return SegmentationResult(segmentation=destination, segment_ids=ids, process=process)
-
-
-def _copy_segments(source: Any, destination: Any, names: Sequence[str], replace_id: str | None = None) -> list[str]:
-    """Copy the segments called ``names`` from one segmentation node to another.
-
-    With ``replace_id`` the first named segment takes the place, ID, name and colour of that
-    segment of the destination (the other segments of the destination are untouched).
-    """
-    src = source.GetSegmentation()
-    dst = destination.GetSegmentation()
-    ids = [src.GetSegmentIdBySegmentName(n) for n in names]
-    ids = [i for i in ids if i]
-    if replace_id is not None:
-        old = dst.GetSegment(replace_id)
-        if old is None or not ids:
-            raise MedDLError(f"segment '{replace_id}': cannot replace it (missing in the result or in the segmentation)")
-        index = dst.GetSegmentIndex(replace_id)
-        name, color = old.GetName(), old.GetColor()
-        # give the new segment the old ID inside the scratch node, so the copy keeps it
-        segment = src.GetSegment(ids[0])
-        src.RemoveSegment(ids[0])
-        src.AddSegment(segment, replace_id)
-        dst.RemoveSegment(replace_id)
-        if not dst.CopySegmentFromSegmentation(src, replace_id):
-            raise MedDLError(f"segment '{name}': copying the result into '{destination.GetName()}' failed")
-        dst.SetSegmentIndex(replace_id, index)
-        copied = dst.GetSegment(replace_id)
-        copied.SetName(name)
-        copied.SetColor(*color)
-        return [replace_id]
-    before = set(_segment_ids(destination))
-    for segment_id in ids:
-        if not dst.CopySegmentFromSegmentation(src, segment_id):
-            raise MedDLError(f"segment '{segment_id}': copying the result into '{destination.GetName()}' failed")
-    return [i for i in _segment_ids(destination) if i not in before]
-
-
-def _remove_node(scene: Any, node: Any) -> None:
-    for i in reversed(range(node.GetNumberOfDisplayNodes())):
-        display = node.GetNthDisplayNode(i)
-        if display is not None:
-            scene.RemoveNode(display)
-    storage = node.GetStorageNode()
-    if storage is not None:
-        scene.RemoveNode(storage)
-    scene.RemoveNode(node)
-
-
-def _segment_ids(node: Any) -> list[str]:
-    seg = node.GetSegmentation()
-    return [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
-
