@@ -1,0 +1,147 @@
+"""Affine pre-alignment with SimpleITK: centre of mass, then an affine by Mattes mutual information.
+
+Slicer volumes arrive unaligned, so the deformable stages start from this. The result is a 4x4
+matrix ``M`` in RAS millimetres in the resampling convention: fixed point ``p`` corresponds to
+``M @ p`` in the moving image (SimpleITK's fixed-to-moving transform, flipped from LPS).
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+from ..errors import InputError
+from ..io import _sitk, to_sitk
+from ..volume import Volume
+
+__all__ = ["AffineMode", "prealign", "overlap_fraction", "sitk_to_ras_matrix"]
+
+_FLIP = np.diag([-1.0, -1.0, 1.0])
+
+
+class AffineMode(str, enum.Enum):
+    """How the moving image is first brought near the fixed one."""
+
+    NONE = "none"  #: trust the headers (scanner coordinates)
+    CENTER = "center"  #: translate the centres of mass together
+    AFFINE = "affine"  #: centre of mass, then rigid, then a 12-parameter affine (MI)
+
+
+def sitk_to_ras_matrix(transform, ndim: int) -> np.ndarray:
+    """A SimpleITK linear transform (LPS, fixed-to-moving) as a 4x4 RAS matrix."""
+    a = np.array(transform.GetMatrix(), dtype=np.float64).reshape(ndim, ndim)
+    c = np.array(transform.GetCenter(), dtype=np.float64)
+    t = np.array(transform.GetTranslation(), dtype=np.float64)
+    lps = np.eye(4)
+    lps[:ndim, :ndim] = a
+    lps[:ndim, 3] = c + t - a @ c
+    flip = np.eye(4)
+    flip[:3, :3] = _FLIP
+    return flip @ lps @ flip
+
+
+def _box(vol: Volume) -> tuple[np.ndarray, np.ndarray]:
+    corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in vol.spatial_shape], indexing="ij")).reshape(vol.ndim, -1).T
+    pts = vol.index_to_physical(corners)
+    return pts.min(0), pts.max(0)
+
+
+def overlap_fraction(fixed: Volume, moving: Volume, matrix: np.ndarray | None = None) -> float:
+    """Fraction of the fixed box's volume whose (mapped) points fall in the moving box (bounding boxes)."""
+    lo_f, hi_f = _box(fixed)
+    if matrix is not None:
+        corners = np.array(np.meshgrid(*zip(lo_f, hi_f), indexing="ij")).reshape(3, -1).T
+        mapped = corners @ matrix[:3, :3].T + matrix[:3, 3]
+        lo_f, hi_f = mapped.min(0), mapped.max(0)
+    lo_m, hi_m = _box(moving)
+    nd = fixed.ndim
+    inter = np.clip(np.minimum(hi_f, hi_m) - np.maximum(lo_f, lo_m), 0, None)[:nd]
+    return float(np.prod(inter) / max(np.prod((hi_f - lo_f)[:nd]), 1e-12))
+
+
+def _shrunk(vol: Volume, target_mm: float):
+    """A float32 SimpleITK image, block-averaged towards ``target_mm`` voxels (speed)."""
+    sitk = _sitk()
+    image = sitk.Cast(to_sitk(vol.with_data(vol.numpy().astype(np.float32))), sitk.sitkFloat32)
+    factors = [max(1, int(round(target_mm / s))) for s in image.GetSpacing()]
+    if max(factors) > 1:
+        image = sitk.BinShrink(image, factors)
+    return image
+
+
+def prealign(fixed: Volume, moving: Volume, mode: AffineMode | str = AffineMode.AFFINE, seed: int = 0,
+             iterations: int = 100, reporter=None) -> np.ndarray:
+    """The 4x4 RAS matrix mapping fixed points to moving points.
+
+    Args:
+        fixed, moving: scalar intensity volumes ``(1, I, J[, K])`` (any grids, same dimension).
+        mode: ``none``, ``center`` (centre of mass) or ``affine`` (centre of mass, rigid, affine).
+        seed: seed of the metric's random voxel sampling (reproducible results).
+        iterations: optimiser iterations per resolution level.
+    """
+    mode = AffineMode(mode)
+    nd = fixed.ndim
+    if mode is AffineMode.NONE:
+        return np.eye(4)
+    sitk = _sitk()
+    f_img = _shrunk(fixed, 3.0)
+    m_img = _shrunk(moving, 3.0)
+    f_img = sitk.Cast(f_img - float(np.min(sitk.GetArrayViewFromImage(f_img))), sitk.sitkFloat32)
+    m_img = sitk.Cast(m_img - float(np.min(sitk.GetArrayViewFromImage(m_img))), sitk.sitkFloat32)
+    try:
+        init = sitk.CenteredTransformInitializer(
+            f_img, m_img, sitk.Euler3DTransform() if nd == 3 else sitk.Euler2DTransform(),
+            sitk.CenteredTransformInitializerFilter.MOMENTS)
+    except RuntimeError as exc:
+        raise InputError(f"affine pre-alignment: cannot find the centres of mass ({exc}); are the images empty?") from exc
+    if mode is AffineMode.CENTER:
+        return sitk_to_ras_matrix(_as_affine(init, nd), nd)
+
+    def run(transform, scales_shift: float, its: int):
+        reg = sitk.ImageRegistrationMethod()
+        reg.SetMetricAsMattesMutualInformation(32)
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentage(0.25, seed)
+        reg.SetInterpolator(sitk.sitkLinear)
+        reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=its,
+                                                     relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
+        reg.SetOptimizerScalesFromPhysicalShift()
+        reg.SetShrinkFactorsPerLevel([2, 1])
+        reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
+        reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+        reg.SetInitialTransform(transform, inPlace=False)
+        if reporter is not None:
+            reg.AddCommand(sitk.sitkIterationEvent, lambda: reporter.check())
+        try:
+            return reg.Execute(f_img, m_img)
+        except RuntimeError as exc:
+            raise InputError(
+                f"affine pre-alignment failed: {str(exc).splitlines()[-1][:200]}; the images may not overlap "
+                "or be nearly constant. Try --affine center or none"
+            ) from exc
+
+    rigid = _unwrap(run(init, 1.0, iterations))
+    affine = _as_affine(rigid, nd)
+    final = _unwrap(run(affine, 1.0, iterations))
+    matrix = sitk_to_ras_matrix(_as_affine(final, nd), nd)
+    if not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix[:nd, :nd])) < 0.2:
+        raise InputError("affine pre-alignment diverged (degenerate matrix); try --affine center or none")
+    return matrix
+
+
+def _unwrap(tx):
+    sitk = _sitk()
+    tx = tx.Downcast() if hasattr(tx, "Downcast") else tx
+    while isinstance(tx, sitk.CompositeTransform) and tx.GetNumberOfTransforms() == 1:
+        tx = tx.GetNthTransform(0).Downcast()
+    return tx
+
+
+def _as_affine(tx, nd: int):
+    sitk = _sitk()
+    out = sitk.AffineTransform(nd)
+    out.SetMatrix(tx.GetMatrix())
+    out.SetCenter(tx.GetCenter())
+    out.SetTranslation(tx.GetTranslation())
+    return out

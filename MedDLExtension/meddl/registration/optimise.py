@@ -1,0 +1,209 @@
+"""Test-time instance optimisation of a stationary velocity field (Adam, coarse to fine).
+
+Learn2Reg-winner style (ConvexAdam; SCIENCE.md "Instance optimisation"): for the given pair,
+minimise ``similarity(moving o exp(v), fixed) + lambda * diffusion(exp(v))`` over ``v`` with
+Adam, on a pyramid of working grids, starting from the network's prediction (or from zero),
+stopping a level when the loss stops improving.
+
+Grids here are ``(affine, shape)`` pairs built by :func:`make_grid` over the fixed image's field
+of view, along its axes; tensors are ``(1, C, *shape)`` and velocities are in voxels of their grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..volume import Volume, affine_from_geometry, geometry_from_affine
+from .svf import diffusion, identity_grid, integrate, mm_to_voxel, sample, voxel_to_mm, warp
+
+__all__ = ["Grid", "make_grid", "to_grid", "regrid_field", "optimise_velocity", "LevelReport"]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A working grid: 4x4 voxel-to-RAS ``affine`` and spatial ``shape``."""
+
+    affine: np.ndarray
+    shape: tuple[int, ...]
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return geometry_from_affine(self.affine)[0][: len(self.shape)]
+
+
+def make_grid(fixed: Volume, spacing_mm: float, divisor: int = 1, max_size: int = 192) -> Grid:
+    """An isotropic grid along the fixed image's axes covering its field of view.
+
+    The spacing is never finer than the fixed image's finest spacing, and grows when an axis
+    would exceed ``max_size`` voxels; every size is a multiple of ``divisor`` (the box is
+    centred on the fixed image's).
+    """
+    nd = fixed.ndim
+    spacing, _, direction = geometry_from_affine(fixed.affine)
+    extent = np.array(fixed.spatial_shape, dtype=np.float64) * spacing[:nd]
+    s = max(float(spacing_mm), float(spacing[:nd].min()))
+    s = max(s, float(extent.max()) / max_size)
+    shape = tuple(int(max(divisor, math.ceil(e / s / divisor) * divisor)) for e in extent)
+    while max(shape) > max_size + divisor:
+        s *= 1.05
+        shape = tuple(int(max(divisor, math.ceil(e / s / divisor) * divisor)) for e in extent)
+    centre = fixed.index_to_physical((np.array(fixed.spatial_shape, dtype=np.float64) - 1) / 2)
+    d = direction[:nd, :nd]
+    origin = centre[:nd] - d @ (s * (np.array(shape) - 1) / 2.0)
+    affine = affine_from_geometry([s] * nd, origin, d)
+    if nd == 2:
+        affine[2, 3] = fixed.affine[2, 3]
+    return Grid(affine, shape)
+
+
+def _mapping(src_affine: np.ndarray, dst: Grid, matrix: np.ndarray | None, device, dtype) -> torch.Tensor:
+    """Source voxel coordinates ``(1, nd, *dst.shape)`` of the destination voxels (through ``matrix``)."""
+    nd = len(dst.shape)
+    m = np.eye(4) if matrix is None else np.asarray(matrix, dtype=np.float64)
+    t = np.linalg.inv(src_affine) @ m @ dst.affine
+    lin = torch.as_tensor(t[:nd, :nd], dtype=dtype, device=device)
+    off = torch.as_tensor(t[:nd, 3], dtype=dtype, device=device).view(1, nd, *([1] * nd))
+    return torch.einsum("cd,nd...->nc...", lin, identity_grid(dst.shape, device, dtype)) + off
+
+
+def _blur_axes(x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
+    nd = x.dim() - 2
+    conv = F.conv3d if nd == 3 else F.conv2d
+    for d, sigma in enumerate(sigmas):
+        if sigma <= 0.1:
+            continue
+        radius = max(1, int(math.ceil(2.5 * sigma)))
+        t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+        k = torch.exp(-0.5 * (t / sigma) ** 2)
+        k = k / k.sum()
+        shape = [1] * nd
+        shape[d] = k.numel()
+        pad = [0, 0] * nd
+        pad[2 * (nd - 1 - d)] = radius
+        pad[2 * (nd - 1 - d) + 1] = radius
+        x = conv(F.pad(x, pad, mode="replicate"), k.view(1, 1, *shape).repeat(x.shape[1], 1, *([1] * nd)),
+                 groups=x.shape[1])
+    return x
+
+
+def to_grid(data: torch.Tensor, src_affine: np.ndarray, dst: Grid, matrix: np.ndarray | None = None,
+            mode: str = "bilinear", antialias: bool = True) -> torch.Tensor:
+    """Resample ``data`` ``(1, C, *S_src)`` on grid ``dst``: ``out(x) = data(matrix @ x)`` (RAS points).
+
+    With ``antialias``, the source is Gaussian-smoothed first where it is finer than ``dst``.
+    Points outside the source read 0.
+    """
+    nd = len(dst.shape)
+    if antialias and mode != "nearest":
+        src_spacing = geometry_from_affine(src_affine)[0][:nd]
+        ratio = float(dst.spacing.mean()) / src_spacing
+        sigmas = [0.5 * math.sqrt(max(r * r - 1.0, 0.0)) for r in ratio]
+        data = _blur_axes(data, sigmas)
+    coords = _mapping(src_affine, dst, matrix, data.device, data.dtype)
+    return sample(data, coords, mode=mode, padding_mode="zeros")
+
+
+def regrid_field(u: torch.Tensor, src: Grid, dst: Grid) -> torch.Tensor:
+    """A voxel displacement/velocity ``(1, nd, *src.shape)`` resampled on ``dst`` (via mm, border padding)."""
+    mm = voxel_to_mm(u, src.affine)
+    coords = _mapping(src.affine, dst, None, u.device, u.dtype)
+    return mm_to_voxel(sample(mm, coords, padding_mode="border"), dst.affine)
+
+
+@dataclass
+class LevelReport:
+    """What one pyramid level did."""
+
+    spacing_mm: float
+    shape: tuple[int, ...]
+    iterations: int
+    loss_start: float
+    loss_end: float
+    converged: bool
+    history: list[float] = field(default_factory=list)
+
+
+def optimise_velocity(
+    fixed: torch.Tensor,
+    fixed_affine: np.ndarray,
+    moving: torch.Tensor,
+    moving_affine: np.ndarray,
+    matrix: np.ndarray,
+    grids: list[tuple[Grid, Grid]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    init: tuple[torch.Tensor, Grid] | None = None,
+    lam: float = 1.0,
+    iterations: int = 100,
+    lr: float = 0.1,
+    tolerance: float = 1e-4,
+    steps: int = 7,
+    reporter=None,
+) -> tuple[torch.Tensor, Grid, list[LevelReport]]:
+    """Optimise ``v`` on each grid in turn (coarse to fine).
+
+    Args:
+        fixed, moving: ``(1, 1, *S)`` images on their own grids (``fixed_affine``/``moving_affine``),
+            intensities scaled to about [0, 1].
+        matrix: 4x4 RAS affine pre-alignment (fixed point -> moving point).
+        grids: ``(image grid, velocity grid)`` per level, coarse to fine. The velocity lives on the
+            (coarser) velocity grid, is integrated there and its displacement resampled on the
+            image grid (a cheap, smooth parameterisation).
+        loss_fn: similarity loss ``(warped, fixed) -> scalar`` to minimise.
+        init: a starting velocity and its grid (the network's), else zero.
+        lam: weight of the diffusion regulariser on ``exp(v)`` (voxel units: dimensionless).
+        iterations: at most this many Adam steps per level.
+        lr: Adam step (voxels).
+        tolerance: a level stops when the loss improved by less than this (relative) over 10 steps.
+
+    Returns:
+        ``(v, grid, reports)``: the final velocity ``(1, nd, *grid.shape)`` in voxels of ``grid``
+        (the last velocity grid).
+    """
+    v_prev, g_prev = init if init is not None else (None, None)
+    reports: list[LevelReport] = []
+    total = max(1, len(grids) * iterations)
+    done = 0
+    for grid, vgrid in grids:
+        f = to_grid(fixed, fixed_affine, grid)
+        m = to_grid(moving, moving_affine, grid, matrix)
+        nd = len(grid.shape)
+        if v_prev is None:
+            v0 = torch.zeros((1, nd, *vgrid.shape), dtype=f.dtype, device=f.device)
+        else:
+            v0 = regrid_field(v_prev, g_prev, vgrid)
+        v = v0.clone().requires_grad_(True)
+        opt = torch.optim.Adam([v], lr=lr)
+        history: list[float] = []
+        converged = False
+        best = (math.inf, v0)
+        for it in range(iterations):
+            u_v = integrate(v, steps)
+            u = regrid_field(u_v, vgrid, grid)
+            loss = loss_fn(warp(m, u), f) + lam * diffusion(u_v)
+            value = float(loss.detach())
+            history.append(value)
+            if value < best[0]:  # the loss belongs to v before this step
+                best = (value, v.detach().clone())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done += 1
+            if reporter is not None:
+                reporter(done / total, f"optimising at {grid.spacing[0]:.1f} mm")
+            if it >= 20:
+                ref = history[-11]
+                if (ref - value) <= tolerance * max(abs(ref), 1e-8):
+                    converged = True
+                    break
+        done = (len(reports) + 1) * iterations
+        reports.append(LevelReport(float(grid.spacing[0]), tuple(grid.shape), len(history),
+                                   history[0] if history else math.nan, history[-1] if history else math.nan,
+                                   converged, history[:: max(1, len(history) // 20)]))
+        v_prev, g_prev = best[1], vgrid
+    return v_prev, g_prev, reports

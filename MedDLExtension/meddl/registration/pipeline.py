@@ -1,0 +1,388 @@
+"""The full registration pipeline behind :func:`meddl.registration.register`.
+
+fixed + moving (any grids, sizes and spacings) -> affine pre-alignment -> network velocity on a
+3 mm grid -> instance optimisation on a pyramid -> displacement on the fixed grid (RAS mm,
+resampling convention) -> warped image, Jacobian determinant, inverse, warped labels, summary.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..progress import CancelToken, ProgressCallback, Reporter
+from ..volume import Kind, Volume, require
+from .affine import AffineMode, overlap_fraction, prealign
+from .optimise import Grid, LevelReport, make_grid, optimise_velocity, regrid_field, to_grid
+from .similarity import DeepSimLoss, Similarity, lncc_loss, mi_loss
+from .svf import identity_grid, integrate, sample, voxel_to_mm
+
+__all__ = ["Method", "RegistrationConfig", "RegistrationResult", "register", "REGISTRATION_MODEL", "DEEPSIM_MODEL"]
+
+REGISTRATION_MODEL = "registration_synthmorph"
+DEEPSIM_MODEL = "registration_deepsim_seg"
+
+
+class Method(str, enum.Enum):
+    """Which stages produce the deformable field."""
+
+    NETWORK_OPTIMISATION = "network+optimisation"  #: network prediction refined by instance optimisation
+    NETWORK = "network"  #: one network pass (fastest)
+    OPTIMISATION = "optimisation"  #: instance optimisation from a zero field
+
+
+@dataclass(frozen=True)
+class RegistrationConfig:
+    """Everything that controls :func:`register` (CLI flags mirror the fields in kebab-case).
+
+    Attributes:
+        method: network+optimisation (default), network or optimisation.
+        similarity: lncc (same contrast), mi (across contrasts) or deepsim (semantic features).
+        affine: pre-alignment: affine (default), center (centre of mass) or none (trust headers).
+        iterations: most Adam steps per pyramid level of instance optimisation.
+        levels_mm: working-grid spacings of instance optimisation, coarse to fine.
+        regularisation: weight of the diffusion regulariser during optimisation.
+        learning_rate: Adam step in voxels of each level's grid.
+        tolerance: relative loss improvement over 10 steps below which a level stops.
+        steps: scaling-and-squaring steps.
+        velocity_factor: the velocity of each level lives on a grid this much coarser than its
+            image grid (smooth and cheap; 1 = same grid).
+        network_spacing_mm: grid spacing the network runs at (its training resolution).
+        max_grid: most voxels along an axis of any working grid (coarser spacing beyond).
+        max_voxels: largest fixed grid answered at full resolution; beyond, an error says how
+            much memory it would need.
+        inverse: also compute the inverse transform (on the moving grid).
+        weights: registration-network weights file (default: the bundled model).
+        deepsim_weights: DeepSim feature-extractor weights (default: the bundled model).
+        device: torch device string ("cpu", "cuda", ...).
+        seed: seeds the affine metric sampling (reproducible runs).
+    """
+
+    method: Method = Method.NETWORK_OPTIMISATION
+    similarity: Similarity = Similarity.LNCC
+    affine: AffineMode = AffineMode.AFFINE
+    iterations: int = 80
+    levels_mm: tuple[float, ...] = (4.0, 2.5)
+    regularisation: float = 1.0
+    learning_rate: float = 0.1
+    tolerance: float = 1e-3
+    steps: int = 7
+    velocity_factor: float = 2.0
+    network_spacing_mm: float = 4.0
+    max_grid: int = 128
+    max_voxels: int = 64 * 1024 * 1024
+    inverse: bool = True
+    weights: str | None = None
+    deepsim_weights: str | None = None
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, enum_cls in (("method", Method), ("similarity", Similarity), ("affine", AffineMode)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, enum_cls(value))
+            except ValueError:
+                choices = ", ".join(e.value for e in enum_cls)
+                raise InputError(f"registration {name}: expected one of {choices}, got {value!r}") from None
+        if not isinstance(self.iterations, int) or self.iterations < 0:
+            raise InputError(f"registration iterations: expected an integer >= 0, got {self.iterations!r}")
+        levels = tuple(float(x) for x in self.levels_mm)
+        if not levels or any(not math.isfinite(x) or x <= 0 for x in levels):
+            raise InputError(f"registration levels_mm: expected positive spacings, got {self.levels_mm!r}")
+        object.__setattr__(self, "levels_mm", levels)
+        if not self.velocity_factor >= 1:
+            raise InputError(f"registration velocity_factor: expected >= 1, got {self.velocity_factor!r}")
+        for name in ("regularisation", "learning_rate", "tolerance"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise InputError(f"registration {name}: expected a finite number >= 0, got {value!r}")
+        if not 0 <= int(self.steps) <= 12:
+            raise InputError(f"registration steps: expected 0..12 scaling-and-squaring steps, got {self.steps}")
+        if self.max_grid < 16 or self.max_voxels < 1:
+            raise InputError("registration max_grid/max_voxels: expected max_grid >= 16 and max_voxels >= 1")
+
+
+@dataclass
+class RegistrationResult:
+    """What :func:`register` returns; every volume is on the fixed grid unless said otherwise.
+
+    Attributes:
+        warped: the moving image resampled onto the fixed grid ``(1, *fixed.spatial_shape)``.
+        displacement: kind displacement ``(ndim, *fixed.spatial_shape)``, RAS mm, resampling
+            convention (fixed point ``p`` -> ``p + u(p)`` in the moving image), affine included.
+        jacobian: ``det(I + du/dx)`` ``(1, *fixed.spatial_shape)``; ``<= 0`` is folding.
+        inverse: displacement on the moving grid mapping moving points to fixed ones (or None).
+        warped_labels: moving labels resampled nearest-neighbour onto the fixed grid (or None).
+        affine_matrix: 4x4 RAS pre-alignment (fixed point -> moving point).
+        summary: facts for the summary line: folding_percent, sdlogj, seconds, device, ...
+    """
+
+    warped: Volume
+    displacement: Volume
+    jacobian: Volume
+    inverse: Volume | None
+    warped_labels: Volume | None
+    affine_matrix: np.ndarray
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# -- input checks -------------------------------------------------------------------------------
+
+
+def _normalise(vol: Volume) -> np.ndarray:
+    """Intensities to [0, 1] by the 0.5 / 99.5 percentiles (contrast- and scanner-agnostic)."""
+    arr = vol.numpy()[0].astype(np.float32)
+    flat = arr.ravel()[:: max(1, arr.size // 2_000_000)]
+    lo, hi = (float(x) for x in np.percentile(flat, [0.5, 99.5]))
+    if hi - lo <= 1e-12 * max(abs(hi), 1.0):
+        lo, hi = float(arr.min()), float(arr.max())
+    return np.clip((arr - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+
+
+def _check_inputs(fixed: Volume, moving: Volume, labels: Volume | None, config: RegistrationConfig) -> None:
+    for role, vol in (("fixed image", fixed), ("moving image", moving)):
+        if not isinstance(vol, Volume):
+            raise InputError(f"{role}: expected a meddl Volume, got {type(vol).__name__}")
+        require(vol, role, ndim=(2, 3), scalar=True)
+        if vol.kind not in (Kind.INTENSITY, Kind.LABEL):
+            raise InputError(f"{role}: expected an intensity image, got a {vol.kind.value} volume")
+        arr = vol.numpy()
+        if arr.size == 0 or min(vol.spatial_shape) < 4:
+            raise InputError(f"{role}: expected at least 4 voxels along every axis, got shape {vol.spatial_shape}")
+        if float(arr.max()) == float(arr.min()):
+            raise InputError(f"{role}: the image is constant ({float(arr.min()):g} everywhere); nothing to register")
+    if fixed.ndim != moving.ndim:
+        raise InputError(f"moving image: expected {fixed.ndim}D like the fixed image, got {moving.ndim}D")
+    n = int(np.prod(fixed.spatial_shape))
+    if n > config.max_voxels:
+        need = n * 4 * 3 * 6 / 2**30
+        raise InputError(
+            f"fixed image: {n / 1e6:.0f} M voxels {fixed.spatial_shape} is above the limit of "
+            f"{config.max_voxels / 1e6:.0f} M (the full-resolution outputs would need about {need:.1f} GiB); "
+            "resample it to a coarser grid first or raise max_voxels"
+        )
+    if labels is not None:
+        if not isinstance(labels, Volume):
+            raise InputError(f"moving labels: expected a meddl Volume, got {type(labels).__name__}")
+        if labels.ndim != moving.ndim or labels.channels != 1:
+            raise InputError(
+                f"moving labels: expected a single-channel {moving.ndim}D label map, got {labels.ndim}D with "
+                f"{labels.channels} channel(s)"
+            )
+        if not labels.same_grid(moving, atol=1e-3):
+            raise InputError(
+                f"moving labels: expected the moving image's grid {moving.spatial_shape}, got "
+                f"{labels.spatial_shape} on another grid; resample the labels onto the moving image first"
+            )
+        arr = labels.numpy()
+        if np.issubdtype(arr.dtype, np.floating) and not np.all(np.equal(np.mod(arr, 1), 0)):
+            raise InputError("moving labels: expected integer label values, got fractional values")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _similarity(config: RegistrationConfig, device) -> Any:
+    if config.similarity is Similarity.LNCC:
+        return lambda w, f: lncc_loss(w, f, radius=2)
+    if config.similarity is Similarity.MI:
+        return lambda w, f: mi_loss(w, f)
+    from ..models import load_model
+
+    net, _ = load_model(DEEPSIM_MODEL, config.deepsim_weights, device=device)
+    return DeepSimLoss(net)
+
+
+def _fixed_points_field(u_vox: torch.Tensor, grid: Grid, target: Volume, matrix: np.ndarray | None,
+                        inverse: bool = False) -> np.ndarray:
+    """Total displacement (RAS mm) on ``target``'s grid, chunked along the first axis.
+
+    Forward (on the fixed grid): ``d(p) = M (p + u(p)) - p``.
+    Inverse (on the moving grid): ``d(m) = q + u(q) - m`` with ``q = M^-1 m`` and ``u = exp(-v)``.
+    """
+    nd = len(grid.shape)
+    u_mm = voxel_to_mm(u_vox, grid.affine)
+    m = np.eye(4) if matrix is None else np.asarray(matrix, dtype=np.float64)
+    minv = np.linalg.inv(m)
+    shape = target.spatial_shape
+    out = np.empty((nd, *shape), dtype=np.float32)
+    g_inv = np.linalg.inv(grid.affine)
+    per_slice = int(np.prod(shape[1:]))
+    step = max(1, (1 << 21) // max(per_slice, 1))
+    dtype = u_vox.dtype
+    for start in range(0, shape[0], step):
+        stop = min(start + step, shape[0])
+        idx = identity_grid((stop - start, *shape[1:]), u_vox.device, torch.float64)
+        idx[:, 0] += start
+        a = torch.as_tensor(target.affine, dtype=torch.float64, device=u_vox.device)
+        p = torch.einsum("cd,nd...->nc...", a[:nd, :nd], idx) + a[:nd, 3].view(1, nd, *([1] * nd))
+        if inverse:
+            mi = torch.as_tensor(minv, dtype=torch.float64, device=u_vox.device)
+            q = torch.einsum("cd,nd...->nc...", mi[:nd, :nd], p) + mi[:nd, 3].view(1, nd, *([1] * nd))
+        else:
+            q = p
+        gi = torch.as_tensor(g_inv, dtype=torch.float64, device=u_vox.device)
+        coords = torch.einsum("cd,nd...->nc...", gi[:nd, :nd], q) + gi[:nd, 3].view(1, nd, *([1] * nd))
+        u = sample(u_mm, coords.to(dtype), padding_mode="border").double()
+        if inverse:
+            d = q + u - p
+        else:
+            mm = torch.as_tensor(m, dtype=torch.float64, device=u_vox.device)
+            r = q + u
+            d = torch.einsum("cd,nd...->nc...", mm[:nd, :nd], r) + mm[:nd, 3].view(1, nd, *([1] * nd)) - p
+        out[:, start:stop] = d[0].float().cpu().numpy()
+    return out
+
+
+def _network_velocity(fixed_t, fixed_aff, moving_t, moving_aff, matrix, fixed: Volume, config, device,
+                      reporter) -> tuple[torch.Tensor, Grid, dict]:
+    from ..models import load_model
+
+    net, card = load_model(REGISTRATION_MODEL, config.weights, device=device)
+    spacing = float(card.extra.get("spacing_mm", config.network_spacing_mm))
+    grid = make_grid(fixed, spacing, divisor=net.divisor, max_size=config.max_grid)
+    f = to_grid(fixed_t, fixed_aff, grid)
+    m = to_grid(moving_t, moving_aff, grid, matrix)
+    reporter(0.5, "network")
+    with torch.no_grad():
+        v = net(f, m)
+    return v, grid, {"network": card.name, "network_step": card.metrics.get("step")}
+
+
+# -- the pipeline -------------------------------------------------------------------------------
+
+
+def register(
+    fixed: Volume,
+    moving: Volume,
+    config: RegistrationConfig | None = None,
+    progress: ProgressCallback | Reporter | None = None,
+    cancel: CancelToken | None = None,
+    moving_labels: Volume | None = None,
+) -> RegistrationResult:
+    """Deformable, diffeomorphic registration of ``moving`` onto ``fixed``.
+
+    Args:
+        fixed: scalar image ``(1, I, J[, K])``; the answer lives on its grid.
+        moving: scalar image of the same dimension, any grid, size and spacing.
+        config: :class:`RegistrationConfig` (defaults: network + optimisation, LNCC).
+        progress: callback ``(fraction, message)`` or a :class:`~meddl.progress.Reporter`.
+        cancel: token; a cancel stops at the next step with :class:`~meddl.errors.Cancelled`.
+        moving_labels: a label map on the moving grid, warped nearest-neighbour.
+
+    Returns:
+        :class:`RegistrationResult` (warped image, displacement, Jacobian, inverse, labels, summary).
+
+    2D pairs run instance optimisation only (the network is 3D): ``network`` is refused and
+    ``network+optimisation`` runs as ``optimisation`` (noted in the summary). Images whose fields
+    of view do not overlap are brought together by their centres of mass (affine modes other
+    than ``none``); with ``none`` they are refused.
+    """
+    from .. import transforms
+
+    config = config or RegistrationConfig()
+    rep = Reporter.of(progress, cancel)
+    started = time.perf_counter()
+    _check_inputs(fixed, moving, moving_labels, config)
+    device = torch.device(config.device)
+    nd = fixed.ndim
+    method = config.method
+    notes: list[str] = []
+    if nd == 2 and method is not Method.OPTIMISATION:
+        if method is Method.NETWORK:
+            raise InputError("method network: the registration network is 3D; use --method optimisation for 2D images")
+        method = Method.OPTIMISATION
+        notes.append("2D pair: the 3D network was skipped (optimisation only)")
+    if config.affine is AffineMode.NONE and overlap_fraction(fixed, moving) <= 0.0:
+        raise InputError(
+            "fixed and moving images: their fields of view do not overlap in physical space; "
+            "use --affine center or affine to bring them together"
+        )
+
+    rep(0.0, "affine pre-alignment")
+    timings: dict[str, float] = {}
+    tick = time.perf_counter()
+    matrix = prealign(fixed, moving, config.affine, seed=config.seed, reporter=rep)
+    timings["affine"] = time.perf_counter() - tick
+    rep(0.15, "preparing")
+    fixed_t = torch.from_numpy(_normalise(fixed))[None, None].to(device)
+    moving_t = torch.from_numpy(_normalise(moving))[None, None].to(device)
+
+    facts: dict[str, Any] = {}
+    v, grid = None, None
+    tick = time.perf_counter()
+    if method in (Method.NETWORK, Method.NETWORK_OPTIMISATION):
+        v, grid, net_facts = _network_velocity(fixed_t, fixed.affine, moving_t, moving.affine, matrix, fixed,
+                                               config, device, rep.stage(0.15, 0.25))
+        facts.update(net_facts)
+        timings["network"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    reports: list[LevelReport] = []
+    if method in (Method.OPTIMISATION, Method.NETWORK_OPTIMISATION) and config.iterations > 0:
+        grids = [(make_grid(fixed, s, max_size=config.max_grid),
+                  make_grid(fixed, s * config.velocity_factor, max_size=config.max_grid)) for s in config.levels_mm]
+        loss_fn = _similarity(config, device)
+        with torch.enable_grad():
+            v, grid, reports = optimise_velocity(
+                fixed_t, fixed.affine, moving_t, moving.affine, matrix, grids, loss_fn,
+                init=(v, grid) if v is not None else None, lam=config.regularisation,
+                iterations=config.iterations, lr=config.learning_rate, tolerance=config.tolerance,
+                steps=config.steps, reporter=rep.stage(0.25, 0.8))
+        timings["optimisation"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    if v is None:  # optimisation with 0 iterations: identity deformable part
+        grid = make_grid(fixed, config.levels_mm[-1], max_size=config.max_grid)
+        v = torch.zeros((1, nd, *grid.shape), device=device)
+
+    rep(0.8, "full-resolution field")
+    with torch.no_grad():
+        u = integrate(v.detach(), config.steps)
+        field_np = _fixed_points_field(u, grid, fixed, matrix)
+        displacement = Volume(field_np, fixed.affine, Kind.DISPLACEMENT, {"description": "meddl registration"})
+        inverse = None
+        if config.inverse:
+            u_inv = integrate(-v.detach(), config.steps)
+            inv_np = _fixed_points_field(u_inv, grid, moving, matrix, inverse=True)
+            inverse = Volume(inv_np, moving.affine, Kind.DISPLACEMENT, {"description": "meddl registration inverse"})
+    rep(0.88, "warping")
+    warped = transforms.warp(moving, displacement, "linear")
+    warped_labels = None
+    if moving_labels is not None:
+        warped_labels = transforms.warp(moving_labels.with_data(moving_labels.numpy(), kind=Kind.LABEL),
+                                        displacement, "nearest")
+    rep(0.95, "Jacobian")
+    jac = transforms.jacobian_determinant(displacement)
+    j = jac.numpy()[0]
+    folding = float((j <= 0).mean() * 100)
+    positive = j[j > 0]
+    sdlogj = float(np.log(positive).std()) if positive.size else math.nan
+    seconds = time.perf_counter() - started
+    timings["outputs"] = time.perf_counter() - tick
+    summary = {
+        "method": method.value,
+        "similarity": config.similarity.value if method is not Method.NETWORK else None,
+        "affine": config.affine.value,
+        "folding_percent": round(folding, 4),
+        "sdlogj": round(sdlogj, 4),
+        "seconds": round(seconds, 2),
+        "device": str(device),
+        "grid_mm": round(float(grid.spacing[0]), 3),
+        "stage_seconds": {k: round(t, 2) for k, t in timings.items()},
+        "levels": [{"spacing_mm": round(r.spacing_mm, 3), "shape": list(r.shape), "iterations": r.iterations,
+                    "loss_start": round(r.loss_start, 5), "loss_end": round(r.loss_end, 5), "converged": r.converged}
+                   for r in reports],
+        **facts,
+    }
+    if notes:
+        summary["notes"] = notes
+    rep(1.0, "done")
+    return RegistrationResult(warped, displacement, jac, inverse, warped_labels, matrix, summary)
+

@@ -1,0 +1,123 @@
+"""Image similarity losses for instance optimisation: local NCC, mutual information, DeepSim.
+
+Each ``loss(warped, fixed)`` takes ``(N, 1, *S)`` tensors (intensities scaled to about [0, 1])
+and returns a scalar to *minimise* (the negated similarity), so all three plug into the same
+optimiser (:mod:`meddl.registration.optimise`).
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Similarity", "lncc_loss", "mi_loss", "DeepSimLoss"]
+
+
+class Similarity(str, enum.Enum):
+    """Which image similarity drives instance optimisation."""
+
+    LNCC = "lncc"  #: local normalised cross-correlation (same contrast)
+    MI = "mi"  #: Parzen-window mutual information (across contrasts)
+    DEEPSIM = "deepsim"  #: cosine similarity of frozen segmentation features (Czolbe et al.)
+
+
+def _box(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Mean over a ``(2r+1)^nd`` window (zero padding, divided by the window size), separably."""
+    nd = x.dim() - 2
+    k = 2 * radius + 1
+    pool = F.avg_pool3d if nd == 3 else F.avg_pool2d
+    for d in range(nd):
+        size = [1] * nd
+        size[d] = k
+        pad = [0] * nd
+        pad[d] = radius
+        x = pool(x, tuple(size), stride=1, padding=tuple(pad), count_include_pad=True)
+    return x
+
+
+def lncc_loss(warped: torch.Tensor, fixed: torch.Tensor, radius: int = 2, eps: float | None = None) -> torch.Tensor:
+    """``-mean(cc)`` with the squared local correlation ``cc`` in a ``(2r+1)`` window (VoxelMorph's NCC).
+
+    Windows where the fixed image is nearly flat (local variance below 1 % of its mean) count as
+    0: a fixed ``eps`` in the denominator (VoxelMorph's ``1e-5``) would instead reward pulling
+    texture into them and bias an identical pair away from the identity. ``eps`` (default
+    ``1e-6 * mean variance^2``) only guards the division.
+    """
+    mu_w, mu_f = _box(warped, radius), _box(fixed, radius)
+    cross = _box(warped * fixed, radius) - mu_w * mu_f
+    var_w = (_box(warped * warped, radius) - mu_w * mu_w).clamp_min(0)
+    var_f = (_box(fixed * fixed, radius) - mu_f * mu_f).clamp_min(0)
+    mean_var = var_f.mean().detach()
+    if eps is None:
+        eps = float(1e-6 * mean_var**2) + 1e-20
+    textured = (var_f > 1e-2 * mean_var).to(warped.dtype)
+    cc = cross * cross / (var_w * var_f + eps) * textured
+    return -cc.mean()
+
+
+def mi_loss(warped: torch.Tensor, fixed: torch.Tensor, bins: int = 32, mask: torch.Tensor | None = None,
+            max_samples: int = 200_000) -> torch.Tensor:
+    """``-MI`` from a joint histogram with Gaussian Parzen windows (differentiable), values in [0, 1].
+
+    Voxels are subsampled on a regular stride to at most ``max_samples`` for speed.
+    """
+    w = warped.reshape(-1)
+    f = fixed.reshape(-1)
+    if mask is not None:
+        keep = mask.reshape(-1) > 0
+        w, f = w[keep], f[keep]
+    stride = max(1, w.numel() // max_samples)
+    w, f = w[::stride].clamp(0, 1), f[::stride].clamp(0, 1)
+    centres = torch.linspace(0, 1, bins, device=w.device, dtype=w.dtype)
+    sigma = 1.0 / bins
+    pw = torch.exp(-0.5 * ((w[:, None] - centres[None]) / sigma) ** 2)
+    pf = torch.exp(-0.5 * ((f[:, None] - centres[None]) / sigma) ** 2)
+    pw = pw / pw.sum(1, keepdim=True).clamp_min(1e-12)
+    pf = pf / pf.sum(1, keepdim=True).clamp_min(1e-12)
+    joint = pw.T @ pf / w.numel()
+    marg_w = joint.sum(1, keepdim=True)
+    marg_f = joint.sum(0, keepdim=True)
+    mi = (joint * (torch.log(joint + 1e-12) - torch.log(marg_w @ marg_f + 1e-12))).sum()
+    return -mi
+
+
+class DeepSimLoss(torch.nn.Module):
+    """DeepSim (Czolbe et al. 2021): ``-(1/L) sum_l mean_voxels cos(F_l(warped), F_l(fixed))``.
+
+    ``F_l`` are the encoder levels of a frozen segmentation network (no mean-centring of the
+    feature vectors), so the similarity compares semantic features, not raw intensities.
+    The fixed image's features are computed once per resolution and cached.
+    """
+
+    def __init__(self, extractor: torch.nn.Module) -> None:
+        super().__init__()
+        self.extractor = extractor.eval()
+        for p in self.extractor.parameters():
+            p.requires_grad_(False)
+        self._cache: tuple[tuple, list[torch.Tensor]] | None = None
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        d = getattr(self.extractor, "divisor", 1)
+        nd = x.dim() - 2
+        pad = []
+        for n in reversed(x.shape[2:]):
+            extra = (-n) % d
+            pad += [0, extra]
+        return F.pad(x, pad[: 2 * nd], mode="replicate") if any(pad) else x
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.extractor.encode(self._pad(x))
+
+    def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        key = (fixed.data_ptr(), tuple(fixed.shape))
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, [f.detach() for f in self.features(fixed)])
+        feats_f = self._cache[1]
+        feats_w = self.features(warped)
+        total = warped.new_zeros(())
+        for a, b in zip(feats_w, feats_f):
+            total = total + F.cosine_similarity(a, b, dim=1, eps=1e-6).mean()
+        return -total / len(feats_f)

@@ -1,0 +1,69 @@
+"""``meddl register`` end to end (in process through ``main``), and its bad-input answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from meddl import io
+from meddl.cli import main
+from meddl.volume import Kind, Volume
+
+from test_registration_pipeline import phantom, shifted
+
+
+@pytest.fixture
+def pair(tmp_path):
+    img = phantom()
+    moving, _ = shifted(img, [2.0, -2.0, 1.0])
+    labels = Volume((moving.numpy() > 0.5).astype(np.int16), moving.affine, Kind.LABEL)
+    paths = {name: tmp_path / f"{name}.nii.gz" for name in ("fixed", "moving", "labels")}
+    io.write(img, paths["fixed"])
+    io.write(moving, paths["moving"])
+    io.write(labels, paths["labels"])
+    return paths
+
+
+def test_register_writes_every_output(pair, tmp_path, capsys):
+    out = {k: tmp_path / v for k, v in dict(warped="w.nii.gz", transform="t.h5", jacobian="j.nii.gz",
+                                            inverse="i.nrrd", labels="l.nii.gz").items()}
+    code = main(["register", str(pair["fixed"]), str(pair["moving"]), "-o", str(out["warped"]),
+                 "--transform", str(out["transform"]), "--jacobian", str(out["jacobian"]), "--inverse", str(out["inverse"]),
+                 "--moving-labels", str(pair["labels"]), "--labels-out", str(out["labels"]),
+                 "--method", "optimisation", "--affine", "none", "--iterations", "10", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert all(p.is_file() for p in out.values())
+    assert "folding=0.00%" in captured.out and "device=cpu" in captured.out
+    labels = io.read(out["labels"], kind="label")
+    assert set(np.unique(labels.numpy())) <= {0, 1}
+    from meddl.transforms import read_transform
+
+    field = read_transform(out["transform"])
+    assert field.same_grid(io.read(pair["fixed"]))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--moving-labels", "LABELS"], "go together"),
+    (["--transform", "t.xyz"], "unknown transform format"),
+    (["--iterations", "-3"], "iterations"),
+    (["--similarity", "ssd"], "invalid choice"),
+])
+def test_register_usage_errors_exit_2(pair, tmp_path, capsys, extra, message):
+    extra = [str(pair["labels"]) if e == "LABELS" else (str(tmp_path / e) if e.startswith("t.") else e) for e in extra]
+    code = main(["register", str(pair["fixed"]), str(pair["moving"]), "-o", str(tmp_path / "w.nii.gz"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and message in err
+
+
+def test_register_refuses_rgb_and_mixed_dimensions(pair, tmp_path, capsys):
+    img = io.read(pair["fixed"])
+    rgb = Volume(np.repeat((img.numpy() * 255).astype(np.uint8), 3, axis=0), img.affine)
+    io.write(rgb, tmp_path / "rgb.nrrd")
+    code = main(["register", str(pair["fixed"]), str(tmp_path / "rgb.nrrd"), "-o", str(tmp_path / "w.nii.gz")])
+    assert code == 2 and "scalar" in capsys.readouterr().err
+    flat = Volume(img.numpy()[:, :, :, 10], img.affine)
+    io.write(flat, tmp_path / "slice.nii.gz")
+    code = main(["register", str(pair["fixed"]), str(tmp_path / "slice.nii.gz"), "-o", str(tmp_path / "w.nii.gz")])
+    assert code == 2 and "expected 3D like the fixed image" in capsys.readouterr().err
+    code = main(["register", str(pair["fixed"]), str(pair["moving"]), "-o", str(pair["moving"])])
+    assert code == 2 and "also an input" in capsys.readouterr().err

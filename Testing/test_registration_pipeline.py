@@ -1,0 +1,216 @@
+"""register(): identity, known translations and warps, exported transforms, labels, inverse, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from meddl import io, transforms
+from meddl.errors import Cancelled, InputError
+from meddl.progress import CancelToken
+from meddl.registration import RegistrationConfig, register
+from meddl.registration.affine import prealign
+from meddl.registration.demo import synthetic_pair
+from meddl.volume import Kind, Volume, affine_from_geometry
+from scipy.ndimage import gaussian_filter
+from scipy.spatial.transform import Rotation
+
+FAST = dict(method="optimisation", affine="none", levels_mm=(3.0,), iterations=40, inverse=True)
+
+
+def phantom(nd: int = 3, seed: int = 0, oblique: bool = True) -> Volume:
+    """A textured head-like phantom: ellipsoids of different brightness in a dark background, 2 mm voxels."""
+    shape = (40, 36, 32) if nd == 3 else (64, 56)
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    r2 = sum(g**2 for g in grids)
+    img = np.where(r2 < 0.7, 0.4, 0.0)
+    for _ in range(6):
+        c = rng.uniform(-0.4, 0.4, nd)
+        rad = rng.uniform(0.12, 0.3)
+        img = np.where(sum((g - ci) ** 2 for g, ci in zip(grids, c)) < rad**2, rng.uniform(0.5, 1.0), img)
+    img = img + (r2 < 0.7) * gaussian_filter(rng.normal(size=shape), 1.5) * 0.3
+    img = gaussian_filter(img, 0.7).astype(np.float32)
+    if nd == 3:
+        rot = Rotation.from_euler("xyz", [10.0, -5.0, 15.0], degrees=True).as_matrix() if oblique else np.eye(3)
+        affine = affine_from_geometry([2.0, 2.0, 2.0], [-40.0, -36.0, -30.0], rot)
+    else:
+        affine = affine_from_geometry([2.0, 2.0], [-60.0, -50.0])
+    return Volume(img[None], affine, Kind.INTENSITY)
+
+
+def inside(vol: Volume, margin: int = 5) -> np.ndarray:
+    mask = np.zeros(vol.spatial_shape, bool)
+    mask[tuple(slice(margin, n - margin) for n in vol.spatial_shape)] = True
+    return mask & (vol.numpy()[0] > 0.2)
+
+
+def epe(a: Volume, b: Volume, mask: np.ndarray) -> float:
+    return float(np.linalg.norm(a.numpy() - b.numpy(), axis=0)[mask].mean())
+
+
+def shifted(vol: Volume, shift_mm) -> tuple[Volume, Volume]:
+    """``moving(x) = vol(x + t)``; the registration should answer ``-t`` everywhere."""
+    nd = vol.ndim
+    t = np.asarray(shift_mm, dtype=np.float64).reshape(nd, *([1] * nd))
+    field = Volume(np.broadcast_to(t, (nd, *vol.spatial_shape)).copy(), vol.affine, Kind.DISPLACEMENT)
+    truth = Volume(-field.numpy(), vol.affine, Kind.DISPLACEMENT)
+    return transforms.warp(vol, field), truth
+
+
+def test_identity_pair_gives_near_zero_field_and_unit_jacobian():
+    img = phantom()
+    result = register(img, img, RegistrationConfig(**FAST))
+    assert np.abs(result.displacement.numpy()).max() < 0.5  # mm, a quarter voxel
+    np.testing.assert_allclose(result.jacobian.numpy(), 1.0, atol=0.05)
+    assert result.summary["folding_percent"] == 0.0
+    assert result.displacement.same_grid(img) and result.warped.same_grid(img)
+    assert result.displacement.kind is Kind.DISPLACEMENT
+
+
+def test_known_translation_is_recovered_below_a_voxel():
+    img = phantom()
+    moving, truth = shifted(img, [3.0, -2.5, 2.0])
+    result = register(img, moving, RegistrationConfig(**FAST))
+    mask = inside(img)
+    assert epe(result.displacement, truth, mask) < 1.0  # mm; voxels are 2 mm
+    assert result.summary["folding_percent"] == 0.0
+
+
+def test_affine_prealignment_recovers_translation():
+    img = phantom()
+    moving, _ = shifted(img, [4.0, -3.0, 2.0])
+    matrix = prealign(img, moving, "affine")
+    np.testing.assert_allclose(matrix[:3, 3], [-4.0, 3.0, -2.0], atol=0.6)
+    np.testing.assert_allclose(matrix[:3, :3], np.eye(3), atol=0.03)
+
+
+@pytest.fixture(scope="module")
+def warped_case():
+    """One registration of a randomly warped phantom, shared by the tests that only read its outputs."""
+    img = phantom()
+    labels_arr = np.zeros(img.spatial_shape, np.int16)
+    labels_arr[img.numpy()[0] > 0.3] = 3
+    labels_arr[img.numpy()[0] > 0.6] = 7
+    labels_arr[:5] = 12
+    labels = Volume(labels_arr[None], img.affine, Kind.LABEL)
+    moving, moving_labels, truth = synthetic_pair(img, labels, seed=3, max_mm=4.0, smooth_mm=30.0)
+    result = register(img, moving, RegistrationConfig(**FAST), moving_labels=moving_labels)
+    return img, moving, truth, result
+
+
+def test_smooth_warp_is_recovered_with_small_endpoint_error(warped_case):
+    img, _, truth, result = warped_case
+    mask = inside(img)
+    before = float(np.linalg.norm(truth.numpy(), axis=0)[mask].mean())
+    after = epe(result.displacement, truth, mask)
+    assert after < 1.0 and after < 0.5 * before, (before, after)
+    assert result.summary["folding_percent"] == 0.0
+
+
+def test_exported_transform_resamples_in_simpleitk_like_our_warp(warped_case, tmp_path):
+    img, moving, _, result = warped_case
+    fixed_itk = io.to_sitk(img)
+    moving_itk = io.to_sitk(moving)
+    for name in ("t.h5", "t.nii.gz", "t.nrrd"):
+        path = transforms.write_transform(result.displacement, tmp_path / name)
+        if name.endswith(".h5"):
+            tx = sitk.ReadTransform(str(path))
+        else:
+            tx = sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkVectorFloat64))
+        out = sitk.Resample(moving_itk, fixed_itk, tx, sitk.sitkLinear, 0.0)
+        np.testing.assert_allclose(io.from_sitk(out).numpy(), result.warped.numpy(), atol=1e-4)
+
+
+def test_inverse_maps_warped_points_back(warped_case):
+    img, moving, _, result = warped_case
+    assert result.inverse.same_grid(moving)  # the inverse lives on the moving grid
+    fwd = transforms.displacement_to_sitk_transform(result.displacement)
+    inv = transforms.displacement_to_sitk_transform(result.inverse)
+    rng = np.random.default_rng(0)
+    idx = np.argwhere(inside(img, margin=8))
+    errors = []
+    for i, j, k in idx[rng.choice(len(idx), 50, replace=False)]:
+        p_lps = img.index_to_physical(np.array([i, j, k], float)) * [-1, -1, 1]
+        q = np.array(inv.TransformPoint(fwd.TransformPoint(tuple(p_lps))))
+        errors.append(np.linalg.norm(q - p_lps))
+    assert np.mean(errors) < 0.5 and np.max(errors) < 1.5  # mm
+
+
+def test_labels_are_warped_nearest_neighbour_only(warped_case):
+    _, _, _, result = warped_case
+    out = result.warped_labels.numpy()
+    assert result.warped_labels.kind is Kind.LABEL
+    assert np.issubdtype(out.dtype, np.integer)
+    assert set(np.unique(out)) == {0, 3, 7, 12}
+
+
+def test_two_d_pair_runs_optimisation_and_refuses_the_network():
+    img = phantom(nd=2)
+    moving, truth = shifted(img, [3.0, -2.0])
+    result = register(img, moving, RegistrationConfig(**{**FAST, "method": "network+optimisation"}))
+    assert "2D" in " ".join(result.summary["notes"])
+    assert epe(result.displacement, truth, inside(img)) < 1.0
+    with pytest.raises(InputError, match="network is 3D"):
+        register(img, moving, RegistrationConfig(**{**FAST, "method": "network"}))
+
+
+def test_network_method_with_given_weights(tmp_path):
+    from meddl.models import save_model
+    from meddl.registration.network import VelocityNet
+
+    torch.manual_seed(0)
+    net = VelocityNet(3, (4, 8, 8, 8))
+    save_model(net, tmp_path, "tiny", {"spatial_dims": 3, "features": [4, 8, 8, 8], "steps": 7}, "none", "test", {},
+               spacing_mm=4.0)
+    img = phantom()
+    result = register(img, img, RegistrationConfig(method="network", affine="none", weights=str(tmp_path / "tiny.pt")))
+    assert result.summary["method"] == "network" and result.summary["network"] == "tiny"
+    assert np.abs(result.displacement.numpy()).max() < 0.1  # the head starts near zero
+    assert result.summary["folding_percent"] == 0.0
+
+
+def test_cancel_stops_with_cancelled():
+    token = CancelToken()
+    token.cancel()
+    img = phantom()
+    with pytest.raises(Cancelled):
+        register(img, img, RegistrationConfig(**FAST), cancel=token)
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+    img = phantom()
+    flat = img.with_data(np.full_like(img.numpy(), 5.0))
+    with pytest.raises(InputError, match="constant"):
+        register(img, flat, RegistrationConfig(**FAST))
+    with pytest.raises(InputError, match="expected 3D like the fixed image, got 2D"):
+        register(img, phantom(nd=2), RegistrationConfig(**FAST))
+    rgb = Volume(np.repeat(img.numpy(), 3, axis=0), img.affine)
+    with pytest.raises(InputError, match="scalar"):
+        register(img, rgb, RegistrationConfig(**FAST))
+    other_grid = Volume(np.zeros((1, 10, 10, 10), np.int16), np.eye(4), Kind.LABEL)
+    with pytest.raises(InputError, match="moving image's grid"):
+        register(img, img, RegistrationConfig(**FAST), moving_labels=other_grid)
+    with pytest.raises(InputError, match="above the limit"):
+        register(img, img, RegistrationConfig(**{**FAST, "max_voxels": 1000}))
+    far = Volume(img.numpy(), img.affine @ np.array([[1, 0, 0, 500.0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
+    with pytest.raises(InputError, match="do not overlap"):
+        register(img, far, RegistrationConfig(**FAST))
+    with pytest.raises(InputError, match="similarity"):
+        RegistrationConfig(similarity="ssd")
+    with pytest.raises(InputError, match="iterations"):
+        RegistrationConfig(iterations=-1)
+    with pytest.raises(InputError, match="NaN"):
+        register(img, img.with_data(np.where(img.numpy() > 0.9, np.nan, img.numpy())), RegistrationConfig(**FAST))
+
+
+def test_non_overlapping_images_are_brought_together_by_centre_of_mass():
+    img = phantom()
+    far = Volume(img.numpy(), img.affine @ np.array([[1, 0, 0, 300.0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
+    result = register(img, far, RegistrationConfig(**{**FAST, "affine": "center", "iterations": 10}))
+    corr = np.corrcoef(result.warped.numpy().ravel(), img.numpy().ravel())[0, 1]
+    assert corr > 0.95

@@ -1,0 +1,128 @@
+"""Velocity fields: scaling and squaring, torch warping against SimpleITK, Jacobian, similarities."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from meddl import transforms
+from meddl.registration.optimise import Grid, make_grid, regrid_field, to_grid
+from meddl.registration.similarity import DeepSimLoss, lncc_loss, mi_loss
+from meddl.registration.svf import (
+    compose,
+    identity_grid,
+    integrate,
+    jacobian_determinant,
+    mm_to_voxel,
+    voxel_to_mm,
+    warp,
+)
+from meddl.volume import Kind, Volume, affine_from_geometry
+from scipy.spatial.transform import Rotation
+
+
+def smooth_field(shape, amplitude, seed=0, nd=3):
+    g = torch.Generator().manual_seed(seed)
+    small = torch.randn((1, nd, *[4] * nd), generator=g)
+    mode = "trilinear" if nd == 3 else "bilinear"
+    u = torch.nn.functional.interpolate(small, size=shape, mode=mode, align_corners=True)
+    return u / u.abs().max() * amplitude
+
+
+def test_integrate_zero_is_identity():
+    v = torch.zeros(1, 3, 8, 9, 10)
+    assert torch.equal(integrate(v, 7), v)
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_integrate_small_field_matches_first_order(nd):
+    shape = (12, 14, 10)[:nd]
+    v = smooth_field(shape, 1.0, nd=nd)
+    for eps in (1e-2, 1e-3):
+        u = integrate(eps * v, 7)
+        # exp(eps v) = eps v + O(eps^2)
+        err = (u - eps * v).abs().max().item()
+        assert err < 5 * eps**2 + 1e-7
+
+
+def test_exp_of_minus_v_inverts_exp_v():
+    v = smooth_field((16, 16, 16), 1.0)
+    u, w = integrate(v, 7), integrate(-v, 7)
+    residual = compose(u, w)[:, :, 3:-3, 3:-3, 3:-3].abs()
+    assert residual.mean().item() < 0.01 and residual.max().item() < 0.15  # voxels, vs |v| up to 1
+    assert (jacobian_determinant(u) > 0).all()
+
+
+def test_warp_with_integer_shift_moves_voxels():
+    x = torch.arange(6 * 7 * 8, dtype=torch.float32).reshape(1, 1, 6, 7, 8)
+    u = torch.zeros(1, 3, 6, 7, 8)
+    u[:, 1] = 2.0  # sample two voxels further along j
+    out = warp(x, u)
+    assert torch.allclose(out[0, 0, :, :5], x[0, 0, :, 2:])
+    assert (out[0, 0, :, 5:] == 0).all()  # outside reads zero
+
+
+def test_torch_warp_matches_simpleitk_on_oblique_grid():
+    rot = Rotation.from_euler("xyz", [17.0, -11.0, 33.0], degrees=True).as_matrix()
+    affine = affine_from_geometry([0.7, 1.3, 2.5], [12.5, -30.25, 7.0], rot)
+    shape = (14, 12, 10)
+    rng = np.random.default_rng(0)
+    from scipy.ndimage import gaussian_filter
+
+    img = gaussian_filter(rng.normal(size=shape), 1.5).astype(np.float32)
+    u_vox = smooth_field(shape, 1.5, seed=3)
+    u_mm = voxel_to_mm(u_vox, affine)[0].numpy()
+    field = Volume(u_mm.astype(np.float64), affine, Kind.DISPLACEMENT)
+    reference = transforms.warp(Volume(img[None], affine), field).numpy()[0]
+    ours = warp(torch.from_numpy(img)[None, None], u_vox)[0, 0].numpy()
+    # compare where the sample lies well inside the image (borders differ: ITK vs zero padding)
+    pos = (identity_grid(shape) + u_vox)[0].numpy()
+    inside = np.all([(pos[d] > 0.1) & (pos[d] < shape[d] - 1.1) for d in range(3)], axis=0)
+    assert inside.sum() > 500
+    np.testing.assert_allclose(ours[inside], reference[inside], atol=1e-4)
+    back = mm_to_voxel(voxel_to_mm(u_vox, affine), affine)
+    assert torch.allclose(back, u_vox, atol=1e-5)
+
+
+def test_jacobian_matches_meddl_transforms():
+    affine = affine_from_geometry([2.0, 2.0, 2.0], [0.0, 0.0, 0.0])
+    u_vox = smooth_field((10, 11, 12), 2.0, seed=5)
+    ours = jacobian_determinant(u_vox)[0].numpy()
+    field = Volume(voxel_to_mm(u_vox, affine)[0].numpy(), affine, Kind.DISPLACEMENT)
+    ref = transforms.jacobian_determinant(field).numpy()[0]
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_grids_and_regrid_keep_physical_displacement():
+    rot = Rotation.from_euler("z", 20, degrees=True).as_matrix()
+    fixed = Volume(np.zeros((1, 30, 25, 20), np.float32), affine_from_geometry([1.0, 1.2, 2.0], [3, 4, 5], rot))
+    coarse = make_grid(fixed, 4.0, divisor=8)
+    fine = make_grid(fixed, 2.0)
+    assert all(n % 8 == 0 for n in coarse.shape)
+    np.testing.assert_allclose(coarse.spacing, [4.0, 4.0, 4.0])
+    # a constant displacement in mm stays the same constant on any grid
+    const = torch.tensor([3.0, -2.0, 1.0]).view(1, 3, 1, 1, 1).expand(1, 3, *coarse.shape)
+    v = mm_to_voxel(const.contiguous(), coarse.affine)
+    moved = voxel_to_mm(regrid_field(v, coarse, fine), fine.affine)
+    np.testing.assert_allclose(moved.numpy().reshape(3, -1).mean(1), [3.0, -2.0, 1.0], atol=1e-4)
+    # resampling an image onto its own grid is the identity
+    x = torch.rand(1, 1, *fine.shape)
+    assert torch.allclose(to_grid(x, fine.affine, Grid(fine.affine, fine.shape), antialias=False), x, atol=1e-5)
+
+
+def test_similarities_rank_aligned_pairs_best():
+    torch.manual_seed(0)
+    from meddl.registration.synth import gaussian_blur
+
+    x = gaussian_blur(torch.rand(1, 1, 24, 24, 24), 1.5)
+    x = (x - x.min()) / (x.max() - x.min())
+    shifted = torch.roll(x, 3, dims=2)
+    assert lncc_loss(x, x) < lncc_loss(shifted, x)
+    assert float(lncc_loss(x, x)) < -0.9  # squared correlation ~1 (eps keeps flat regions stable)
+    assert lncc_loss(0.5 * x + 0.2, x) < lncc_loss(shifted, x)  # intensity-scale invariant
+    assert mi_loss(1 - x, x) < mi_loss(shifted, x)  # MI works across inverted contrast
+    from meddl.registration.network import SegmentationNet
+
+    deepsim = DeepSimLoss(SegmentationNet(3, 4, (4, 8)))
+    assert float(deepsim(x, x)) == pytest.approx(-1.0, abs=1e-4)
+    assert float(deepsim(shifted, x)) > -1.0
