@@ -454,3 +454,22 @@ def test_job_is_picklable_for_the_workers(tmp_path):
     job = read_manifest(_write_csv(tmp_path / "m.csv", ["operation", "input", "output"],
                                    [["sleepcopy", "in00.txt", "o.txt"]])).jobs[0]
     assert isinstance(job, Job) and pickle.loads(pickle.dumps(job)) == job
+
+
+def test_a_rows_own_device_wins_over_the_batch_device(tmp_path):
+    _inputs(tmp_path, 2)
+    manifest = read_manifest(_write_jsonl(tmp_path / "m.jsonl", [
+        {"operation": "sleepcopy", "input": "in00.txt", "output": "a.txt", "device": "cpu"},
+        {"operation": "sleepcopy", "input": "in01.txt", "output": "b.txt"}]))
+    own, default = manifest.jobs
+    assert batch.parse_job(own, device="cuda:1").device == "cpu"
+    assert batch.parse_job(default, device="cuda:1").device == "cuda:1"
+    assert batch.parse_job(default, ["/x/b.txt"]).output == "/x/b.txt"
+
+
+def test_embedded_workers_share_the_cores_and_keep_glibc_memory_defaults():
+    env = batch.cluster_environment(3)
+    assert env["distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS"] == "3"
+    assert env["distributed.nanny.pre-spawn-environ.MKL_NUM_THREADS"] == "3"
+    assert env["distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"] is None
+    assert batch.compute_threads(64, 64) == 1

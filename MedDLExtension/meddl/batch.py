@@ -1008,15 +1008,23 @@ def compute_threads(n_workers: int, threads_per_worker: int) -> int:
     return max(1, (os.cpu_count() or 1) // (n_workers * threads_per_worker))
 
 
+def cluster_environment(threads: int) -> dict[str, Any]:
+    """Dask settings for the embedded cluster's worker processes (set before each one starts,
+    a restarted one included): ``threads`` for OpenMP/MKL/OpenBLAS, and glibc's default memory
+    trimming instead of Dask's ``MALLOC_TRIM_THRESHOLD_=65536``, which makes every large array
+    a fresh ``mmap`` and volume-sized jobs about 30-60 % slower."""
+    environ: dict[str, Any] = {f"distributed.nanny.pre-spawn-environ.{name}": str(threads)
+                               for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    environ["distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"] = None
+    return environ
+
+
 def _start_cluster(n_workers: int, threads_per_worker: int, gpus: Sequence[str]):
     import dask
     from distributed import LocalCluster, Scheduler, SpecCluster
 
     common = {"dashboard_address": None, "host": "127.0.0.1"}
-    threads = str(compute_threads(n_workers, threads_per_worker))
-    # read by OpenMP/MKL/OpenBLAS when a worker process starts (including one restarted after a crash)
-    environ = {f"distributed.nanny.pre-spawn-environ.{name}": threads
-               for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    environ = cluster_environment(compute_threads(n_workers, threads_per_worker))
     with dask.config.set(environ):
         if not gpus:
             return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
