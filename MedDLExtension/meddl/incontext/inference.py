@@ -1,0 +1,471 @@
+"""Slice-wise in-context inference on volumes: propagation, multi-volume and 2D modes.
+
+- **Propagation** (``annotated``): a label map on the target's grid in which a few slices along one
+  axis are painted. Every unpainted slice is predicted with the painted slices nearest to it as
+  context; painted slices are copied unchanged. Each label value is its own binary task, with the
+  slices where that label is painted as its context.
+- **Multi-volume** (``context``): (image, label) pairs from other scans, roughly aligned with the
+  target (same orientation, similar field of view). For each target slice the context slices at
+  the nearest *relative* position along the axis are taken, alternating between the scans.
+  2D context pairs are used for every slice of a 3D target.
+- **2D**: a 2D target with 2D context pairs.
+
+Slices are resized to the network's working size (``input_size`` in the model card), intensities
+scaled per volume to [0, 1] by the 99.9th percentile. Image tasks (denoising and others) take
+image outputs in the context and return an intensity volume in the target's scale.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ..errors import InputError
+from ..progress import Reporter
+from ..volume import Kind, Volume
+from .network import InContextNet, pad_channels
+
+__all__ = ["Task", "Selection", "SegmentConfig", "segment", "load_network", "MAX_CONTEXT"]
+
+MAX_CONTEXT = 32
+
+
+class Task(str, enum.Enum):
+    """What the context pairs show: a mask (segmentation) or an image-to-image task."""
+
+    SEGMENTATION = "segmentation"
+    DENOISE = "denoise"
+    SKULLSTRIP = "skullstrip"
+    BIAS = "bias"
+    INPAINT = "inpaint"
+    SUPERRES = "superres"
+    IMAGE = "image"  #: any other image-to-image task shown by the context
+
+
+class Selection(str, enum.Enum):
+    """How context slices are chosen for each target slice."""
+
+    NEAREST = "nearest"  #: nearest in position along the axis
+    SIMILAR = "similar"  #: most similar in appearance (normalised cross-correlation)
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Options of :func:`segment`.
+
+    Attributes:
+        task: ``segmentation`` (default) or an image task (``denoise``, ``skullstrip``, ``bias``,
+            ``inpaint``, ``superres``, ``image``).
+        axis: voxel axis the slices are cut along (0, 1, 2); None: in propagation mode the axis
+            along which the fewest slices are painted, otherwise the axis of coarsest spacing
+            (axis 2 on ties).
+        context_size: context slices per target slice, 1-32; fewer when fewer exist. More than
+            the memory budget allows is subsampled with a notice.
+        selection: ``nearest`` (position) or ``similar`` (appearance).
+        threshold: probability above which a voxel belongs to a segment.
+        labels: label values to segment (default: every non-zero value in the context).
+        finetune_steps: test-time fine-tuning steps on the context pairs (leave-one-out); 0: none.
+        finetune_lr: its learning rate.
+        weights: a weights file (its card beside it) instead of the bundled model.
+        batch: target slices per forward pass.
+        memory_mb: activation budget per forward pass; the context is subsampled to fit it.
+    """
+
+    task: Task = Task.SEGMENTATION
+    axis: int | None = None
+    context_size: int = 16
+    selection: Selection = Selection.NEAREST
+    threshold: float = 0.5
+    labels: tuple[int, ...] | None = None
+    finetune_steps: int = 0
+    finetune_lr: float = 1e-4
+    weights: str | None = None
+    batch: int = 4
+    memory_mb: float = 2048.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "task", Task(self.task))
+        except ValueError:
+            raise InputError(f"task: expected one of {', '.join(t.value for t in Task)}, got '{self.task}'") from None
+        try:
+            object.__setattr__(self, "selection", Selection(self.selection))
+        except ValueError:
+            raise InputError(f"selection: expected nearest or similar, got '{self.selection}'") from None
+        if self.axis is not None and self.axis not in (0, 1, 2):
+            raise InputError(f"axis: expected 0, 1 or 2, got {self.axis}")
+        if not 1 <= int(self.context_size) <= MAX_CONTEXT:
+            raise InputError(f"context size: expected 1 to {MAX_CONTEXT}, got {self.context_size}")
+        if not 0.0 < self.threshold < 1.0:
+            raise InputError(f"threshold: expected a probability in (0, 1), got {self.threshold}")
+        if self.finetune_steps < 0:
+            raise InputError(f"fine-tuning steps: expected 0 or more, got {self.finetune_steps}")
+        if self.batch < 1 or self.memory_mb <= 0:
+            raise InputError(f"batch/memory: expected positive values, got {self.batch}/{self.memory_mb}")
+        if self.labels is not None:
+            labels = tuple(int(v) for v in self.labels)
+            if any(v <= 0 for v in labels):
+                raise InputError(f"labels: expected positive label values, got {list(labels)}")
+            object.__setattr__(self, "labels", labels)
+
+    @property
+    def is_mask(self) -> bool:
+        return self.task is Task.SEGMENTATION
+
+
+_CACHE: dict[str, tuple[InContextNet, int]] = {}
+
+
+def load_network(weights: str | None = None, device: torch.device | str = "cpu") -> tuple[InContextNet, int]:
+    """The bundled (or given) network and its working slice size."""
+    from .. import models
+    from .train import DEFAULT_NAME
+
+    key = f"{weights}|{device}"
+    if key not in _CACHE:
+        net, card = models.load_model(DEFAULT_NAME, weights, device=device)
+        _CACHE[key] = (net, int(card.extra.get("input_size", 96)))
+    return _CACHE[key]
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _scale_of(arr: np.ndarray) -> float:
+    """Robust intensity scale: the 99.9th percentile of the absolute values (1 when empty)."""
+    flat = np.abs(arr.astype(np.float32, copy=False)).ravel()
+    step = max(1, flat.size // 200000)
+    s = float(np.percentile(flat[::step], 99.9)) if flat.size else 0.0
+    return s if s > 0 else max(float(flat.max()) if flat.size else 1.0, 1.0)
+
+
+def _slices(arr: np.ndarray, axis: int | None) -> np.ndarray:
+    """``(C, I, J[, K])`` -> ``(n, C, H, W)``: every slice along ``axis`` (a 2D array is one slice)."""
+    if arr.ndim == 3 or axis is None:
+        return arr[None]
+    return np.moveaxis(arr, 1 + axis, 0)
+
+
+def _unslice(stack: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+    if ndim == 2 or axis is None:
+        return stack[0]
+    return np.moveaxis(stack, 0, 1 + axis)
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def _integer_labels(vol: Volume, role: str) -> np.ndarray:
+    arr = vol.numpy()
+    if arr.shape[0] != 1:
+        raise InputError(f"{role}: expected a single-component label map, got {arr.shape[0]} components")
+    arr = arr[0]
+    if np.iscomplexobj(arr) or (np.issubdtype(arr.dtype, np.floating) and not np.all(np.equal(np.mod(arr, 1), 0))):
+        raise InputError(
+            f"{role}: expected integer labels (a label map or segmentation), got non-integer values; "
+            "for a probability map threshold it first"
+        )
+    if np.any(arr < 0):
+        raise InputError(f"{role}: expected non-negative labels, got a minimum of {arr.min()}")
+    return arr.astype(np.int64)
+
+
+@dataclass
+class _Pool:
+    """Candidate context slices at working size: images ``(n, Cin, S, S)``, outputs ``(n, 1, S, S)``
+    (a label map for masks), position along the axis in [0, 1] and the scan they come from."""
+
+    images: torch.Tensor
+    outputs: torch.Tensor
+    position: np.ndarray
+    source: np.ndarray
+
+
+def _choose(pool_pos: np.ndarray, pool_src: np.ndarray, pool_img: torch.Tensor, where: float,
+            image: torch.Tensor | None, k: int, selection: Selection) -> np.ndarray:
+    """Indices of the ``k`` context slices for a target slice at relative position ``where``."""
+    n = len(pool_pos)
+    if k >= n:
+        return np.arange(n)
+    if selection is Selection.SIMILAR and image is not None:
+        a = pool_img[:, 0].flatten(1)
+        b = image[0].flatten()
+        a = a - a.mean(1, keepdim=True)
+        b = b - b.mean()
+        ncc = (a @ b) / (a.norm(dim=1) * b.norm() + 1e-6)
+        score = -ncc.numpy()
+    else:
+        score = np.abs(pool_pos - where)
+    # alternate between scans: rank within each scan, then interleave by rank
+    order = np.lexsort((score, pool_src))
+    rank = np.empty(n, dtype=np.int64)
+    for s in np.unique(pool_src):
+        members = order[pool_src[order] == s]
+        rank[members] = np.arange(len(members))
+    chosen = np.lexsort((score, rank))[:k]
+    return np.sort(chosen)
+
+
+def _budget(k: int, size: int, net: InContextNet, batch: int, memory_mb: float) -> int:
+    """Largest context size whose activations fit ``memory_mb`` (rough: 12 maps of width features[0])."""
+    per_slice = 12 * net.features[0] * size * size * 4 / 2**20
+    fit = int(memory_mb / max(per_slice * batch, 1e-9)) - 1
+    return max(1, min(k, fit))
+
+
+def _finetune(net: InContextNet, pool: _Pool, is_mask: bool, steps: int, lr: float, seed: int,
+              rep: Reporter) -> InContextNet:
+    """Leave-one-out fine-tuning on the context pairs (a copy of the network; seconds on a CPU)."""
+    from .train import task_loss
+
+    n = pool.images.shape[0]
+    if n < 2 or steps <= 0:
+        return net
+    tuned = copy.deepcopy(net)
+    tuned.train()
+    opt = torch.optim.Adam(tuned.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        for step in range(steps):
+            rep(step / steps, f"fine-tuning {step + 1}/{steps}")
+            perm = torch.randperm(n, generator=g)
+            t, ctx = perm[0], perm[1:1 + min(n - 1, 8)]
+            pred = tuned(pool.images[t:t + 1], pool.images[ctx][None], pool.outputs[ctx][None])
+            loss = task_loss(pred, pool.outputs[t:t + 1], torch.tensor([is_mask]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    tuned.eval()
+    return tuned
+
+
+@torch.no_grad()
+def _predict(net: InContextNet, targets: torch.Tensor, where: np.ndarray, pool: _Pool, k: int,
+             config: SegmentConfig, rep: Reporter) -> torch.Tensor:
+    """Raw outputs ``(n, 1, S, S)`` for target slices ``(n, Cin, S, S)``."""
+    out = torch.empty(targets.shape[0], 1, *targets.shape[2:], device=targets.device)
+    n = targets.shape[0]
+    for start in range(0, n, config.batch):
+        rep(start / n, f"slice {start + 1}/{n}")
+        stop = min(n, start + config.batch)
+        picks = [_choose(pool.position, pool.source, pool.images, float(where[i]), targets[i].cpu(), k,
+                         config.selection) for i in range(start, stop)]
+        m = min(len(p) for p in picks)
+        idx = torch.as_tensor(np.stack([p[:m] for p in picks]), device=targets.device)
+        out[start:stop] = net(targets[start:stop], pool.images[idx], pool.outputs[idx])
+    return out
+
+
+# -- entry --------------------------------------------------------------------------------------
+
+
+def _check_target(target: Volume, net: InContextNet) -> None:
+    from ..volume import require
+
+    require(target, "target image", ndim=(2, 3))
+    if target.channels > net.in_channels:
+        raise InputError(
+            f"target image: expected at most {net.in_channels} channels, got {target.channels}; "
+            "convert colour images to grey first"
+        )
+
+
+def _pick_axis(target: Volume, config: SegmentConfig, painted: np.ndarray | None) -> int | None:
+    if target.ndim == 2:
+        return None
+    if config.axis is not None:
+        return config.axis
+    if painted is not None:
+        frac = [np.mean(np.any(painted != 0, axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+        return int(np.argmin(frac))
+    spacing = target.spacing
+    return int(np.argmax(spacing + np.array([0.0, 0.0, 1e-6])))
+
+
+def _to_work(arr: np.ndarray, axis: int | None, size: int, channels: int, scale: float,
+             device) -> torch.Tensor:
+    """Volume data ``(C, ...)`` -> working slices ``(n, channels, S, S)`` scaled by ``1 / scale``."""
+    s = torch.from_numpy(np.ascontiguousarray(_slices(arr, axis)).astype(np.float32) / scale).to(device)
+    return pad_channels(_resize(s, (size, size)), channels, 1)
+
+
+def segment(target: Volume, config: SegmentConfig | None = None,
+            context: list[tuple[Volume, Volume]] | None = None, annotated: Volume | None = None,
+            progress=None, cancel=None, network: InContextNet | None = None, size: int | None = None,
+            device: torch.device | str = "cpu") -> Volume:
+    """Segment (or process) ``target`` from a few examples, with no retraining.
+
+    Args:
+        target: ``(C, I, J[, K])`` image, C <= 2.
+        config: options (:class:`SegmentConfig`).
+        context: (image, label-or-output) pairs from other scans (multi-volume / 2D mode).
+        annotated: a label map on the target's grid with a few painted slices (propagation mode).
+        network, size: a network and its working size (default: the bundled model, or
+            ``config.weights``).
+
+    Returns:
+        A label volume ``(1, I, J[, K])`` int16 on the target's grid for segmentation (painted slices
+        unchanged in propagation mode), or an intensity volume ``(1, ...)`` float32 for image tasks.
+        ``meta["notices"]`` lists what was adjusted (context subsampled, slices skipped).
+    """
+    config = config or SegmentConfig()
+    rep = Reporter.of(progress, cancel)
+    if (context is None) == (annotated is None):
+        raise InputError("segment: expected either context pairs or an annotated label map, got "
+                         + ("both" if context is not None else "neither"))
+    if network is None:
+        network, size = load_network(config.weights, device)
+    size = size or 96
+    if size % network.multiple:
+        raise InputError(f"working size: expected a multiple of {network.multiple}, got {size}")
+    _check_target(target, network)
+    notices: list[str] = []
+    tarr = target.numpy().astype(np.float32)
+    tscale = _scale_of(tarr)
+    cin = network.in_channels
+
+    if annotated is not None:
+        if not config.is_mask:
+            raise InputError(f"annotated: propagation is for segmentation, got task '{config.task.value}'; "
+                             "give --context IMAGE OUTPUT pairs for image tasks")
+        if target.ndim != 3:
+            raise InputError("annotated: expected a 3D target for propagation between slices, got a 2D image; "
+                             "give --context IMAGE LABEL pairs for 2D images")
+        if annotated.spatial_shape != target.spatial_shape:
+            raise InputError(f"annotated: expected the target's size {target.spatial_shape}, "
+                             f"got {annotated.spatial_shape}")
+        labels_arr = _integer_labels(annotated, "annotated")
+        if not labels_arr.any():
+            raise InputError("annotated: expected at least one painted slice, got an empty label map; "
+                             "paint the structure on a few slices first")
+        axis = _pick_axis(target, config, labels_arr)
+        lab_slices = np.moveaxis(labels_arr, axis, 0)
+        painted = lab_slices.reshape(lab_slices.shape[0], -1).any(1)
+        n = len(painted)
+        values = _values(labels_arr, config.labels, "annotated")
+        images = _to_work(tarr, axis, size, cin, tscale, device)
+        positions = np.arange(n) / max(n - 1, 1)
+        todo = np.nonzero(~painted)[0]
+        result = lab_slices.copy()
+        if len(todo) == 0:
+            notices.append("every slice is painted; nothing to propagate")
+        else:
+            probs = np.zeros((len(values), len(todo), *lab_slices.shape[1:]), dtype=np.float32)
+            for li, v in enumerate(values):
+                stage = rep.stage(li / len(values), (li + 1) / len(values))
+                has = np.nonzero((lab_slices == v).reshape(n, -1).any(1))[0]
+                out = torch.from_numpy((lab_slices[has] == v).astype(np.float32))[:, None].to(device)
+                pool = _Pool(images[has], _resize(out, (size, size)), positions[has], np.zeros(len(has), int))
+                probs[li] = _run(network, images[todo], positions[todo], pool, config, size, tuple(lab_slices.shape[1:]),
+                                 True, notices, stage)
+            best = probs.argmax(0)
+            keep = probs.max(0) > config.threshold
+            result[todo] = np.where(keep, np.asarray(values)[best], 0)
+        data = np.moveaxis(result, 0, axis)[None].astype(np.int16)
+        rep(1.0, "done")
+        return Volume(data, target.affine, Kind.LABEL,
+                      {"task": "segmentation", "mode": "propagation", "axis": axis, "notices": notices,
+                       "filled_slices": int(len(todo))})
+
+    # multi-volume / 2D
+    if not context:
+        raise InputError("context: expected at least one (image, label) pair, got none")
+    for i, (img, lab) in enumerate(context, 1):
+        if img.spatial_shape != lab.spatial_shape:
+            raise InputError(f"context pair {i}: expected the label to have the image's size {img.spatial_shape}, "
+                             f"got {lab.spatial_shape}")
+        if img.channels != target.channels:
+            raise InputError(f"context pair {i}: expected {target.channels} channel(s) like the target, "
+                             f"got {img.channels}")
+        if img.ndim == 3 and target.ndim == 2:
+            raise InputError(f"context pair {i}: expected a 2D image like the target, got 3D; "
+                             "cut the matching slice out first")
+    axis = _pick_axis(target, config, None)
+    timages = _to_work(tarr, axis, size, cin, tscale, device)
+    n = timages.shape[0]
+    tpos = np.arange(n) / max(n - 1, 1) if n > 1 else np.array([0.5])
+    if config.is_mask:
+        label_arrays = [_integer_labels(lab, f"context label {i}") for i, (_, lab) in enumerate(context, 1)]
+        for i, la in enumerate(label_arrays, 1):
+            if not la.any():
+                raise InputError(f"context label {i}: expected a segmentation with at least one labelled voxel, "
+                                 "got an empty label map")
+        values = _values(np.concatenate([la.ravel() for la in label_arrays]), config.labels, "context labels")
+    pool_img, pool_lab, pool_pos, pool_src = [], [], [], []
+    for i, (img, lab) in enumerate(context):
+        arr = img.numpy().astype(np.float32)
+        scale = _scale_of(arr)
+        ax = axis if img.ndim == 3 else None
+        ci = _to_work(arr, ax, size, cin, scale, device)
+        if config.is_mask:
+            lo = torch.from_numpy(_slices(label_arrays[i][None], ax).astype(np.float32)).to(device)
+        else:
+            lo = torch.from_numpy(_slices(lab.numpy()[:1].astype(np.float32) / scale, ax).astype(np.float32)).to(device)
+        m = ci.shape[0]
+        pool_img.append(ci)
+        pool_lab.append(lo)
+        pool_pos.append(np.arange(m) / max(m - 1, 1) if m > 1 else np.array([0.5]))
+        pool_src.append(np.full(m, i))
+    images = torch.cat(pool_img)
+    raw_out = pool_lab
+    positions = np.concatenate(pool_pos)
+    sources = np.concatenate(pool_src)
+    tshape = tuple(_slices(tarr, axis).shape[2:])
+    if config.is_mask:
+        probs = np.zeros((len(values), n, *tshape), dtype=np.float32)
+        for li, v in enumerate(values):
+            stage = rep.stage(li / len(values), (li + 1) / len(values))
+            outs = torch.cat([_resize((o == v).float(), (size, size)) for o in raw_out])
+            pool = _Pool(images, outs, positions, sources)
+            probs[li] = _run(network, timages, tpos, pool, config, size, tshape, True, notices, stage)
+        best = probs.argmax(0)
+        result = np.where(probs.max(0) > config.threshold, np.asarray(values)[best], 0)
+        data = _unslice(result[:, None], axis, target.ndim).astype(np.int16)
+        kind = Kind.LABEL
+    else:
+        outs = torch.cat([_resize(o, (size, size)) for o in raw_out])
+        pool = _Pool(images, outs, positions, sources)
+        pred = _run(network, timages, tpos, pool, config, size, tshape, False, notices, rep)
+        data = (_unslice(pred[:, None], axis, target.ndim) * tscale).astype(np.float32)
+        kind = Kind.INTENSITY
+    rep(1.0, "done")
+    return Volume(data, target.affine, kind,
+                  {"task": config.task.value, "mode": "context", "axis": axis, "notices": notices})
+
+
+def _values(arr: np.ndarray, wanted: tuple[int, ...] | None, role: str) -> list[int]:
+    present = [int(v) for v in np.unique(arr) if v != 0]
+    if wanted is None:
+        return present
+    missing = [v for v in wanted if v not in present]
+    if missing:
+        raise InputError(f"labels: expected values present in the {role} ({present[:20]}), got {missing}")
+    return list(wanted)
+
+
+def _run(net: InContextNet, targets: torch.Tensor, where: np.ndarray, pool: _Pool, config: SegmentConfig,
+         size: int, out_shape: tuple[int, int], is_mask: bool, notices: list[str], rep: Reporter) -> np.ndarray:
+    """Predict target slices from a pool: probabilities (masks) or values ``(n, H, W)`` at the slices' size."""
+    k = min(config.context_size, pool.images.shape[0])
+    fit = _budget(k, size, net, config.batch, config.memory_mb)
+    if fit < k:
+        notices.append(f"context subsampled from {k} to {fit} slices to stay within {config.memory_mb:g} MB")
+        k = fit
+    if pool.images.shape[0] > k and f"context: {k} of {pool.images.shape[0]}" not in " ".join(notices):
+        notices.append(f"context: {k} of {pool.images.shape[0]} slices per target slice ({config.selection.value})")
+    if config.finetune_steps:
+        net = _finetune(net, pool, is_mask, config.finetune_steps, config.finetune_lr, config.seed, rep.stage(0, 0.5))
+        rep = rep.stage(0.5, 1.0)
+    raw = _predict(net, targets, where, pool, k, config, rep)
+    raw = _resize(raw, out_shape)
+    out = torch.sigmoid(raw) if is_mask else raw
+    return out[:, 0].cpu().numpy()

@@ -1,0 +1,120 @@
+"""The in-context network: a 2D U-Net of pairwise-conv-avg blocks (Neuralizer).
+
+Czolbe & Dalca, "Neuralizer: General Neuroimage Analysis without Re-Training", CVPR 2023.
+At every block the target stream ``r_x`` and each context pair's stream ``r_i`` (shared weights
+across pairs) pass a 3x3 convolution; then ``p_i = concat(r_x, r_i)`` and
+
+    r_x <- r_x + mean_i conv1x1_x(p_i)        r_i <- r_i + conv1x1_c(p_i)
+
+so the output is invariant to the order of the context pairs and the cost is linear in their
+number. UniverSeg's CrossBlock (Butoi et al., ICCV 2023) is the close cousin.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["PairwiseBlock", "InContextNet"]
+
+
+class PairwiseBlock(nn.Module):
+    """One pairwise-conv-avg block.
+
+    ``forward(t, c)``: ``t`` target features ``(B, Ct, H, W)``, ``c`` context features
+    ``(B, L, Cc, H, W)``; returns ``(B, F, H, W)`` and ``(B, L, F, H, W)``.
+    """
+
+    def __init__(self, cin_target: int, cin_context: int, features: int) -> None:
+        super().__init__()
+        self.conv_target = nn.Conv2d(cin_target, features, 3, padding=1)
+        self.conv_context = nn.Conv2d(cin_context, features, 3, padding=1)
+        self.mix_target = nn.Conv2d(2 * features, features, 1)
+        self.mix_context = nn.Conv2d(2 * features, features, 1)
+
+    def forward(self, t: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n = c.shape[:2]
+        rt = F.gelu(self.conv_target(t))
+        rc = F.gelu(self.conv_context(c.flatten(0, 1)))
+        f, h, w = rt.shape[1:]
+        pairs = torch.cat([rt.unsqueeze(1).expand(b, n, f, h, w).flatten(0, 1), rc], dim=1)
+        rt = rt + F.gelu(self.mix_target(pairs)).view(b, n, f, h, w).mean(dim=1)
+        rc = rc + F.gelu(self.mix_context(pairs))
+        return rt, rc.view(b, n, f, h, w)
+
+
+class InContextNet(nn.Module):
+    """U-Net of :class:`PairwiseBlock` s mapping (target, context set) to the target's output.
+
+    ``forward(target, context_in, context_out)``:
+
+    - ``target``: ``(B, in_channels, H, W)``
+    - ``context_in``: ``(B, L, in_channels, H, W)``, ``context_out``: ``(B, L, out_channels, H, W)``
+      with any ``L >= 1`` (trained with 1-16, used with up to 32)
+    - returns raw outputs ``(B, out_channels, H, W)``: logits for masks (apply a sigmoid), values
+      for image tasks.
+
+    H and W must be divisible by ``2 ** (len(features) - 1)``. Inputs with fewer channels are
+    zero-padded by the caller (:func:`pad_channels`).
+    """
+
+    def __init__(self, in_channels: int = 2, out_channels: int = 1,
+                 features: tuple[int, ...] | list[int] = (16, 32, 48, 64, 64)) -> None:
+        super().__init__()
+        features = tuple(int(f) for f in features)
+        if len(features) < 2:
+            raise ValueError(f"InContextNet: expected at least 2 levels, got features {features}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.features = features
+        self.down = nn.ModuleList()
+        ct, cc = in_channels, in_channels + out_channels
+        for f in features:
+            self.down.append(PairwiseBlock(ct, cc, f))
+            ct = cc = f
+        self.up = nn.ModuleList()
+        for i in reversed(range(len(features) - 1)):
+            cin = features[i + 1] + features[i]
+            self.up.append(PairwiseBlock(cin, cin, features[i]))
+        self.head = nn.Conv2d(features[0], out_channels, 1)
+
+    @property
+    def multiple(self) -> int:
+        """Spatial sizes must be multiples of this."""
+        return 2 ** (len(self.features) - 1)
+
+    def forward(self, target: torch.Tensor, context_in: torch.Tensor, context_out: torch.Tensor) -> torch.Tensor:
+        if target.ndim != 4 or context_in.ndim != 5 or context_out.ndim != 5:
+            raise ValueError(
+                "InContextNet: expected target (B, C, H, W) and context (B, L, C, H, W), got "
+                f"{tuple(target.shape)}, {tuple(context_in.shape)}, {tuple(context_out.shape)}"
+            )
+        if any(s % self.multiple for s in target.shape[2:]):
+            raise ValueError(f"InContextNet: spatial size {tuple(target.shape[2:])} must be divisible by {self.multiple}")
+        t = target
+        c = torch.cat([context_in, context_out], dim=2)
+        skips = []
+        for i, block in enumerate(self.down):
+            if i > 0:
+                t = F.avg_pool2d(t, 2)
+                b, n = c.shape[:2]
+                c = F.avg_pool2d(c.flatten(0, 1), 2).view(b, n, *c.shape[2:3], *t.shape[2:])
+            t, c = block(t, c)
+            skips.append((t, c))
+        for block, (st, sc) in zip(self.up, reversed(skips[:-1]), strict=False):
+            b, n = c.shape[:2]
+            t = F.interpolate(t, size=st.shape[2:], mode="nearest")
+            c = F.interpolate(c.flatten(0, 1), size=st.shape[2:], mode="nearest").view(b, n, -1, *st.shape[2:])
+            t, c = block(torch.cat([t, st], dim=1), torch.cat([c, sc], dim=2))
+        return self.head(t)
+
+
+def pad_channels(x: torch.Tensor, channels: int, dim: int) -> torch.Tensor:
+    """Zero-pad dimension ``dim`` of ``x`` up to ``channels`` (Neuralizer pads inputs the same way)."""
+    missing = channels - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)

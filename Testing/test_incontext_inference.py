@@ -1,0 +1,240 @@
+"""In-context inference on volumes: propagation, multi-volume and 2D modes, bad input, the command."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from meddl import io, models
+from meddl.cli import main
+from meddl.errors import InputError
+from meddl.incontext import SegmentConfig, segment
+from meddl.incontext.demo import painted_slices
+from meddl.volume import Kind, Volume, affine_from_geometry
+from test_incontext_network import trained_threshold
+from torch.nn import functional as F
+
+SIZE = 32  # working size of the tiny test network
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster than two on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def net():
+    return trained_threshold()[0]
+
+
+def smooth_volume(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 1, *[3] * len(shape), generator=g)
+    x = F.interpolate(x, size=shape, mode="trilinear" if len(shape) == 3 else "bilinear", align_corners=False)[0, 0]
+    return ((x - x.min()) / (x.max() - x.min())).numpy().astype(np.float32)
+
+
+def image(arr: np.ndarray, spacing=None) -> Volume:
+    spacing = spacing or [1.0] * arr.ndim
+    return Volume(arr[None], affine_from_geometry(spacing, [3.0] * arr.ndim), Kind.INTENSITY)
+
+
+def labels(arr: np.ndarray, like: Volume) -> Volume:
+    return like.with_data(arr[None].astype(np.int16), kind=Kind.LABEL)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+
+def run(target, net, **kw):
+    config = kw.pop("config", SegmentConfig())
+    return segment(target, config, network=net, size=SIZE, **kw)
+
+
+def test_propagation_fills_exactly_the_unpainted_slices_and_keeps_the_painted_ones(net):
+    arr = smooth_volume((24, 28, 20), seed=3)
+    truth = arr > 0.5
+    partial = np.zeros_like(truth, dtype=np.int16)
+    painted = [3, 10, 16]
+    partial[:, :, painted] = truth[:, :, painted]
+    target = image(arr, [1.0, 1.0, 2.5])
+    out = run(target, net, annotated=labels(partial, target))
+    result = out.numpy()[0]
+    assert out.kind is Kind.LABEL and result.shape == arr.shape and np.allclose(out.affine, target.affine)
+    np.testing.assert_array_equal(result[:, :, painted], partial[:, :, painted])
+    unpainted = [k for k in range(20) if k not in painted]
+    assert out.meta["axis"] == 2 and out.meta["filled_slices"] == len(unpainted)
+    for k in unpainted:  # every unpainted slice was filled, and filled well
+        assert result[:, :, k].any()
+    assert dice(result[:, :, unpainted] > 0, truth[:, :, unpainted]) > 0.75
+    assert set(np.unique(result)) <= {0, 1}
+
+
+def test_propagation_works_per_segment(net):
+    arr = smooth_volume((20, 20, 16), seed=5)
+    multi = np.where(arr > 0.6, 2, np.where(arr > 0.5, 1, 0)).astype(np.int16)
+    partial = np.zeros_like(multi)
+    partial[:, :, [4, 11]] = multi[:, :, [4, 11]]
+    target = image(arr)
+    out = run(target, net, annotated=labels(partial, target), config=SegmentConfig(axis=2))
+    assert set(np.unique(out.numpy())) <= {0, 1, 2}
+    only2 = run(target, net, annotated=labels(partial, target), config=SegmentConfig(axis=2, labels=(2,)))
+    filled = only2.numpy()[0][:, :, [k for k in range(16) if k not in (4, 11)]]
+    assert 1 not in np.unique(filled)
+
+
+def test_reordering_context_scans_does_not_change_the_result(net):
+    target = image(smooth_volume((20, 18, 12), seed=1))
+    pairs = []
+    for seed, shape in ((7, (16, 16, 10)), (8, (22, 20, 12))):
+        a = smooth_volume(shape, seed)
+        v = image(a)
+        pairs.append((v, labels(a > 0.5, v)))
+    for k in (32, 4):
+        config = SegmentConfig(context_size=k)
+        a = run(target, net, context=pairs, config=config).numpy()
+        b = run(target, net, context=pairs[::-1], config=config).numpy()
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("target_shape, context_shape", [
+    ((20, 18, 12), (16, 16, 10)),  # 3D from other 3D scans
+    ((20, 18, 12), (30, 26)),  # 3D from 2D examples (used for every slice)
+    ((37, 29), (24, 24)),  # 2D
+])
+def test_output_follows_the_target_grid(net, target_shape, context_shape):
+    target = image(smooth_volume(target_shape, seed=2), [0.9] * len(target_shape))
+    a = smooth_volume(context_shape, seed=4)
+    ctx_img = image(a)
+    out = run(target, net, context=[(ctx_img, labels(a > 0.5, ctx_img))])
+    assert out.spatial_shape == target_shape and out.channels == 1
+    assert out.kind is Kind.LABEL and out.numpy().dtype == np.int16
+    np.testing.assert_array_equal(out.affine, target.affine)
+    assert dice(out.numpy()[0] > 0, smooth_volume(target_shape, seed=2) > 0.5) > 0.6
+
+
+def test_image_task_returns_an_image_in_the_target_scale(net):
+    arr = smooth_volume((16, 16, 8), seed=9) * 500
+    target = image(arr)
+    ctx_img = image(smooth_volume((16, 16, 8), seed=10) * 300)
+    out = run(target, net, context=[(ctx_img, ctx_img)], config=SegmentConfig(task="denoise"))
+    assert out.kind is Kind.INTENSITY and out.spatial_shape == arr.shape and out.numpy().dtype == np.float32
+
+
+def test_finetuning_runs_and_keeps_the_shape(net):
+    arr = smooth_volume((16, 16, 10), seed=11)
+    partial = np.zeros(arr.shape, np.int16)
+    partial[:, :, [2, 5, 8]] = (arr > 0.5)[:, :, [2, 5, 8]]
+    target = image(arr)
+    out = run(target, net, annotated=labels(partial, target), config=SegmentConfig(finetune_steps=3))
+    assert out.spatial_shape == arr.shape
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+def test_context_image_and_label_of_different_sizes_are_refused(net):
+    target = image(smooth_volume((16, 16, 8), 1))
+    img = image(smooth_volume((16, 16, 8), 2))
+    lab = labels(np.ones((16, 14, 8)), image(np.zeros((16, 14, 8), np.float32)))
+    with pytest.raises(InputError, match=r"context pair 1: expected the label to have the image's size \(16, 16, 8\)"):
+        run(target, net, context=[(img, lab)])
+
+
+def test_empty_context_label_is_refused(net):
+    target = image(smooth_volume((16, 16, 8), 1))
+    img = image(smooth_volume((16, 16, 8), 2))
+    with pytest.raises(InputError, match=r"context label 1: expected .* at least one labelled voxel"):
+        run(target, net, context=[(img, labels(np.zeros((16, 16, 8)), img))])
+
+
+def test_annotation_without_painted_slice_is_refused(net):
+    target = image(smooth_volume((16, 16, 8), 1))
+    with pytest.raises(InputError, match=r"annotated: expected at least one painted slice"):
+        run(target, net, annotated=labels(np.zeros((16, 16, 8)), target))
+
+
+def test_non_integer_labels_are_refused(net):
+    target = image(smooth_volume((16, 16, 8), 1))
+    soft = target.with_data(smooth_volume((16, 16, 8), 3)[None], kind=Kind.LABEL)
+    with pytest.raises(InputError, match=r"expected integer labels"):
+        run(target, net, annotated=soft)
+
+
+def test_propagation_of_a_2d_image_is_refused(net):
+    target = image(smooth_volume((16, 16), 1))
+    with pytest.raises(InputError, match=r"expected a 3D target"):
+        run(target, net, annotated=labels(np.ones((16, 16)), target))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"context_size": 40}, r"context size: expected 1 to 32, got 40"),
+    ({"task": "colourise"}, r"task: expected one of segmentation"),
+    ({"axis": 3}, r"axis: expected 0, 1 or 2"),
+    ({"labels": (0,)}, r"labels: expected positive"),
+])
+def test_bad_config_is_refused(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        SegmentConfig(**kwargs)
+
+
+def test_more_context_than_memory_allows_is_subsampled_with_a_notice(net):
+    arr = smooth_volume((16, 16, 20), 1)
+    partial = np.zeros(arr.shape, np.int16)
+    partial[:, :, ::2] = (arr > 0.5)[:, :, ::2]
+    target = image(arr)
+    out = run(target, net, annotated=labels(partial, target),
+              config=SegmentConfig(context_size=10, memory_mb=0.5, batch=1))
+    assert any("subsampled from 10" in n for n in out.meta["notices"])
+
+
+# -- the command --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def files(tmp_path, net):
+    models.save_model(net, tmp_path, "incontext_brain2d", {"in_channels": 2, "out_channels": 1, "features": [8, 16]},
+                      "threshold test task", "pytest", {}, input_size=SIZE)
+    arr = smooth_volume((20, 18, 12), seed=1)
+    target = image(arr)
+    partial = np.zeros(arr.shape, np.int16)
+    partial[:, :, [3, 8]] = (arr > 0.5)[:, :, [3, 8]]
+    io.write(target, tmp_path / "t.nii.gz")
+    io.write(labels(partial, target), tmp_path / "painted.nii.gz")
+    io.write(labels(arr > 0.5, target), tmp_path / "full.nii.gz")
+    return tmp_path
+
+
+def test_command_propagates_and_writes_the_output(files, capsys):
+    code = main(["segment", str(files / "t.nii.gz"), "-o", str(files / "out.nii.gz"), "--annotated",
+                 str(files / "painted.nii.gz"), "--weights", str(files / "incontext_brain2d.pt"), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    out = io.read(files / "out.nii.gz", kind="label")
+    assert out.spatial_shape == (20, 18, 12)
+    assert "segment (segmentation)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--context", "t.nii.gz"], r"IMAGE LABEL pairs, got an odd number"),
+    (["--context", "t.nii.gz", "painted.nii.gz", "--context-size", "0"], r"context size: expected 1 to 32"),
+    (["--annotated", "missing.nii.gz"], r"missing.nii.gz"),
+])
+def test_command_bad_input_is_one_error_line(files, capsys, monkeypatch, extra, message):
+    monkeypatch.chdir(files)
+    code = main(["segment", "t.nii.gz", "-o", "out.nii.gz", "--weights", "incontext_brain2d.pt", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:")
+    assert pytest.importorskip("re").search(message, err[0])
+
+
+def test_demo_paints_evenly_spaced_slices_inside_the_structure():
+    lab = np.zeros((4, 4, 30), np.int16)
+    lab[1:3, 1:3, 10:21] = 1
+    partial, chosen = painted_slices(lab, axis=2, count=3)
+    assert chosen == [12, 15, 18] or (len(chosen) == 3 and all(10 < c < 20 for c in chosen))
+    np.testing.assert_array_equal(np.nonzero(partial.any(axis=(0, 1)))[0], chosen)

@@ -1,0 +1,117 @@
+"""In-context network and training: permutation invariance, shapes, a trivial task learned quickly."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from meddl.incontext.network import InContextNet, pad_channels
+from meddl.incontext.tasks import Batch
+from meddl.incontext.train import evaluate_dice, fit, soft_dice_loss, task_loss
+from torch.nn import functional as F
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster than two on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _smooth(n: int, size: int, g: torch.Generator) -> torch.Tensor:
+    x = torch.randn(n, 1, 4, 4, generator=g)
+    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+    return ((x - x.amin()) / (x.amax() - x.amin())).clamp(0, 1)
+
+
+def threshold_batch(batch: int, context: int, size: int, g: torch.Generator) -> Batch:
+    """Identity-of-meaning pairs of a trivial task: the mask of voxels brighter than 0.5."""
+    x = _smooth(batch * (context + 1), size, g).view(batch, context + 1, 1, size, size)
+    y = (x > 0.5).float()
+    x = pad_channels(x, 2, 2)
+    return Batch(x[:, 0], x[:, 1:], y[:, 1:], y[:, 0], torch.ones(batch, dtype=torch.bool), ["threshold"] * batch)
+
+
+def test_permuting_the_context_does_not_change_the_output():
+    torch.manual_seed(0)
+    net = InContextNet(features=(8, 8, 8)).eval()
+    t = torch.rand(2, 2, 16, 16)
+    ci, co = torch.rand(2, 5, 2, 16, 16), torch.rand(2, 5, 1, 16, 16)
+    perm = torch.tensor([3, 0, 4, 2, 1])
+    with torch.no_grad():
+        a = net(t, ci, co)
+        b = net(t, ci[:, perm], co[:, perm])
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("context", [1, 3, 32])
+def test_output_shape_follows_target_for_any_context_size(context):
+    net = InContextNet(features=(4, 8)).eval()
+    with torch.no_grad():
+        out = net(torch.rand(3, 2, 24, 40), torch.rand(3, context, 2, 24, 40), torch.rand(3, context, 1, 24, 40))
+    assert out.shape == (3, 1, 24, 40)
+
+
+def test_context_changes_the_output():
+    """The context is read: another label set gives another prediction."""
+    torch.manual_seed(1)
+    net = InContextNet(features=(8, 8)).eval()
+    t, ci = torch.rand(1, 2, 16, 16), torch.rand(1, 2, 2, 16, 16)
+    with torch.no_grad():
+        a = net(t, ci, torch.zeros(1, 2, 1, 16, 16))
+        b = net(t, ci, torch.ones(1, 2, 1, 16, 16))
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_size_not_divisible_is_refused():
+    net = InContextNet(features=(4, 8, 8))
+    with pytest.raises(ValueError, match=r"divisible by 4"):
+        net(torch.rand(1, 2, 18, 16), torch.rand(1, 1, 2, 18, 16), torch.rand(1, 1, 1, 18, 16))
+
+
+def test_losses_have_their_analytic_values():
+    truth = torch.zeros(2, 1, 4, 4)
+    truth[:, :, :2] = 1
+    perfect = (truth * 2 - 1) * 50  # logits saturating to the truth
+    assert soft_dice_loss(perfect, truth).max() < 1e-3
+    assert soft_dice_loss(-perfect, truth).min() > 0.99
+    image = torch.full((1, 1, 4, 4), 0.5)
+    # MSE / (2 * 0.05): an error of 0.1 everywhere costs 0.01 / 0.1 = 0.1
+    assert task_loss(image + 0.1, image, torch.tensor([False])).item() == pytest.approx(0.1, rel=1e-4)
+
+
+def test_a_trivial_task_is_learned_in_a_short_training(trained_threshold_net):
+    net, _ = trained_threshold_net
+    g = torch.Generator().manual_seed(99)
+    val = [threshold_batch(1, 3, 32, g) for _ in range(16)]
+    assert evaluate_dice(net, val) > 0.85
+
+
+def test_fit_stops_when_asked():
+    net = InContextNet(features=(4, 4))
+    g = torch.Generator().manual_seed(0)
+    calls = []
+    step, loss = fit(net, lambda s: threshold_batch(1, 1, 8, g), 100, stop=lambda: len(calls) >= 3,
+                     log=lambda s, running: calls.append(s))
+    assert step == 3 and loss == loss  # not NaN
+
+
+@functools.lru_cache(maxsize=1)
+def trained_threshold() -> tuple[InContextNet, float]:
+    """A tiny network trained a few seconds on the thresholding task (shared by the inference tests)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    net = InContextNet(features=(8, 16))
+    g = torch.Generator().manual_seed(0)
+    _, loss = fit(net, lambda s: threshold_batch(4, 3, 32, g), 150, lr=3e-3)
+    torch.set_num_threads(before)
+    return net, loss
+
+
+@pytest.fixture
+def trained_threshold_net():
+    return trained_threshold()
