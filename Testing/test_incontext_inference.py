@@ -238,3 +238,17 @@ def test_demo_paints_evenly_spaced_slices_inside_the_structure():
     partial, chosen = painted_slices(lab, axis=2, count=3)
     assert chosen == [12, 15, 18] or (len(chosen) == 3 and all(10 < c < 20 for c in chosen))
     np.testing.assert_array_equal(np.nonzero(partial.any(axis=(0, 1)))[0], chosen)
+
+
+@pytest.mark.slow
+def test_bundled_model_propagates_the_demo_structure(tmp_path):
+    """Real weights: grey matter painted on five slices of the MNI152 T1 is propagated (seconds on a CPU)."""
+    from meddl.cli import RunContext
+    from meddl.incontext import demo
+    from meddl.progress import Reporter
+
+    ctx = RunContext(Reporter(), torch.device("cpu"), "test", None, "none", stdout=open(tmp_path / "log.txt", "w"))
+    items = demo.run(tmp_path, ctx)
+    assert [i.role for i in items] == ["segmentation", "segmentation"]
+    out = io.read(items[1].path, kind="label")
+    assert out.spatial_shape == (99, 117, 95) and out.numpy().any()
