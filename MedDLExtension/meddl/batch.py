@@ -886,7 +886,7 @@ def execute_job(job: Job, settings: Mapping[str, Any]) -> dict[str, Any]:
         code = int(args._run(args, ctx) or 0)
         if code != 0:
             raise MedDLError(f"meddl {job.operation} ended with exit code {code}")
-        token.check()
+        # finished: commit even if an interrupt came meanwhile (it takes milliseconds)
         sums = commit_outputs(job, parts, settings["state_dir"], seconds=time.perf_counter() - started,
                               device=result["device"])
         result.update(status="done", outputs=sums)
