@@ -473,3 +473,32 @@ def test_embedded_workers_share_the_cores_and_keep_glibc_memory_defaults():
     assert env["distributed.nanny.pre-spawn-environ.MKL_NUM_THREADS"] == "3"
     assert env["distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"] is None
     assert batch.compute_threads(64, 64) == 1
+
+
+def test_every_capability_in_the_build_takes_manifest_rows(tmp_path):
+    """Rows for each operation become that command's arguments: inputs and outputs told apart."""
+    for name in ("fixed.nii.gz", "moving.nii.gz", "labels.nii.gz", "k.h5", "ctx.nii.gz", "ctx_lab.nii.gz"):
+        (tmp_path / name).write_bytes(b"x")
+    rows = {
+        "register": {"fixed": "fixed.nii.gz", "moving": "moving.nii.gz", "output": "w.nii.gz",
+                     "transform": "t.h5", "inverse": "i.h5", "moving-labels": "labels.nii.gz",
+                     "labels_out": "wl.nii.gz", "similarity": "mi", "iterations": 5},
+        "reconstruct": {"kspace": "k.h5", "output": "r.nii.gz", "method": "zero-filled", "undersample": "equispaced",
+                        "acceleration": 4, "zero-filled": "zf.nii.gz"},
+        "segment": {"target": "fixed.nii.gz", "output": "s.nii.gz", "context": ["ctx.nii.gz", "ctx_lab.nii.gz"]},
+    }
+    expected = {
+        "register": ({"fixed.nii.gz", "moving.nii.gz", "labels.nii.gz"}, {"w.nii.gz", "t.h5", "i.h5", "wl.nii.gz"}),
+        "reconstruct": ({"k.h5"}, {"r.nii.gz", "zf.nii.gz"}),
+        "segment": ({"fixed.nii.gz", "ctx.nii.gz", "ctx_lab.nii.gz"}, {"s.nii.gz"}),
+    }
+    available = [op for op in rows if batch._module_available(batch.operations()[op])]
+    if not available:
+        pytest.skip("no registration, reconstruction or segmentation command in this build yet")
+    manifest = read_manifest(_write_jsonl(tmp_path / "m.jsonl", [{"operation": op, **rows[op]} for op in available]))
+    for job in manifest.jobs:
+        inputs, outputs = expected[job.operation]
+        assert {Path(p).name for p in job.inputs} == inputs, job.operation
+        assert {Path(p).name for p in job.outputs} == outputs, job.operation
+        args = batch.parse_job(job, [f"/tmp/part{i}" for i in range(len(job.outputs))])
+        assert args.output == "/tmp/part0"

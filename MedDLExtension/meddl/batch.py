@@ -85,10 +85,10 @@ LIST_SEPARATOR = ";"
 # Which arguments of a subcommand are files it writes, and which are files it reads beyond its
 # positional arguments. A capability may say so itself with ``set_defaults(_outputs=(...),
 # _inputs=(...))`` on its parser; these names are the ones the ``meddl`` commands use.
-_OUTPUT_DESTS = frozenset({"output", "transform", "jacobian", "labels_out", "uncertainty", "zero_filled",
-                           "coil_images", "hematoxylin", "eosin", "probabilities", "stains_out"})
-_INPUT_DESTS = frozenset({"moving_labels", "fixed_labels", "context", "annotated", "weights", "mask",
-                          "reference", "references", "sensitivity_maps"})
+_OUTPUT_DESTS = frozenset({"output", "transform", "inverse", "jacobian", "labels_out", "uncertainty", "zero_filled",
+                           "coils_out", "coil_images", "hematoxylin", "eosin", "probabilities", "stains_out"})
+_INPUT_DESTS = frozenset({"moving_labels", "fixed_labels", "context", "annotated", "weights", "deepsim_weights",
+                          "mask", "reference", "references", "sensitivity_maps"})
 #: Options the batch sets itself for every job.
 _RESERVED = frozenset({"progress", "debug", "help"})
 _DOUBLE_SUFFIXES = (".nii.gz", ".seg.nrrd", ".ome.tif", ".ome.tiff", ".tar.gz")
