@@ -502,3 +502,30 @@ def test_every_capability_in_the_build_takes_manifest_rows(tmp_path):
         assert {Path(p).name for p in job.outputs} == outputs, job.operation
         args = batch.parse_job(job, [f"/tmp/part{i}" for i in range(len(job.outputs))])
         assert args.output == "/tmp/part0"
+
+
+@pytest.mark.slow
+def test_each_worker_loads_the_segmentation_model_once(tmp_path, cluster):
+    if not batch._module_available("meddl.incontext.cli"):
+        pytest.skip("meddl segment is not in this build")
+    import distributed
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(4):
+        img = rng.normal(size=(1, 24, 24, 6)).astype(np.float32)
+        io.write(Volume(img, np.eye(4)), tmp_path / f"img{i}.nii.gz")
+        io.write(Volume((img > 0.5).astype(np.uint8), np.eye(4), "label"), tmp_path / f"lab{i}.nii.gz")
+    for i in range(4):
+        j = (i + 1) % 4
+        rows.append({"operation": "segment", "target": f"img{i}.nii.gz", "output": f"seg/{i}.nii.gz",
+                     "context": [f"img{j}.nii.gz", f"lab{j}.nii.gz"]})
+    with distributed.Client(cluster.scheduler_address, set_as_default=False) as client:
+        before = client.run(lambda: batch._WORKER_STATE["model_loads"])
+        report = run_batch(_write_jsonl(tmp_path / "m.jsonl", rows), scheduler=cluster.scheduler_address,
+                           device="cpu")
+        after = client.run(lambda: batch._WORKER_STATE["model_loads"])
+    assert report.ok, [(j.id, j.error) for j in report.jobs]
+    used = {j.worker for j in report.jobs}
+    for worker in used:  # a worker that ran one job or several loaded the model once
+        assert after[worker] - before.get(worker, 0) <= 1 and after[worker] >= 1
