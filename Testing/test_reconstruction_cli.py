@@ -157,3 +157,38 @@ def test_command_refuses_output_equal_to_input_and_2d_formats(tmp_path, kfile, c
     assert main(["reconstruct", str(path), "-o", str(tmp_path / "x.png"), "--progress", "none"]) == 2
     err = capsys.readouterr().err
     assert "is also an input" in err and "expected a volume file" in err
+
+
+@pytest.mark.slow
+def test_demo_simulates_and_reconstructs(tmp_path):
+    import torch
+    from meddl import io as mio
+    from meddl.progress import Reporter
+    from meddl.reconstruction import demo
+
+    class Ctx:
+        reporter = Reporter()
+        device = torch.device("cpu")
+
+        def log(self, message: str) -> None:
+            pass
+
+    items = demo.run(tmp_path, Ctx())
+    assert [i.capability for i in items] == ["reconstruction"] * 3
+    vols = [mio.read(i.path) for i in items]
+    assert all(v.spatial_shape == (160, 160, 1) for v in vols)
+    assert vols[0].same_grid(vols[1])
+
+
+def test_poisson_retrospective_undersampling(kfile):
+    path, img = kfile
+    res = reconstruct(
+        path,
+        ReconstructionConfig(
+            method="cg-sense", undersample="poisson", acceleration=3, center_fraction=0.3, slices=(0,)
+        ),
+    )
+    truth = img[4:44]
+    out, zf = res.image.numpy()[0, :, :, 0], res.zero_filled.numpy()[0, :, :, 0]
+    assert res.info["acceleration"] > 2
+    assert np.linalg.norm(out - truth) < np.linalg.norm(zf - truth)

@@ -156,3 +156,17 @@ def test_bad_input_raises_input_error_in_the_library(tmp_path, rng):
             continue
         with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
             read_kspace(path)
+
+
+def test_fastmri_zero_padding_band_is_not_undersampling(tmp_path, rng):
+    k = _kspace(rng, (1, 2, 16, 40))
+    k[..., :4] = 0
+    k[..., 36:] = 0  # fastMRI pads the phase-encoding band with zero columns
+    path = write_fastmri(tmp_path / "p.h5", k)
+    with h5py.File(path, "r+") as f:  # the header says lines 0..31 were acquired, centre 16
+        del f["ismrmrd_header"]
+        hdr = Header((16, 40, 1), (160.0, 400.0, 5.0), (16, 40, 1), (160.0, 400.0, 5.0), (0, 31, 16))
+        f.create_dataset("ismrmrd_header", data=header_xml(hdr).encode())
+    data = read_kspace(path)
+    assert data.header.padding == (4, 36)
+    assert data.sampling().acceleration == pytest.approx(1.0)

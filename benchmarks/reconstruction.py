@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="zero-filled,cg-sense,l1-wavelet,tv,sigpy,bart,varnet")
     p.add_argument("--weights", default=None, help="VarNet weights (default: the bundled ones)")
     p.add_argument("--out", default="docs/benchmarks/reconstruction.md")
+    p.add_argument("--merge", action="store_true", help="keep the previous run's rows for methods not rerun")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
@@ -214,18 +215,32 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(time.perf_counter() - t0)
         timings["varnet_16coil_320_cpu_seconds"] = float(np.median(runs))
     shutil.rmtree(tmp, ignore_errors=True)
-    write_report(Path(args.out), results, timings, zs, card, args, have_sigpy, have_bart)
+    commands = ["python benchmarks/reconstruction.py " + " ".join(sys.argv[1:] if argv is None else argv)]
+    json_path = Path(args.out).with_suffix(".json")
+    if args.merge and json_path.is_file():
+        # keep rows of methods not rerun this time (e.g. slow classical baselines) from the last run
+        old = json.loads(json_path.read_text())
+        if old.get("slices") == list(zs):
+            for acc, rows in old["results"].items():
+                results.setdefault(acc, {})
+                results[acc] = {**{n: r for n, r in rows.items() if n not in results[acc]}, **results[acc]}
+            timings = {**old.get("timings", {}), **timings}
+            commands = old.get("commands", ["python benchmarks/reconstruction.py (earlier run)"]) + commands
+    write_report(Path(args.out), results, timings, zs, card, args, have_sigpy, have_bart, commands)
     return 0
 
 
-def write_report(path: Path, results: dict, timings: dict, zs, card, args, have_sigpy: bool, have_bart: bool) -> None:
+def write_report(
+    path: Path, results: dict, timings: dict, zs, card, args, have_sigpy: bool, have_bart: bool, commands: list[str]
+) -> None:
     import os
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
         "# Reconstruction benchmark",
         "",
-        "Command: `python benchmarks/reconstruction.py " + " ".join(sys.argv[1:]) + "`",
+        "Commands (rows of a method come from the last command that ran it): "
+        + "; ".join(f"`{c.strip()}`" for c in commands),
         "",
         f"Data: {len(zs)} Colin27 (mricron `ch2`) axial slices z = {list(zs)}, never used in training (the "
         "VarNet's training set excludes z in [50, 90) and [106, 146)), zero-padded to 192 x 224, intensities / volume max. "
@@ -298,7 +313,8 @@ def write_report(path: Path, results: dict, timings: dict, zs, card, args, have_
     lines.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
-    path.with_suffix(".json").write_text(json.dumps({"results": results, "timings": timings}, indent=1) + "\n")
+    body = {"slices": list(zs), "results": results, "timings": timings, "commands": commands}
+    path.with_suffix(".json").write_text(json.dumps(body, indent=1) + "\n")
     print(f"wrote {path}")
 
 

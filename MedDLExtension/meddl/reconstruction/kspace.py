@@ -187,7 +187,7 @@ class KSpaceData:
 
     def sampling(self) -> MaskInfo:
         """Mask, acceleration and centre fraction found in the data (or the file's mask)."""
-        return detect_mask(self.kspace, self.mask)
+        return detect_mask(self.kspace, self.mask, self.header.padding)
 
     def affine(self) -> np.ndarray:
         """4x4 voxel-to-RAS affine of the ``(image_shape..., S)`` output volume (see module doc)."""

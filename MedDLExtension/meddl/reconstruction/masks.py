@@ -183,11 +183,13 @@ def _centre_run(mask: np.ndarray) -> slice:
     return slice(lo, hi + 1)
 
 
-def detect_mask(kspace: np.ndarray, mask: np.ndarray | None = None) -> MaskInfo:
+def detect_mask(kspace: np.ndarray, mask: np.ndarray | None = None, band: tuple[int, int] | None = None) -> MaskInfo:
     """The sampling of k-space ``(..., H, W)``: a given 1-D mask, else the non-zero columns.
 
-    Acceleration is ``W / sampled lines`` and the centre fraction is the length of the contiguous
-    sampled block through the centre over ``W``. Fully sampled data gives ``R = 1``.
+    Acceleration is ``acquirable lines / sampled lines`` and the centre fraction is the length of
+    the contiguous sampled block through the centre over ``W``. ``band`` = ``(left, right)`` is
+    the acquirable column range (fastMRI's zero padding outside it, from the header's
+    ``kspace_encoding_step_1`` limits, is not undersampling). Fully sampled data gives ``R = 1``.
     """
     w = kspace.shape[-1]
     if mask is None:
@@ -196,8 +198,11 @@ def detect_mask(kspace: np.ndarray, mask: np.ndarray | None = None) -> MaskInfo:
     mask = np.asarray(mask).astype(bool).reshape(-1)
     if mask.size != w:
         raise InputError(f"mask: expected {w} entries (one per k-space column), got {mask.size}")
-    n = int(mask.sum())
+    left, right = (0, w) if band is None else (max(int(band[0]), 0), min(int(band[1]), w))
+    if right - left < 1:
+        left, right = 0, w
+    n = int(mask[left:right].sum())
     if n == 0:
         raise InputError("k-space: expected sampled lines, got only zeros; the file holds no data")
     block = _centre_run(mask)
-    return MaskInfo(mask, w / n, (block.stop - block.start) / w, block)
+    return MaskInfo(mask, (right - left) / n, (block.stop - block.start) / w, block)

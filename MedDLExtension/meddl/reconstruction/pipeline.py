@@ -18,7 +18,7 @@ from . import classical
 from .coils import calibration_block, espirit_maps, rss
 from .fft import ifft2c
 from .kspace import KSpaceData, read_kspace
-from .masks import MaskType, default_center_fraction, detect_mask, make_mask
+from .masks import MaskType, center_block, default_center_fraction, detect_mask, make_mask
 
 __all__ = ["Method", "ReconstructionConfig", "ReconstructionResult", "reconstruct", "MODEL_NAME"]
 
@@ -168,7 +168,7 @@ def reconstruct(
         cf = config.center_fraction or default_center_fraction(acc)
         mask = np.broadcast_to(make_mask(config.undersample, (h, w), acc, cf, config.seed), (h, w))
         kspace = kspace * mask
-        sampling = detect_mask(kspace[:, :, :, :], None) if config.undersample is not MaskType.POISSON else found
+        sampling = found if config.undersample is MaskType.POISSON else detect_mask(mask[:1])
         acceleration, center_fraction = (h * w) / float(mask.sum()), cf
     else:
         mask = np.broadcast_to(found.mask[None, :], (h, w))
@@ -178,9 +178,13 @@ def reconstruct(
     method = Method(config.method)
     needs_calibration = method is not Method.ZERO_FILLED and undersampled
     calib = slice(0, w)
+    calib_rows = 24
     if needs_calibration:
         if config.undersample is MaskType.POISSON:
-            calib = slice(w // 2 - 2, w // 2 + 2)  # the Poisson mask's calibration square
+            # the Poisson mask's fully sampled calibration square (make_mask's size)
+            size = max(4, int(round(cf * min(h, w))))
+            calib = center_block(w, size)
+            calib_rows = size
         else:
             calib = calibration_block(sampling.mask, f"'{data.source or 'k-space'}'")
     if method is not Method.VARNET and data.coils == 1 and method is not Method.ZERO_FILLED:
@@ -194,7 +198,7 @@ def reconstruct(
         card_info = {"model": card.name, "model_sha256": card.sha256[:12]}
     iters = config.iterations or classical.DEFAULT_ITERATIONS.get(method.value, 0)
     lam = classical.DEFAULT_LAMBDA.get(method.value, 0.0) if config.regularization is None else config.regularization
-    mask_t = torch.from_numpy(np.ascontiguousarray(mask)).to(device)
+    mask_t = torch.from_numpy(np.array(mask, dtype=bool)).to(device)
     gen = torch.Generator().manual_seed(config.seed)
     images, zfs, uncs, coils = [], [], [], []
     seconds = []
@@ -208,7 +212,7 @@ def reconstruct(
         k = k / scale
         maps = None
         if method in (Method.CG_SENSE, Method.L1_WAVELET, Method.TV) or config.uncertainty:
-            maps = espirit_maps(k, calib_cols=calib, crop=0.0)
+            maps = espirit_maps(k, calib_width=calib_rows, calib_cols=calib, crop=0.0)
 
         def run(kk: torch.Tensor, maps: torch.Tensor | None = maps) -> torch.Tensor:
             if method is Method.ZERO_FILLED:
