@@ -89,3 +89,15 @@ def test_bundled_weights_load_and_card_names_held_out_data():
     with torch.no_grad():
         out = net(k, mask)
     assert out.shape == (1, 64, 64) and torch.isfinite(out).all()
+
+
+def test_complex_image_is_bounded_by_the_rss_output():
+    torch.manual_seed(2)
+    net = VarNet(**TINY).eval()
+    k, mask, _ = _data()
+    with torch.no_grad():
+        mag = net(k, mask)
+        z = net.complex_image(k, mask)
+    assert z.shape == mag.shape and z.is_complex()
+    # Cauchy-Schwarz with unit-RSS maps: |sum_c conj(S_c) x_c| <= RSS(x)
+    assert (z.abs() <= mag * (1 + 1e-4) + 1e-6).all()

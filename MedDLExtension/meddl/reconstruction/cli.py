@@ -77,6 +77,7 @@ def configure(subparsers) -> None:
     p.add_argument("--uncertainty", metavar="OUT", help="also write a SURE per-pixel error estimate")
     p.add_argument("--zero-filled", metavar="OUT", help="also write the zero-filled RSS image")
     p.add_argument("--coils-out", metavar="OUT", help="also write the per-coil zero-filled magnitude images")
+    p.add_argument("--phase", metavar="OUT", help="also write the phase (radians) of the complex image")
     p.add_argument("--weights", help="VarNet weights file (a state dict with its JSON card beside it)")
     p.add_argument("--slices", help="slices to reconstruct: 0,3,5 or 2:6 (default all)")
     p.add_argument("--iterations", type=int, help="solver iterations (classical methods)")
@@ -89,12 +90,15 @@ def run(args, ctx) -> int:
     from .. import io
     from ..device import run_with_fallback
 
-    check_outputs([args.output, args.uncertainty, args.zero_filled, args.coils_out], [args.kspace, args.weights])
+    check_outputs(
+        [args.output, args.uncertainty, args.zero_filled, args.coils_out, args.phase], [args.kspace, args.weights]
+    )
     for value, flag in (
         (args.output, "--output"),
         (args.uncertainty, "--uncertainty"),
         (args.zero_filled, "--zero-filled"),
         (args.coils_out, "--coils-out"),
+        (args.phase, "--phase"),
     ):
         _check_suffix(value, flag)
     path = Path(args.kspace)
@@ -111,6 +115,7 @@ def run(args, ctx) -> int:
         uncertainty=bool(args.uncertainty),
         probes=args.probes,
         coil_images=bool(args.coils_out),
+        phase=bool(args.phase),
         slices=parse_slices(args.slices),
         weights=args.weights,
     )
@@ -125,6 +130,7 @@ def run(args, ctx) -> int:
         (result.zero_filled, args.zero_filled),
         (result.uncertainty, args.uncertainty),
         (result.coil_images, args.coils_out),
+        (result.phase, args.phase),
     ):
         if out and vol is not None:
             io.write(vol, out)

@@ -15,7 +15,7 @@ from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback, Reporter
 from ..volume import Kind, Volume
 from . import classical
-from .coils import calibration_block, espirit_maps, rss
+from .coils import calibration_block, espirit_maps, rss, sense_combine
 from .fft import ifft2c
 from .kspace import KSpaceData, read_kspace
 from .masks import MaskType, center_block, default_center_fraction, detect_mask, make_mask
@@ -48,6 +48,7 @@ class ReconstructionConfig:
         uncertainty: also compute a SURE per-pixel error map.
         probes: Monte-Carlo probes for the SURE divergence.
         coil_images: also return the per-coil zero-filled magnitude images.
+        phase: also return the phase (radians) of the complex (sensitivity-combined) image.
         slices: slice indices to reconstruct (default all).
         weights: a VarNet weights file instead of the bundled one.
     """
@@ -62,6 +63,7 @@ class ReconstructionConfig:
     uncertainty: bool = False
     probes: int = 4
     coil_images: bool = False
+    phase: bool = False
     slices: tuple[int, ...] | None = None
     weights: str | None = None
 
@@ -106,6 +108,7 @@ class ReconstructionResult:
     zero_filled: Volume
     uncertainty: Volume | None = None
     coil_images: Volume | None = None
+    phase: Volume | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -176,7 +179,8 @@ def reconstruct(
         acceleration, center_fraction = found.acceleration, found.center_fraction
     undersampled = acceleration > 1.01
     method = Method(config.method)
-    needs_calibration = method is not Method.ZERO_FILLED and undersampled
+    # coil maps (ESPIRiT for classical methods, uncertainty and zero-filled phase; the VarNet's own network)
+    needs_calibration = undersampled and (method is not Method.ZERO_FILLED or config.uncertainty or config.phase)
     calib = slice(0, w)
     calib_rows = 24
     if needs_calibration:
@@ -200,7 +204,7 @@ def reconstruct(
     lam = classical.DEFAULT_LAMBDA.get(method.value, 0.0) if config.regularization is None else config.regularization
     mask_t = torch.from_numpy(np.array(mask, dtype=bool)).to(device)
     gen = torch.Generator().manual_seed(config.seed)
-    images, zfs, uncs, coils = [], [], [], []
+    images, zfs, uncs, coils, phases = [], [], [], [], []
     seconds = []
     shape = data.image_shape
     n = data.slices
@@ -211,8 +215,20 @@ def reconstruct(
         scale = classical.normalisation(k)
         k = k / scale
         maps = None
-        if method in (Method.CG_SENSE, Method.L1_WAVELET, Method.TV) or config.uncertainty:
+        if (
+            method in (Method.CG_SENSE, Method.L1_WAVELET, Method.TV)
+            or config.uncertainty
+            or (config.phase and method is Method.ZERO_FILLED)
+        ):
             maps = espirit_maps(k, calib_width=calib_rows, calib_cols=calib, crop=0.0)
+
+        def solve(kk: torch.Tensor, maps: torch.Tensor | None = maps) -> torch.Tensor:
+            """The complex image of a classical method."""
+            if method is Method.CG_SENSE:
+                return classical.cg_sense(kk, maps, mask_t, iterations=iters, lam=lam)
+            if method is Method.L1_WAVELET:
+                return classical.l1_wavelet(kk, maps, mask_t, lam=lam, iterations=iters)
+            return classical.tv_cs(kk, maps, mask_t, lam=lam, iterations=iters)
 
         def run(kk: torch.Tensor, maps: torch.Tensor | None = maps) -> torch.Tensor:
             if method is Method.ZERO_FILLED:
@@ -220,15 +236,23 @@ def reconstruct(
             if method is Method.VARNET:
                 with torch.no_grad():
                     return net(kk[None], mask_t)[0]
-            if method is Method.CG_SENSE:
-                return classical.cg_sense(kk, maps, mask_t, iterations=iters, lam=lam).abs()
-            if method is Method.L1_WAVELET:
-                return classical.l1_wavelet(kk, maps, mask_t, lam=lam, iterations=iters).abs()
-            return classical.tv_cs(kk, maps, mask_t, lam=lam, iterations=iters).abs()
+            return solve(kk, maps).abs()
 
-        out = run(k)
+        complex_out = None
+        if method in (Method.CG_SENSE, Method.L1_WAVELET, Method.TV):
+            complex_out = solve(k)
+            out = complex_out.abs()
+        else:
+            out = run(k)
         seconds.append(time.perf_counter() - t0)
         images.append((_crop(out, shape) * scale).cpu().numpy())
+        if config.phase:
+            if method is Method.VARNET:
+                with torch.no_grad():
+                    complex_out = net.complex_image(k[None], mask_t)[0]
+            elif method is Method.ZERO_FILLED:
+                complex_out = sense_combine(ifft2c(k), maps)
+            phases.append(_crop(torch.angle(complex_out), shape).cpu().numpy())
         coil_imgs = ifft2c(k)
         zfs.append((_crop(rss(coil_imgs), shape) * scale).cpu().numpy())
         if config.coil_images:
@@ -256,6 +280,7 @@ def reconstruct(
         zero_filled=_volume(zfs, data, method="zero-filled", acceleration=info["acceleration"]),
         uncertainty=_volume(uncs, data, **meta, quantity="SURE estimated RMS error") if uncs else None,
         coil_images=_volume(coils, data, quantity="zero-filled coil magnitude") if coils else None,
+        phase=_volume(phases, data, **meta, quantity="phase", unit="rad") if phases else None,
         info=info,
     )
     rep(1.0, "done")

@@ -177,13 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     say(f"{len(pool)} training slices")
     net = VarNet(**ARCH)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    step, history = 0, []
+    step, history, phases = 0, [], []
     rng = np.random.default_rng(args.seed)
     if state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
         step, history = state["step"], state["history"]
+        phases = state.get("phases", [])
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         say(f"resumed at step {step}")
@@ -194,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
             val.append((f"{int(acc)}x", make_batch(pool, val_rng, 2, args.crop, (acc,), transpose_p=0.0)))
     n_params = sum(p.numel() for p in net.parameters())
     say(f"VarNet {ARCH}: {n_params} parameters")
+    command = (
+        f"python -m meddl.reconstruction.train --steps {args.steps} --batch {args.batch} "
+        f"--crop {args.crop} --seed {args.seed}"
+    )
+    # a resumed run may change the schedule or crop: the card lists every phase
+    phases.append(f"from step {step}: {command}")
 
     def save(metrics: dict) -> None:
         tmp = state_path.with_suffix(".tmp")
@@ -203,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 "opt": opt.state_dict(),
                 "step": step,
                 "history": history,
+                "phases": phases,
                 "rng": rng.bit_generator.state,
                 "torch_rng": torch.get_rng_state(),
             },
@@ -220,13 +228,13 @@ def main(argv: list[str] | None = None) -> int:
                 "(mricron ch2) axial slices z in [20,50) U [90,106) U [146,160), step 2",
                 "held_out": "Colin27 axial slices z in [50,90) U [106,146) (benchmark slices "
                 f"{list(BENCHMARK_COLIN27_Z)})",
-                "simulation": "random 128x128 crops, flips/rot90/gamma, smooth random phase, birdcage maps "
+                "simulation": f"random {args.crop}x{args.crop} crops, flips/rot90/gamma, smooth random phase, birdcage maps "
                 "(4/6/8 coils), complex noise up to 1% of max, equispaced or random masks at 4x "
                 "and 8x (centre fractions 0.08 / 0.04), k-space transpose p=0.5",
                 "loss": "SSIM (7x7, data range = target max), Adam, warm-up + cosine decay, clip 1.0",
             },
-            command=f"python -m meddl.reconstruction.train --steps {args.steps} --batch {args.batch} "
-            f"--crop {args.crop} --seed {args.seed}",
+            command=command,
+            phases=phases,
             metrics=metrics,
             step=step,
             parameters=n_params,

@@ -125,14 +125,23 @@ class VarNet(nn.Module):
         """Estimated coil maps ``(B, C, H, W)`` complex, unit RSS."""
         return self.sens_net(kspace, _as_mask(mask, kspace))
 
-    def forward(self, kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Reconstruct ``(B, H, W)`` magnitude images from masked k-space ``(B, C, H, W)``."""
+    def _final(self, kspace: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mask = _as_mask(mask, kspace)
         maps = self.sens_net(kspace, mask)
         k = kspace
         for cascade in self.cascades:
             k = cascade(k, kspace, mask, maps)
+        return k, maps
+
+    def forward(self, kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Reconstruct ``(B, H, W)`` magnitude images from masked k-space ``(B, C, H, W)``."""
+        k, _ = self._final(kspace, mask)
         return _rss(ifft2c(k))
+
+    def complex_image(self, kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The sensitivity-combined complex image ``(B, H, W)`` of the final k-space (for its phase)."""
+        k, maps = self._final(kspace, mask)
+        return (maps.conj() * ifft2c(k)).sum(dim=1)
 
 
 def _as_mask(mask: torch.Tensor, kspace: torch.Tensor) -> torch.Tensor:
