@@ -75,6 +75,20 @@ def test_propagation_fills_exactly_the_unpainted_slices_and_keeps_the_painted_on
     assert set(np.unique(result)) <= {0, 1}
 
 
+def test_context_chosen_by_appearance_picks_the_most_similar_slices(net):
+    from meddl.incontext.inference import Selection, _choose
+
+    g = torch.Generator().manual_seed(0)
+    pool = torch.rand(6, 2, 8, 8, generator=g)
+    target = pool[4] + 0.01 * torch.rand(2, 8, 8, generator=g)
+    where = np.linspace(0, 1, 6)
+    picked = _choose(where, np.zeros(6, int), pool, 0.0, target, 1, Selection.SIMILAR)
+    assert picked.tolist() == [4]
+    assert _choose(where, np.zeros(6, int), pool, 0.0, target, 2, Selection.NEAREST).tolist() == [0, 1]
+    # two scans alternate: the nearest of each
+    assert _choose(where, np.array([0, 0, 0, 1, 1, 1]), pool, 0.0, None, 2, Selection.NEAREST).tolist() == [0, 3]
+
+
 def test_propagation_works_per_segment(net):
     arr = smooth_volume((20, 20, 16), seed=5)
     multi = np.where(arr > 0.6, 2, np.where(arr > 0.5, 1, 0)).astype(np.int16)

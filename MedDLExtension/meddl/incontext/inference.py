@@ -202,7 +202,7 @@ def _choose(pool_pos: np.ndarray, pool_src: np.ndarray, pool_img: torch.Tensor, 
         a = a - a.mean(1, keepdim=True)
         b = b - b.mean()
         ncc = (a @ b) / (a.norm(dim=1) * b.norm() + 1e-6)
-        score = -ncc.numpy()
+        score = -ncc.cpu().numpy()
     else:
         score = np.abs(pool_pos - where)
     # alternate between scans: rank within each scan, then interleave by rank
@@ -257,7 +257,7 @@ def _predict(net: InContextNet, targets: torch.Tensor, where: np.ndarray, pool: 
     for start in range(0, n, config.batch):
         rep(start / n, f"slice {start + 1}/{n}")
         stop = min(n, start + config.batch)
-        picks = [_choose(pool.position, pool.source, pool.images, float(where[i]), targets[i].cpu(), k,
+        picks = [_choose(pool.position, pool.source, pool.images, float(where[i]), targets[i], k,
                          config.selection) for i in range(start, stop)]
         m = min(len(p) for p in picks)
         idx = torch.as_tensor(np.stack([p[:m] for p in picks]), device=targets.device)

@@ -61,6 +61,8 @@ def fit(net: InContextNet, sample: Callable[[int], object], steps: int, lr: floa
         b = sample(step)
         pred = net(b.target, b.context_in, b.context_out)
         loss = task_loss(pred, b.truth, b.is_mask)
+        if not torch.isfinite(loss):  # a degenerate task draw: skip it rather than poison Adam's moments
+            continue
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
