@@ -149,6 +149,20 @@ def test_default_beta_rule():
     assert default_beta("square", (50, 64)) == pytest.approx(1 / 50)  # at least one frequency step
 
 
+def test_progress_is_monotone_and_cancel_stops(rng):
+    from meddl import Cancelled
+    from meddl.progress import CancelToken
+
+    seen = []
+    adapt_fourier(Volume(_blobs(rng, (16, 16))), [Volume(_blobs(rng, (16, 16)))] * 2,
+                  FourierConfig(beta=0.1, combine="each"), progress=lambda f, m: seen.append(f))
+    assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0)
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        adapt_fourier(Volume(_blobs(rng, (16, 16))), [Volume(_blobs(rng, (16, 16)))], cancel=token)
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 

@@ -218,6 +218,20 @@ def test_lab_conversion_matches_scikit_image(rng):
     assert np.abs(back - lab2rgb(rgb2lab(rgb))).max() < 1e-3
 
 
+def test_progress_is_monotone_and_cancel_stops(ihc):
+    from meddl import Cancelled
+    from meddl.progress import CancelToken
+
+    seen = []
+    vol = _volume_from_hwc(ihc)
+    adapt_stain(vol, vol, StainConfig(chunk_pixels=10000), progress=lambda f, m: seen.append(f), device="cpu")
+    assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0) and len(seen) > 5
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        adapt_stain(vol, vol, cancel=token, device="cpu")
+
+
 # -- HED jitter ---------------------------------------------------------------------------------
 
 
