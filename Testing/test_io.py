@@ -213,3 +213,13 @@ def test_nonfinite_voxels_survive_reading(tmp_path, volume_factory, suffix):
     back = io.read(io.write(vol.with_data(data), tmp_path / f"nan{suffix}"))
     np.testing.assert_array_equal(np.argwhere(~np.isfinite(back.data)), [[0, 1, 2, 3], [0, 4, 0, 1]])
     np.testing.assert_array_equal(back.data[np.isfinite(back.data)], data[np.isfinite(data)])
+
+
+def test_tiled_tiff_opaque_alpha_is_dropped(tmp_path, rng):
+    """ITK reads tiled TIFFs as RGBA; an alpha that is opaque everywhere carries nothing."""
+    tifffile = pytest.importorskip("tifffile")
+    pixels = rng.integers(0, 256, size=(32, 48, 3)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "tiled.tif", pixels, photometric="rgb", tile=(16, 16))
+    vol = io.read(tmp_path / "tiled.tif")
+    assert vol.channels == 3
+    np.testing.assert_array_equal(vol.data, np.transpose(pixels, (2, 1, 0)))

@@ -171,6 +171,10 @@ def read(path: str | os.PathLike, kind: Kind | str | None = None, series: str | 
     if image.GetDimension() == 3 and image.GetSize()[2] == 1 and _suffix(path) in _RGB_SUFFIXES:
         image = image[:, :, 0]
     vol = from_sitk(image, kind=kind, meta=meta)
+    if _suffix(path) in _RGB_SUFFIXES and vol.channels == 4:
+        alpha = vol.data[3]
+        if np.all(alpha == np.iinfo(alpha.dtype).max if np.issubdtype(alpha.dtype, np.integer) else alpha == 1):
+            vol = vol.with_data(np.ascontiguousarray(vol.data[:3]))  # ITK reads tiled TIFFs as RGBA, alpha opaque
     if Kind(vol.kind) is Kind.LABEL and np.issubdtype(vol.data.dtype, np.floating):
         if not np.all(np.isfinite(vol.data)) or np.any(vol.data != np.round(vol.data)):
             raise InputError(f"label map '{path}': expected integer labels, got non-integer values")
