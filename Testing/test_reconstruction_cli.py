@@ -209,3 +209,10 @@ def test_phase_output_recovers_the_simulated_phase(tmp_path, method):
     both = inside[:, 1:] & inside[:, :-1]
     assert np.abs(np.angle(np.exp(1j * (got - want))))[both].mean() < 0.05
     assert res.phase.same_grid(res.image)
+
+
+def test_coil_images_flag_is_an_alias_of_coils_out():
+    from meddl.cli import build_parser
+
+    args = build_parser().parse_args(["reconstruct", "k.h5", "-o", "r.nii.gz", "--coil-images", "c.nrrd"])
+    assert args.coils_out == "c.nrrd"

@@ -76,7 +76,13 @@ def configure(subparsers) -> None:
     p.add_argument("--center-fraction", type=float, help="centre fraction of --undersample (default 0.32 / R)")
     p.add_argument("--uncertainty", metavar="OUT", help="also write a SURE per-pixel error estimate")
     p.add_argument("--zero-filled", metavar="OUT", help="also write the zero-filled RSS image")
-    p.add_argument("--coils-out", metavar="OUT", help="also write the per-coil zero-filled magnitude images")
+    p.add_argument(
+        "--coils-out",
+        "--coil-images",
+        dest="coils_out",
+        metavar="OUT",
+        help="also write the per-coil zero-filled magnitude images (one channel per coil)",
+    )
     p.add_argument("--phase", metavar="OUT", help="also write the phase (radians) of the complex image")
     p.add_argument("--weights", help="VarNet weights file (a state dict with its JSON card beside it)")
     p.add_argument("--slices", help="slices to reconstruct: 0,3,5 or 2:6 (default all)")
