@@ -170,3 +170,14 @@ def test_fastmri_zero_padding_band_is_not_undersampling(tmp_path, rng):
     data = read_kspace(path)
     assert data.header.padding == (4, 36)
     assert data.sampling().acceleration == pytest.approx(1.0)
+
+
+def test_describe_reads_one_slice_and_reports_the_file(tmp_path, rng):
+    from meddl.reconstruction import describe
+
+    mask = equispaced_mask(24, 4, 0.17, rng)
+    path = write_fastmri(tmp_path / "d.h5", _kspace(rng, (5, 3, 32, 24)) * mask, mask=mask)
+    info = describe(path)
+    assert info["slices"] == 5 and info["coils"] == 3 and info["kspace_matrix"] == [32, 24]
+    assert info["acceleration"] == pytest.approx(24 / mask.sum(), abs=1e-3)
+    assert info["calibration_lines"] >= 4

@@ -6,7 +6,7 @@ variational network (``varnet``, bundled weights), ``zero-filled``, ``cg-sense``
 uncertainty map. Readers: :func:`read_kspace` (fastMRI HDF5 or ISMRMRD, by content).
 """
 
-from .kspace import Header, KSpaceData, read_kspace
+from .kspace import Header, KSpaceData, describe, read_kspace
 from .masks import MaskType
 from .pipeline import Method, ReconstructionConfig, ReconstructionResult, reconstruct
 
@@ -19,4 +19,5 @@ __all__ = [
     "KSpaceData",
     "Header",
     "read_kspace",
+    "describe",
 ]

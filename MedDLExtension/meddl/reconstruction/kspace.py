@@ -26,7 +26,7 @@ from ..errors import InputError
 from ..volume import affine_from_geometry
 from .masks import MaskInfo, detect_mask
 
-__all__ = ["Header", "KSpaceData", "parse_header", "header_xml", "read_kspace", "open_hdf5"]
+__all__ = ["Header", "KSpaceData", "parse_header", "header_xml", "read_kspace", "open_hdf5", "describe"]
 
 _NS = "{http://www.ismrm.org/ISMRMRD}"
 
@@ -262,3 +262,20 @@ def read_kspace(path: str | os.PathLike, slices: tuple[int, ...] | None = None) 
         return read_ismrmrd(path, slices=slices)
     found = ", ".join(names) if names else "nothing"
     raise InputError(f"'{path}': expected a dataset 'kspace' (fastMRI) or a group 'dataset' (ISMRMRD), got {found}")
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """What a panel shows before reconstructing (coils, matrix, acceleration found, ...), cheaply.
+
+    Reads only the first slice of a fastMRI file (an ISMRMRD dataset is read whole); raises the
+    same :class:`~meddl.errors.InputError` as :func:`read_kspace` for a bad file.
+    """
+    data = read_kspace(path, slices=(0,))
+    info = data.info()
+    if data.format == "fastmri":
+        f = open_hdf5(path)
+        try:
+            info["slices"] = int(f["kspace"].shape[0])
+        finally:
+            f.close()
+    return info
