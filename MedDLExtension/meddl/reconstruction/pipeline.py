@@ -191,8 +191,6 @@ def reconstruct(
             calib_rows = size
         else:
             calib = calibration_block(sampling.mask, f"'{data.source or 'k-space'}'")
-    if method is not Method.VARNET and data.coils == 1 and method is not Method.ZERO_FILLED:
-        pass  # single coil: the ESPIRiT map of one coil is its phase; the solvers still apply
     net = None
     card_info: dict[str, Any] = {}
     if method is Method.VARNET:
