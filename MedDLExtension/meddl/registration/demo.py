@@ -83,9 +83,16 @@ def run(out_dir: Path, ctx) -> list:
     fixed = data.load_sample("mni152_t1")
     gm = data.load_sample("mni152_gm_mask")
     moving, moving_labels, _ = synthetic_pair(fixed, gm, seed=7, max_mm=8.0, contrast="inverted")
+    from ..errors import ModelError
+
     config = RegistrationConfig(similarity="mi", levels_mm=(4.0,), iterations=40, device=str(ctx.device),
                                 inverse=False)
-    result = register(fixed, moving, config, progress=ctx.reporter.stage(0.1, 0.9), moving_labels=moving_labels)
+    try:
+        result = register(fixed, moving, config, progress=ctx.reporter.stage(0.1, 0.9), moving_labels=moving_labels)
+    except ModelError as exc:  # no bundled network in this build: optimisation alone still works
+        ctx.log(f"registration demo: {exc}; using instance optimisation only")
+        config = RegistrationConfig(**{**config.__dict__, "method": "optimisation"})
+        result = register(fixed, moving, config, progress=ctx.reporter.stage(0.1, 0.9), moving_labels=moving_labels)
     paths = {
         "fixed": io.write(fixed, out / "fixed_mni152_t1.nii.gz"),
         "moving": io.write(moving, out / "moving_warped_t2like.nii.gz"),

@@ -68,8 +68,8 @@ class RegistrationConfig:
     method: Method = Method.NETWORK_OPTIMISATION
     similarity: Similarity = Similarity.LNCC
     affine: AffineMode = AffineMode.AFFINE
-    iterations: int = 80
-    levels_mm: tuple[float, ...] = (4.0, 2.5)
+    iterations: int = 30
+    levels_mm: tuple[float, ...] = (5.0, 3.0)
     regularisation: float = 1.0
     learning_rate: float = 0.1
     tolerance: float = 1e-3

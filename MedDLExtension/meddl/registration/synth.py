@@ -242,15 +242,18 @@ class SynthPairs:
         groups: labels are merged at random into at most this many groups for the Dice loss.
         p_procedural: probability of a purely random label map.
         max_velocity_std: largest per-voxel std (voxels) of each image's random velocity.
+        p_same_contrast: probability that both images share the label intensities (else each
+            draws its own, as in SynthMorph).
     """
 
     def __init__(self, sources: list[LabelSource], shape: tuple[int, ...] = (64, 64, 64), groups: int = 12,
-                 p_procedural: float = 0.3, max_velocity_std: float = 3.0) -> None:
+                 p_procedural: float = 0.3, max_velocity_std: float = 3.0, p_same_contrast: float = 0.5) -> None:
         self.sources = sources
         self.shape = tuple(shape)
         self.groups = groups
         self.p_procedural = p_procedural
         self.max_velocity_std = max_velocity_std
+        self.p_same_contrast = p_same_contrast
 
     def _label_map(self, gen: torch.Generator) -> torch.Tensor:
         if not self.sources or _rand(gen, 0, 1) < self.p_procedural:
@@ -277,7 +280,7 @@ class SynthPairs:
         lf = self.deform(labels, gen)
         lm = self.deform(labels, gen)
         count = int(labels.max()) + 1
-        same = _rand(gen, 0, 1) < 0.5
+        same = _rand(gen, 0, 1) < self.p_same_contrast
         means = torch.rand(count, generator=gen) if same else None
         fixed = synth_image(lf, gen, means)
         moving = synth_image(lm, gen, means)

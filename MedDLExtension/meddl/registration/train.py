@@ -127,7 +127,8 @@ def _save(kind, net, opt, step, gen, history, args, started_seconds, metrics) ->
         net, args.out_dir, name, _arguments(net), training_data,
         command=f"python -m meddl.registration.train --model {kind} --spacing {args.spacing:g} "
                 f"--shape {' '.join(str(n) for n in args.shape)} --features {' '.join(str(f) for f in net.features)} "
-                f"--max-velocity {args.max_velocity:g} --lr {args.lr:g} --resume",
+                f"--max-velocity {args.max_velocity:g} --p-same-contrast {args.p_same_contrast:g} "
+                f"--lr {args.lr:g} --resume",
         metrics={"step": step, **metrics},
         spacing_mm=args.spacing, steps_trained=step, training_seconds=round(started_seconds, 1),
         loss_curve_step_loss_dice=curve, classes=list(TISSUE_CLASSES) if kind == "segmentation" else None,
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lam", type=float, default=1.0, help="diffusion regulariser weight")
     p.add_argument("--max-velocity", type=float, default=3.0, help="largest random velocity std (voxels)")
+    p.add_argument("--p-same-contrast", type=float, default=0.5,
+                   help="probability that a pair shares its random contrast (else independent, SynthMorph)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=20261122)
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
@@ -184,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.procedural_only and kind == "segmentation":
         p.error("--procedural-only: the segmentation model needs the atlas tissue maps")
     sources = [] if args.procedural_only else label_sources(args.spacing)
-    synth = SynthPairs(sources, tuple(args.shape), max_velocity_std=args.max_velocity)
+    synth = SynthPairs(sources, tuple(args.shape), max_velocity_std=args.max_velocity,
+                       p_same_contrast=args.p_same_contrast)
     start = time.perf_counter()
     last_ckpt = start
     window: list[tuple[float, float]] = []
