@@ -140,3 +140,13 @@ def test_samples_lists_every_sample(capsys):
     assert main(["samples"]) == 0
     out = capsys.readouterr().out
     assert "mni152_t1" in out and "ihc_rgb" in out
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_batch_on_an_existing_cluster_leaves_the_device_to_its_workers(cli, tmp_path, scalar3d):
+    """A CPU-only machine may drive a GPU cluster: --device cuda is not checked here, the scheduler is."""
+    manifest = tmp_path / "jobs.csv"
+    manifest.write_text(f"operation,input,references,output\nadapt fourier,{scalar3d},{scalar3d},{tmp_path / 'o.nii.gz'}\n")
+    result = cli("batch", str(manifest), "--scheduler", "tcp://127.0.0.1:9", "--device", "cuda", "--progress", "none")
+    _assert_clean_error(result, r"scheduler|connect")
+    assert "CUDA" not in result.stderr

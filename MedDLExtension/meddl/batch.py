@@ -111,7 +111,7 @@ def operations() -> dict[str, str]:
     """Every operation command a manifest may name -> the module that handles it."""
     from . import cli
 
-    ops = {name: module for name, module in cli._CAPABILITIES.items() if name != "batch"}
+    ops = {name: module for name, module in cli.CAPABILITIES.items() if name != "batch"}
     for item in os.environ.get("MEDDL_BATCH_OPERATIONS", "").split(","):
         name, _, module = item.partition("=")
         if name.strip() and module.strip():
@@ -134,8 +134,8 @@ def _parser_for(command: str, module: str):
     """``(parser, subparser)``: a ``meddl`` parser holding just this operation's subcommand."""
     from . import cli
 
-    parser = cli._Parser(prog="meddl")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=cli._Parser)
+    parser = cli.Parser(prog="meddl")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=cli.Parser)
     importlib.import_module(module).configure(sub)
     if command not in sub.choices:
         raise MedDLError(f"operation '{command}': module '{module}' does not define that subcommand")
@@ -853,7 +853,7 @@ def _context(args):
     from . import cli
 
     if getattr(args, "_compute", True) and hasattr(args, "device") and hasattr(args, "progress"):
-        ctx, _bar = cli._make_context(args)  # progress "none": no bar
+        ctx, _bar = cli.make_context(args)  # progress "none": no bar
         return ctx
     return cli.RunContext(Reporter(), "cpu", "no computation", None, "none")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .cli import EXIT_OK, _common
+from .cli import EXIT_OK, common_options
 
 __all__ = ["configure", "run"]
 
@@ -30,7 +30,7 @@ def configure(subparsers) -> None:
     import argparse
 
     p = subparsers.add_parser(
-        "batch", parents=[_common()], help="run a manifest of jobs on a Dask cluster (resumable)",
+        "batch", parents=[common_options()], help="run a manifest of jobs on a Dask cluster (resumable)",
         description="Run every job of a manifest (CSV or JSON Lines) on a Dask cluster: an embedded local "
                     "cluster by default, or an existing one with --scheduler.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,7 +47,8 @@ def configure(subparsers) -> None:
     p.add_argument("--output-root", metavar="DIR",
                    help="folder all outputs must stay in; relative outputs are relative to it "
                         "(default: the manifest's folder)")
-    p.set_defaults(_run=run)
+    # with an existing cluster the device is the workers' business, not this machine's
+    p.set_defaults(_run=run, _defer_device=lambda a: bool(a.scheduler))
 
 
 def run(args, ctx) -> int:

@@ -29,7 +29,8 @@ from . import __version__
 from .errors import Cancelled, InputError, MedDLError, NotAvailableError
 from .progress import Reporter, bar_progress, json_progress
 
-__all__ = ["main", "RunContext", "build_parser", "check_outputs"]
+__all__ = ["main", "RunContext", "Parser", "build_parser", "check_outputs", "common_options", "load_input",
+           "make_context", "capability_module", "CAPABILITIES"]
 
 EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -38,7 +39,9 @@ class UsageError(MedDLError):
     """Bad command-line usage (argparse's complaints, reworded as one line)."""
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line (a UsageError), never a multi-line usage dump."""
+
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
@@ -78,8 +81,9 @@ class RunContext:
 # -- common options ---------------------------------------------------------------------------
 
 
-def _common(compute: bool = True) -> argparse.ArgumentParser:
-    p = _Parser(add_help=False)
+def common_options(compute: bool = True) -> argparse.ArgumentParser:
+    """The parent parser every subcommand uses: --device/--progress/--seed (compute) and --debug."""
+    p = Parser(add_help=False)
     if compute:
         p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
         p.add_argument("--progress", choices=("bar", "json", "none"), default=None,
@@ -127,7 +131,7 @@ _PENDING = {
 
 
 def _placeholder_register(sub) -> None:
-    p = sub.add_parser("register", parents=[_common()], help="deformable registration of MOVING onto FIXED")
+    p = sub.add_parser("register", parents=[common_options()], help="deformable registration of MOVING onto FIXED")
     p.add_argument("fixed")
     p.add_argument("moving")
     p.add_argument("-o", "--output", required=True, help="warped moving image")
@@ -152,7 +156,7 @@ def _placeholder_register(sub) -> None:
 
 
 def _placeholder_reconstruct(sub) -> None:
-    p = sub.add_parser("reconstruct", parents=[_common()], help="reconstruct an image from raw k-space")
+    p = sub.add_parser("reconstruct", parents=[common_options()], help="reconstruct an image from raw k-space")
     p.add_argument("kspace")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--method", default="varnet")
@@ -172,7 +176,7 @@ def _placeholder_reconstruct(sub) -> None:
 
 
 def _placeholder_segment(sub) -> None:
-    p = sub.add_parser("segment", parents=[_common()], help="segment TARGET from a few examples")
+    p = sub.add_parser("segment", parents=[common_options()], help="segment TARGET from a few examples")
     p.add_argument("target")
     p.add_argument("-o", "--output", required=True)
     g = p.add_mutually_exclusive_group(required=True)
@@ -192,7 +196,7 @@ def _placeholder_segment(sub) -> None:
 
 
 def _placeholder_batch(sub) -> None:
-    p = sub.add_parser("batch", parents=[_common()], help="run a manifest of jobs on a Dask cluster")
+    p = sub.add_parser("batch", parents=[common_options()], help="run a manifest of jobs on a Dask cluster")
     p.add_argument("manifest")
     p.add_argument("--scheduler")
     p.add_argument("--workers", type=int)
@@ -206,7 +210,7 @@ def _placeholder_batch(sub) -> None:
 
 
 def _placeholder_adapt(sub) -> None:
-    p = sub.add_parser("adapt", parents=[_common()], help="stain or Fourier domain adaptation")
+    p = sub.add_parser("adapt", parents=[common_options()], help="stain or Fourier domain adaptation")
     p.add_argument("mode", choices=("stain", "fourier"))
     p.add_argument("input")
     p.add_argument("references", nargs="+")
@@ -227,7 +231,7 @@ _PLACEHOLDERS: dict[str, Callable] = {
 }
 
 # capability command -> the package holding its cli.py
-_CAPABILITIES = {
+CAPABILITIES = {
     "register": "meddl.registration.cli",
     "reconstruct": "meddl.reconstruction.cli",
     "adapt": "meddl.adaptation.cli",
@@ -236,8 +240,9 @@ _CAPABILITIES = {
 }
 
 
-def _capability_module(name: str):
-    module = _CAPABILITIES[name]
+def capability_module(name: str):
+    """The capability's cli module, or None when the capability is not part of this build."""
+    module = CAPABILITIES[name]
     if importlib.util.find_spec(module.rsplit(".", 1)[0]) is None:
         return None
     try:
@@ -252,7 +257,7 @@ def _capability_module(name: str):
 
 
 def _info(sub) -> None:
-    p = sub.add_parser("info", parents=[_common(compute=False)], help="describe a volume file (geometry, kind, range)")
+    p = sub.add_parser("info", parents=[common_options(compute=False)], help="describe a volume file (geometry, kind, range)")
     p.add_argument("path")
     p.add_argument("--kind", choices=("intensity", "label", "complex", "displacement"))
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -291,7 +296,7 @@ def _info(sub) -> None:
 
 
 def _convert(sub) -> None:
-    p = sub.add_parser("convert", parents=[_common(compute=False)],
+    p = sub.add_parser("convert", parents=[common_options(compute=False)],
                        help="convert between NIfTI, NRRD, MHA, PNG/TIFF and DICOM folders (geometry kept)")
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True)
@@ -310,7 +315,7 @@ def _convert(sub) -> None:
 
 
 def _samples(sub) -> None:
-    p = sub.add_parser("samples", parents=[_common(compute=False)], help="list or export the offline sample data")
+    p = sub.add_parser("samples", parents=[common_options(compute=False)], help="list or export the offline sample data")
     p.add_argument("names", nargs="*", help="samples to export (default: list them)")
     p.add_argument("-o", "--output-dir", help="folder to copy the exported samples into")
 
@@ -339,7 +344,7 @@ def _samples(sub) -> None:
 
 
 def _demo(sub) -> None:
-    p = sub.add_parser("demo", parents=[_common()], help="run every available capability on sample data")
+    p = sub.add_parser("demo", parents=[common_options()], help="run every available capability on sample data")
     p.add_argument("-o", "--output-dir", default="demo_output")
 
     def run(args, ctx) -> int:
@@ -352,12 +357,12 @@ def _demo(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="meddl", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="meddl", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"meddl {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name in ("register", "reconstruct", "adapt", "segment", "batch"):
-        module = _capability_module(name)
+        module = capability_module(name)
         if module is not None:
             module.configure(sub)
         else:
@@ -370,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
 # -- main -------------------------------------------------------------------------------------
 
 
-def _make_context(args) -> tuple[RunContext, Any]:
+def make_context(args) -> tuple[RunContext, Any]:
+    """Progress display, device and seed for one command run, from its parsed arguments."""
     import random
 
     from .device import resolve_device
@@ -384,7 +390,12 @@ def _make_context(args) -> tuple[RunContext, Any]:
         callback = bar
     else:
         callback = None
-    choice = resolve_device(args.device)
+    if getattr(args, "_defer_device", lambda a: False)(args):
+        from .device import DeviceChoice
+
+        choice = DeviceChoice(args.device, "resolved on each worker")
+    else:
+        choice = resolve_device(args.device)
     if args.seed is not None:
         import numpy as np
         import torch
@@ -410,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
         if getattr(args, "_compute", True):
-            ctx, bar = _make_context(args)
+            ctx, bar = make_context(args)
             ctx.log(f"device: {ctx.device} ({ctx.device_reason})")
         else:
             from .progress import Reporter as _R
@@ -441,6 +452,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+
+# Old private names, kept while capability modules move to the public ones.
+_Parser = Parser
+_common = common_options
+_CAPABILITIES = CAPABILITIES
+_capability_module = capability_module
+_make_context = make_context
 
 
 if __name__ == "__main__":  # pragma: no cover
