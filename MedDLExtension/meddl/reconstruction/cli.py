@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..cli import _common, check_outputs
+from ..cli import check_outputs, common_options
 from ..errors import InputError
 from ..io import VOLUME_SUFFIXES
 from .masks import MaskType
@@ -55,7 +55,7 @@ def _check_suffix(path: str | None, flag: str) -> None:
 def configure(subparsers) -> None:
     p = subparsers.add_parser(
         "reconstruct",
-        parents=[_common()],
+        parents=[common_options()],
         help="reconstruct an image from raw k-space",
         description="Reconstruct magnitude images from a fastMRI or ISMRMRD k-space file.",
     )
