@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[data,mrml,batch,dev]"
+	$(BIN)/python -m pip install -q -e ".[data,mrml,batch,recon,bench,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
