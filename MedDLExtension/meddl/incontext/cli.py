@@ -16,7 +16,7 @@ __all__ = ["configure", "run"]
 
 
 def configure(subparsers) -> None:
-    p = subparsers.add_parser("segment", parents=[cli._common()], help="segment TARGET from a few examples",
+    p = subparsers.add_parser("segment", parents=[cli.common_options()], help="segment TARGET from a few examples",
                               description="Few-shot in-context segmentation (Neuralizer-style): a structure, or an "
                                           "image task, shown by a few painted slices or a few segmented scans.")
     p.add_argument("target", help="image to segment (2D or 3D)")
