@@ -240,3 +240,20 @@ def test_deepsim_runs_with_a_given_feature_extractor(tmp_path):
     assert result.summary["similarity"] == "deepsim"
     before = float(np.linalg.norm(truth.numpy(), axis=0)[inside(img)].mean())
     assert epe(result.displacement, truth, inside(img)) < before  # even random features pull the right way
+
+
+def test_a_network_start_worse_than_identity_is_dropped(tmp_path):
+    from meddl.models import save_model
+    from meddl.registration.network import VelocityNet
+
+    torch.manual_seed(0)
+    net = VelocityNet(3, (4, 8, 8, 8))
+    torch.nn.init.normal_(net.unet.head.weight, std=0.5)  # a wild, untrained flow head
+    save_model(net, tmp_path, "bad", {"spatial_dims": 3, "features": [4, 8, 8, 8], "steps": 7}, "none", "test", {},
+               spacing_mm=4.0)
+    img = phantom()
+    moving, truth = shifted(img, [2.0, 0.0, 0.0])
+    config = RegistrationConfig(**{**FAST, "method": "network+optimisation", "weights": str(tmp_path / "bad.pt")})
+    result = register(img, moving, config)
+    assert result.summary["network_init_used"] is False
+    assert epe(result.displacement, truth, inside(img)) < 1.0

@@ -127,6 +127,7 @@ class LevelReport:
     loss_end: float
     converged: bool
     history: list[float] = field(default_factory=list)
+    init_rejected: bool = False  #: the given start (network) lost to the identity and was dropped
 
 
 def optimise_velocity(
@@ -155,7 +156,9 @@ def optimise_velocity(
             (coarser) velocity grid, is integrated there and its displacement resampled on the
             image grid (a cheap, smooth parameterisation).
         loss_fn: similarity loss ``(warped, fixed) -> scalar`` to minimise.
-        init: a starting velocity and its grid (the network's), else zero.
+        init: a starting velocity and its grid (the network's), else zero. It is used only if its
+            loss at the first level beats the identity's (a network that does not fit the pair
+            must not make the answer worse).
         lam: weight of the diffusion regulariser on ``exp(v)`` (voxel units: dimensionless).
         iterations: at most this many Adam steps per level.
         lr: Adam step (voxels).
@@ -167,16 +170,27 @@ def optimise_velocity(
     """
     v_prev, g_prev = init if init is not None else (None, None)
     reports: list[LevelReport] = []
+    init_rejected = False
     total = max(1, len(grids) * iterations)
     done = 0
     for grid, vgrid in grids:
         f = to_grid(fixed, fixed_affine, grid)
         m = to_grid(moving, moving_affine, grid, matrix)
         nd = len(grid.shape)
+        zero = torch.zeros((1, nd, *vgrid.shape), dtype=f.dtype, device=f.device)
         if v_prev is None:
-            v0 = torch.zeros((1, nd, *vgrid.shape), dtype=f.dtype, device=f.device)
+            v0 = zero
         else:
             v0 = regrid_field(v_prev, g_prev, vgrid)
+            if not reports and init is not None:
+                # keep the network's start only if it beats the identity on this pair
+                with torch.no_grad():
+                    def cost(vv):
+                        u_v = integrate(vv, steps)
+                        return float(loss_fn(warp(m, regrid_field(u_v, vgrid, grid)), f) + lam * diffusion(u_v))
+                    if cost(zero) <= cost(v0):
+                        v0 = zero
+                        init_rejected = True
         v = v0.clone().requires_grad_(True)
         opt = torch.optim.Adam([v], lr=lr)
         history: list[float] = []
@@ -206,4 +220,6 @@ def optimise_velocity(
                                    history[0] if history else math.nan, history[-1] if history else math.nan,
                                    converged, history[:: max(1, len(history) // 20)]))
         v_prev, g_prev = best[1], vgrid
+    if reports:
+        reports[0].init_rejected = init_rejected
     return v_prev, g_prev, reports

@@ -381,6 +381,8 @@ def register(
                    for r in reports],
         **facts,
     }
+    if reports and "network" in facts:
+        summary["network_init_used"] = not reports[0].init_rejected
     if notes:
         summary["notes"] = notes
     rep(1.0, "done")
