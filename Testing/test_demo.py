@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from meddl import demo, io
 from meddl.cli import RunContext, main
 from meddl.progress import Reporter
