@@ -7,7 +7,6 @@ import pytest
 from meddl import io
 from meddl.cli import main
 from meddl.volume import Kind, Volume
-
 from test_registration_pipeline import phantom, shifted
 
 

@@ -29,7 +29,7 @@ def phantom(nd: int = 3, seed: int = 0, oblique: bool = True) -> Volume:
     for _ in range(6):
         c = rng.uniform(-0.4, 0.4, nd)
         rad = rng.uniform(0.12, 0.3)
-        img = np.where(sum((g - ci) ** 2 for g, ci in zip(grids, c)) < rad**2, rng.uniform(0.5, 1.0), img)
+        img = np.where(sum((g - ci) ** 2 for g, ci in zip(grids, c, strict=False)) < rad**2, rng.uniform(0.5, 1.0), img)
     img = img + (r2 < 0.7) * gaussian_filter(rng.normal(size=shape), 1.5) * 0.3
     img = gaussian_filter(img, 0.7).astype(np.float32)
     if nd == 3:

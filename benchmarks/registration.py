@@ -187,7 +187,6 @@ def _bspline(fixed: Volume, moving: Volume) -> Volume:
     """SimpleITK: affine (our pre-alignment) then a B-spline FFD (mesh ~ 20 mm), Mattes MI, L-BFGS-B, shrink 4 and 2
     (a full-resolution level took over 5 minutes here)."""
     import SimpleITK as sitk
-
     from meddl.registration.affine import prealign
 
     m = prealign(fixed, moving, "affine")
@@ -198,7 +197,7 @@ def _bspline(fixed: Volume, moving: Volume) -> Volume:
     affine_tx = sitk.AffineTransform(3)
     affine_tx.SetMatrix(lps[:3, :3].ravel().tolist())
     affine_tx.SetTranslation(lps[:3, 3].tolist())
-    mesh = [max(2, int(round(sz * sp / 20.0))) for sz, sp in zip(f.GetSize(), f.GetSpacing())]
+    mesh = [max(2, int(round(sz * sp / 20.0))) for sz, sp in zip(f.GetSize(), f.GetSpacing(), strict=False)]
     bspline = sitk.BSplineTransformInitializer(f, mesh, 3)
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(32)
@@ -272,7 +271,7 @@ def hd95(a: np.ndarray, b: np.ndarray, spacing: np.ndarray) -> float:
         return float("nan")
     box = np.argwhere(a | b)
     lo, hi = np.maximum(box.min(0) - 3, 0), box.max(0) + 4
-    sl = tuple(slice(int(x), int(y)) for x, y in zip(lo, hi))
+    sl = tuple(slice(int(x), int(y)) for x, y in zip(lo, hi, strict=False))
     a, b = a[sl], b[sl]
     sa = a & ~binary_erosion(a)
     sb = b & ~binary_erosion(b)

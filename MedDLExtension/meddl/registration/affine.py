@@ -51,7 +51,7 @@ def overlap_fraction(fixed: Volume, moving: Volume, matrix: np.ndarray | None = 
     """Fraction of the fixed box's volume whose (mapped) points fall in the moving box (bounding boxes)."""
     lo_f, hi_f = _box(fixed)
     if matrix is not None:
-        corners = np.array(np.meshgrid(*zip(lo_f, hi_f), indexing="ij")).reshape(3, -1).T
+        corners = np.array(np.meshgrid(*zip(lo_f, hi_f, strict=False), indexing="ij")).reshape(3, -1).T
         mapped = corners @ matrix[:3, :3].T + matrix[:3, 3]
         lo_f, hi_f = mapped.min(0), mapped.max(0)
     lo_m, hi_m = _box(moving)

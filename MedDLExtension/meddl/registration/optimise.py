@@ -185,7 +185,7 @@ def optimise_velocity(
             if not reports and init is not None:
                 # keep the network's start only if it beats the identity on this pair
                 with torch.no_grad():
-                    def cost(vv):
+                    def cost(vv, m=m, f=f, grid=grid, vgrid=vgrid):
                         u_v = integrate(vv, steps)
                         return float(loss_fn(warp(m, regrid_field(u_v, vgrid, grid)), f) + lam * diffusion(u_v))
                     if cost(zero) <= cost(v0):

@@ -20,7 +20,7 @@ from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback, Reporter
 from ..volume import Kind, Volume, require
 from .affine import AffineMode, overlap_fraction, prealign
-from .optimise import Grid, LevelReport, make_grid, optimise_velocity, regrid_field, to_grid
+from .optimise import Grid, LevelReport, make_grid, optimise_velocity, to_grid
 from .similarity import DeepSimLoss, Similarity, lncc_loss, mi_loss
 from .svf import identity_grid, integrate, sample, voxel_to_mm
 

@@ -126,6 +126,6 @@ class DeepSimLoss(torch.nn.Module):
         feats_f = self._cache[1]
         feats_w = self.features(warped)
         total = warped.new_zeros(())
-        for a, b in zip(feats_w, feats_f):
+        for a, b in zip(feats_w, feats_f, strict=False):
             total = total + F.cosine_similarity(a, b, dim=1, eps=1e-6).mean()
         return -total / len(feats_f)

@@ -220,7 +220,7 @@ def _crop(arr: np.ndarray, shape: tuple[int, ...], gen: torch.Generator) -> np.n
     """A random crop (zero-padded where the map is smaller) of ``shape``."""
     out = np.zeros(shape, arr.dtype)
     src, dst = [], []
-    for n_in, n_out in zip(arr.shape, shape):
+    for n_in, n_out in zip(arr.shape, shape, strict=False):
         if n_in >= n_out:
             start = int(torch.randint(0, n_in - n_out + 1, (), generator=gen))
             src.append(slice(start, start + n_out))
