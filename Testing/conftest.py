@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.spatial.transform import Rotation
-
 from meddl.volume import Kind, Volume, affine_from_geometry
+from scipy.spatial.transform import Rotation
 
 # Keep the user's cache clean: samples built by tests go to a per-session folder.
 os.environ.setdefault("MEDDL_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "meddl-samples"))

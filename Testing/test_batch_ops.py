@@ -15,12 +15,12 @@ import time
 import uuid
 from pathlib import Path
 
-from meddl.cli import _common
+from meddl.cli import common_options
 from meddl.errors import InputError
 
 
 def configure(subparsers) -> None:
-    p = subparsers.add_parser("sleepcopy", parents=[_common()], help="test operation")
+    p = subparsers.add_parser("sleepcopy", parents=[common_options()], help="test operation")
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--seconds", type=float, default=0.0)

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from meddl import __version__, io
 from meddl.cli import main
 from meddl.volume import Volume
@@ -104,7 +103,7 @@ def test_capabilities_not_in_this_build_say_so(cli, tmp_path, scalar3d, command)
     from meddl import cli as cli_module
 
     name = command[0]
-    if cli_module._capability_module(name) is not None:
+    if cli_module.capability_module(name) is not None:
         pytest.skip(f"{name} is part of this build")
     args = [a.format(file=scalar3d, out=str(tmp_path / "o.nii.gz")) for a in command]
     _assert_clean_error(cli(*args), rf"meddl {name}: .* not available in this build")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from meddl.device import resolve_device, run_with_fallback
 from meddl.errors import InputError
 

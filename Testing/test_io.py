@@ -9,7 +9,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from meddl import io
 from meddl.errors import InputError
 from meddl.volume import Kind, Volume

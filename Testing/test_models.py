@@ -7,7 +7,6 @@ import pickle
 
 import pytest
 import torch
-
 from meddl import models
 from meddl.errors import ModelError
 from meddl.nets import UNet

@@ -357,9 +357,9 @@ def test_real_meddl_fourier_adaptation_round_trip(scene, rng):
 
 
 def _pending_capabilities() -> list[str]:
-    from meddl.cli import _capability_module
+    from meddl.cli import capability_module
 
-    return [name for name in ("register", "segment") if _capability_module(name) is None]
+    return [name for name in ("register", "segment") if capability_module(name) is None]
 
 
 @pytest.mark.skipif(not _pending_capabilities(), reason="every capability is built")

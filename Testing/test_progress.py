@@ -6,7 +6,6 @@ import io as stdio
 import json
 
 import pytest
-
 from meddl.errors import Cancelled
 from meddl.progress import CancelToken, Reporter, json_progress
 

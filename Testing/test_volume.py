@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from meddl.errors import InputError
 from meddl.volume import Kind, Volume, affine_from_geometry, geometry_from_affine, require
 

@@ -455,13 +455,5 @@ def _one_line(exc: BaseException) -> str:
 
 
 
-# Old private names, kept while capability modules move to the public ones.
-_Parser = Parser
-_common = common_options
-_CAPABILITIES = CAPABILITIES
-_capability_module = capability_module
-_make_context = make_context
-
-
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

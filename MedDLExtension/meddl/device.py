@@ -10,8 +10,9 @@ from __future__ import annotations
 import enum
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from .errors import InputError
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from typing import IO, Callable, Protocol
+from collections.abc import Callable
+from typing import IO, Protocol
 
 from .errors import Cancelled
 

@@ -19,10 +19,10 @@ _SUFFIXES = (".nii.gz", ".seg.nrrd", ".nrrd", ".nii", ".mha", ".mhd", ".png", ".
 def _parents() -> list[argparse.ArgumentParser]:
     """The common flags (--device, --progress, --seed, --debug) of the main command, if it has them."""
     try:
-        from ..cli import _common  # the main cli owns the common flags
+        from ..cli import common_options  # the main cli owns the common flags
     except ImportError:  # pragma: no cover - the library without its command line
         return []
-    return [_common()]
+    return [common_options()]
 
 
 def configure(subparsers) -> argparse.ArgumentParser:

@@ -67,7 +67,7 @@ class UNet(nn.Module):
             raise ValueError(f"UNet: spatial size {tuple(x.shape[2:])} must be divisible by {factor}; pad the input")
         feats = self.encode(x)
         x = feats[-1]
-        for block, skip in zip(self.up, reversed(feats[:-1])):
+        for block, skip in zip(self.up, reversed(feats[:-1]), strict=True):
             x = nn.functional.interpolate(x, size=skip.shape[2:], mode=self._mode, align_corners=False)
             x = block(torch.cat([x, skip], dim=1))
         return self.head(x)

@@ -27,7 +27,7 @@ def _suffix_ok(path: str | None) -> bool:
 
 def configure(sub) -> None:
     """Add the ``register`` sub-command to the ``meddl`` parser."""
-    p = sub.add_parser("register", parents=[_cli._common()], help="deformable registration of MOVING onto FIXED",
+    p = sub.add_parser("register", parents=[_cli.common_options()], help="deformable registration of MOVING onto FIXED",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("fixed", help="fixed image (the answer is on its grid)")
     p.add_argument("moving", help="moving image (any grid, size and spacing)")
