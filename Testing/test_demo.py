@@ -58,3 +58,14 @@ def test_make_demo_runs_every_capability(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["capabilities_not_in_this_build"] == []
     assert {o["capability"] for o in summary["outputs"]} >= {"registration", "reconstruction", "adaptation", "incontext"}
+
+
+def test_overview_shows_the_fullest_slice_of_a_sparse_label_map():
+    from meddl.volume import Kind, Volume
+
+    labels = np.zeros((1, 6, 5, 9), dtype=np.uint8)
+    labels[0, 1:4, 2:4, 2] = 1  # painted on one slice, away from the middle (4)
+    picture = demo._display_slice(Volume(labels, np.eye(4), Kind.LABEL))
+    assert picture.shape == (5, 6) and picture.sum() == 6
+    image = Volume(labels.astype(np.float32), np.eye(4), Kind.INTENSITY)
+    assert demo._display_slice(image).sum() == 0  # images keep the middle slice

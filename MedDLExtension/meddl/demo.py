@@ -93,12 +93,18 @@ class _StageContext:
 
 
 def _display_slice(vol: Volume) -> np.ndarray:
-    """A 2D (rows, cols[, 3]) picture of a volume: the middle axial slice, radiological-free RAS view."""
+    """A 2D (rows, cols[, 3]) picture of a volume: the middle axial slice, radiological-free RAS view.
+
+    A label map whose middle slice is empty (sparse annotations) shows its fullest slice instead.
+    """
     arr = vol.numpy()
     if np.iscomplexobj(arr):
         arr = np.abs(arr)
     if vol.ndim == 3:
-        arr = arr[:, :, :, arr.shape[3] // 2]
+        k = arr.shape[3] // 2
+        if vol.kind is Kind.LABEL and not arr[..., k].any() and arr.any():
+            k = int(np.argmax((arr != 0).sum(axis=(0, 1, 2))))
+        arr = arr[:, :, :, k]
     # (C, I, J) -> rows = J flipped so anterior/up is at the top, cols = I
     img = np.transpose(arr, (2, 1, 0))
     if vol.direction[1, 1] > 0:
