@@ -46,7 +46,7 @@ from meddl.volume import Kind, Volume, affine_from_geometry
 argv = sys.argv[1:]
 mode = os.environ.get("FAKE_MEDDL_MODE", "ok")
 record = {"argv": argv, "inputs": {}}
-OUTPUT_FLAGS = {"-o", "--transform", "--jacobian", "--labels-out", "--uncertainty", "--zero-filled",
+OUTPUT_FLAGS = {"-o", "--transform", "--jacobian", "--labels-out", "--uncertainty", "--zero-filled", "--phase",
                 "--coil-images", "--stains-out"}
 VALUE_FLAGS = {"--method", "--similarity", "--device", "--progress", "--seed", "--undersample", "--acceleration",
                "--center-fraction", "--beta", "--window", "--task", "--moving-labels", "--annotated"}
@@ -113,7 +113,7 @@ if command == "register":
 elif command == "reconstruct":
     affine = affine_from_geometry([0.5, 0.5, 3.0], [-2.0, 1.0, 4.0])
     io.write(Volume(np.full((1, 6, 5, 1), 7.0, np.float32), affine), outputs["-o"])
-    for flag, value in (("--zero-filled", 3.0), ("--uncertainty", 0.1)):
+    for flag, value in (("--zero-filled", 3.0), ("--uncertainty", 0.1), ("--phase", -1.5)):
         if flag in outputs:
             io.write(Volume(np.full((1, 6, 5, 1), value, np.float32), affine), outputs[flag])
     if "--coil-images" in outputs:
@@ -394,16 +394,18 @@ def kspace_file(tmp_path):
 def test_reconstruction_outputs_and_coil_sequence(scene, fake, kspace_file):
     result = ReconstructionLogic(runner=fake.runner).run(
         kspace_file, scene=scene, method="cg-sense", undersampling="equispaced", acceleration=4,
-        center_fraction=0.08, zero_filled=True, uncertainty=True, coil_images=True, device="cpu")
+        center_fraction=0.08, zero_filled=True, uncertainty=True, phase=True, coil_images=True, device="cpu")
     argv = fake.record()["argv"]
     assert argv[:2] == ["reconstruct", str(kspace_file)]
     assert _flag(argv, "--method") == "cg-sense" and _flag(argv, "--undersample") == "equispaced"
     assert _flag(argv, "--acceleration") == "4" and _flag(argv, "--center-fraction") == "0.08"
-    assert {"--uncertainty", "--zero-filled", "--coil-images"} <= set(argv)
+    assert {"--uncertainty", "--zero-filled", "--phase", "--coil-images"} <= set(argv)
     assert result.reconstruction.GetName() == "file1000001 cg-sense"
     np.testing.assert_allclose(mrml.node_to_volume(result.reconstruction).numpy(), 7.0)
     np.testing.assert_allclose(mrml.node_to_volume(result.zero_filled).numpy(), 3.0)
     np.testing.assert_allclose(mrml.node_to_volume(result.uncertainty).numpy(), 0.1, rtol=1e-6)
+    np.testing.assert_allclose(mrml.node_to_volume(result.phase).numpy(), -1.5)
+    assert result.phase.GetName() == "file1000001 phase"
     coils = mrml.sequence_node_to_volumes(result.coil_images)
     assert [float(v.numpy().mean()) for v in coils] == [0.0, 1.0, 2.0, 3.0]
     assert result.coil_images.GetIndexName() == "coil"
@@ -414,7 +416,8 @@ def test_reconstruction_without_undersampling_sends_no_undersampling_flags(scene
     ReconstructionLogic(runner=fake.runner).run(kspace_file, scene=scene)
     argv = fake.record()["argv"]
     assert _flag(argv, "--method") == "varnet"
-    assert not {"--undersample", "--acceleration", "--center-fraction", "--zero-filled", "--coil-images"} & set(argv)
+    assert not {"--undersample", "--acceleration", "--center-fraction", "--zero-filled", "--phase",
+                "--coil-images"} & set(argv)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -437,6 +440,18 @@ def test_kspace_header_text_lists_datasets_and_ismrmrd_header(kspace_file, tmp_p
     assert "@acquisition = CORPD_FBK" in text
     assert "kspace: shape (2, 4, 16, 12), complex64" in text
     assert "<encoding>cartesian</encoding>" in text
+    assert "(not readable as k-space" in text  # all-zero k-space: no sampling pattern to find
+
+
+def test_kspace_header_text_starts_with_what_the_reconstruction_sees(tmp_path):
+    pytest.importorskip("h5py")
+    from meddl.reconstruction.demo import simulated_file
+
+    text = ReconstructionLogic.header_text(simulated_file(tmp_path / "sim.h5", size=32, coils=4))
+    summary = text.split("\n--\n")[0]
+    assert "format: fastmri" in summary and "coils: 4" in summary and "kspace_matrix: [32, 32]" in summary
+    assert "acceleration: 1.0" in summary and "has_reference: True" in summary
+    assert "kspace: shape (1, 4, 32, 32), complex64" in text
     bad = tmp_path / "bad.h5"
     bad.write_text("not hdf5")
     assert ReconstructionLogic.header_text(bad).startswith("(not a readable HDF5 file")

@@ -33,7 +33,7 @@ Methods: a learned end-to-end variational network (<b>varnet</b>), the <b>zero-f
 <b>cg-sense</b>, and compressed sensing with <b>l1-wavelet</b> or <b>tv</b> regularisation.
 Fully sampled data can be undersampled retrospectively (equispaced or random lines, acceleration R,
 centre fraction) to see what an accelerated scan would give. Optional outputs: the zero-filled image, a
-per-voxel uncertainty map and the per-coil images as a sequence.
+per-voxel uncertainty map, the phase of the complex image and the per-coil images as a sequence.
 <br>The work runs in a background process; the command line equivalent is <code>meddl reconstruct</code>.
 """
         self.parent.acknowledgementText = """
@@ -55,6 +55,7 @@ class MedDLReconstructionParameterNode:
     reconstructionVolume: vtkMRMLScalarVolumeNode
     zeroFilledVolume: vtkMRMLScalarVolumeNode
     uncertaintyVolume: vtkMRMLScalarVolumeNode
+    phaseVolume: vtkMRMLScalarVolumeNode
     coilImages: bool = False
 
 
@@ -95,6 +96,7 @@ class MedDLReconstructionWidget(MedDLModuleWidget):
             reconstruction=p.reconstructionVolume if p.reconstructionVolume else True,
             zero_filled=p.zeroFilledVolume if p.zeroFilledVolume else False,
             uncertainty=p.uncertaintyVolume if p.uncertaintyVolume else False,
+            phase=p.phaseVolume if p.phaseVolume else False,
             coil_images=p.coilImages,
             progress=progress, log=log)
 

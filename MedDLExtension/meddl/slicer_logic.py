@@ -469,6 +469,7 @@ class ReconstructionResult:
     reconstruction: Any
     zero_filled: Any = None
     uncertainty: Any = None
+    phase: Any = None  #: radians, of the complex image
     coil_images: Any = None  #: a sequence node, one volume per coil
     process: ProcessResult | None = field(default=None, repr=False)
 
@@ -491,6 +492,7 @@ class ReconstructionLogic(MedDLLogic):
         reconstruction: Any = True,
         zero_filled: Any = False,
         uncertainty: Any = False,
+        phase: Any = False,
         coil_images: bool = False,
         scene: Any = None,
         progress: ProgressCallback | None = None,
@@ -500,8 +502,9 @@ class ReconstructionLogic(MedDLLogic):
 
         ``undersampling`` (``"equispaced"``/``"random"``) retrospectively undersamples fully
         sampled data by ``acceleration``, keeping ``center_fraction`` of the central lines.
-        ``zero_filled`` and ``coil_images`` need the command's ``--zero-filled`` and
-        ``--coil-images`` outputs (the latter a multi-channel image, one channel per coil).
+        ``zero_filled``, ``phase`` and ``coil_images`` need the command's ``--zero-filled``,
+        ``--phase`` (radians) and ``--coil-images`` outputs (the latter a multi-channel image,
+        one channel per coil).
         """
         path = Path(kspace_path) if kspace_path else None
         if path is None or not path.is_file():
@@ -527,6 +530,8 @@ class ReconstructionLogic(MedDLLogic):
                 args += ["--uncertainty", d / f"uncertainty{_EXT}"]
             if _wanted(zero_filled):
                 args += ["--zero-filled", d / f"zero-filled{_EXT}"]
+            if _wanted(phase):
+                args += ["--phase", d / f"phase{_EXT}"]
             if coil_images:
                 args += ["--coil-images", d / f"coils{_EXT}"]
             return [str(a) for a in args] + flags
@@ -548,6 +553,8 @@ class ReconstructionLogic(MedDLLogic):
                 out.zero_filled = volume("zero-filled", "zero-filled", zero_filled)
             if _wanted(uncertainty):
                 out.uncertainty = volume("uncertainty", "uncertainty", uncertainty)
+            if _wanted(phase):
+                out.phase = volume("phase", "phase", phase)
             if coil_images:
                 coils = io.read(workdir / f"coils{_EXT}")
                 per_coil = [coils.with_data(coils.numpy()[c:c + 1]) for c in range(coils.channels)]
@@ -559,7 +566,12 @@ class ReconstructionLogic(MedDLLogic):
 
     @staticmethod
     def header_text(kspace_path: str | Path, max_lines: int = 60) -> str:
-        """A readable summary of a k-space HDF5 file: datasets, attributes, ISMRMRD header start."""
+        """A readable summary of a k-space HDF5 file.
+
+        First what the reconstruction will see (:func:`meddl.reconstruction.describe`: coils,
+        matrices, field of view, the acceleration and calibration lines found in the sampling
+        pattern), then the raw listing: attributes, datasets and the ISMRMRD header.
+        """
         path = Path(kspace_path)
         if not path.is_file():
             return f"(no such file: {path})"
@@ -568,6 +580,15 @@ class ReconstructionLogic(MedDLLogic):
         except ImportError:
             return "(h5py is not installed: cannot show the header)"
         lines: list[str] = []
+        try:
+            from .reconstruction.kspace import describe
+
+            info = describe(path)
+        except (MedDLError, ImportError, OSError, ValueError, KeyError) as exc:
+            lines.append(f"(not readable as k-space: {' '.join(str(exc).split())})")
+        else:
+            lines += [f"{key}: {value}" for key, value in info.items()]
+            lines.append("--")
         try:
             with h5py.File(path, "r") as f:
                 for key, value in f.attrs.items():
