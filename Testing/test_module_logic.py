@@ -48,7 +48,7 @@ mode = os.environ.get("FAKE_MEDDL_MODE", "ok")
 record = {"argv": argv, "inputs": {}}
 OUTPUT_FLAGS = {"-o", "--transform", "--jacobian", "--labels-out", "--uncertainty", "--zero-filled", "--phase",
                 "--coil-images", "--stains-out"}
-VALUE_FLAGS = {"--method", "--similarity", "--device", "--progress", "--seed", "--undersample", "--acceleration",
+VALUE_FLAGS = {"--method", "--similarity", "--affine", "--device", "--progress", "--seed", "--undersample", "--acceleration",
                "--center-fraction", "--beta", "--window", "--task", "--moving-labels", "--annotated"}
 outputs, options, positional, context = {}, {}, [], []
 i = 1
@@ -221,6 +221,7 @@ def test_registration_puts_outputs_in_the_scene_with_the_fixed_geometry(scene, f
     argv = fake.record()["argv"]
     assert argv[0] == "register"
     assert _flag(argv, "--method") == "network+optimisation" and _flag(argv, "--similarity") == "mi"
+    assert _flag(argv, "--affine") == "affine"
     assert _flag(argv, "--device") == "cpu" and _flag(argv, "--progress") == "json" and _flag(argv, "--seed") == "7"
     assert {"--transform", "--jacobian", "--moving-labels", "--labels-out"} <= set(argv)
     inputs = fake.record()["inputs"]
@@ -272,7 +273,8 @@ def test_registration_refuses_to_overwrite_an_input(scene, fake, rng):
 
 @pytest.mark.parametrize("option, value, message", [
     ("method", "gradient-descent", "registration method: expected one of network\\+optimisation, network, optimisation"),
-    ("similarity", "ssd", "similarity: expected one of lncc, mi, deepsim, got 'ssd'"),
+    ("similarity", "ssd", "similarity: expected one of lncc, mi, mind, deepsim, got 'ssd'"),
+    ("prealignment", "rigid", "pre-alignment: expected one of affine, center, none, got 'rigid'"),
     ("device", "tpu", "device: expected one of auto, cpu, cuda, mps, got 'tpu'"),
 ])
 def test_registration_refuses_unknown_options(scene, fake, rng, option, value, message):
@@ -325,7 +327,16 @@ def test_cancel_ends_the_job_with_cancelled_and_cleans_up(scene, fake, rng):
 
 
 def test_choices_list_what_the_command_line_accepts():
+    from meddl.cli import build_parser
+    from meddl.slicer_logic import Prealignment, Similarity
+
     assert choices(RegistrationMethod) == ["network+optimisation", "network", "optimisation"]
+    parser = build_parser()
+    register = next(a for a in parser._actions if a.dest == "command").choices["register"]
+    flags = {a.option_strings[0]: a.choices for a in register._actions if a.option_strings}
+    assert choices(RegistrationMethod) == list(flags["--method"])
+    assert choices(Similarity) == list(flags["--similarity"])
+    assert choices(Prealignment) == list(flags["--affine"])
 
 
 # -- the real meddl command ---------------------------------------------------------------------
@@ -339,6 +350,36 @@ def test_real_meddl_error_line_is_raised_for_an_rgb_fixed_image(scene, rng):
     result = err.value.result
     assert result.returncode == 2 and str(err.value) == result.error  # the command's own one-line message
     assert f"error: {result.error}" in result.stderr
+
+
+def test_real_meddl_registration_transform_node_moves_points_like_the_shift(scene):
+    """End to end: two blob volumes 4 mm apart along R -> meddl register -> a grid transform node
+    whose "from parent" (fixed -> moving, the resampling convention) moves the blob's centre by the
+    shift, and a warped volume that matches the fixed one."""
+    spacing = 2.0
+    affine = affine_from_geometry([spacing] * 3, [-20.0, -16.0, -12.0])
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in (20, 16, 12)], indexing="ij"), -1).astype(float)
+    ras = idx * spacing + np.array([-20.0, -16.0, -12.0])
+    shift = np.array([4.0, 0.0, 0.0])
+
+    def blob(centre):
+        r2 = (((ras - centre) / np.array([7.0, 5.0, 4.0])) ** 2).sum(-1)
+        return np.exp(-r2)[None].astype(np.float32)
+
+    centre = np.array([-1.0, -1.0, -1.0])
+    fixed = _volume_node(scene, blob(centre), "fixed", affine=affine)
+    moving = _volume_node(scene, blob(centre + shift), "moving", affine=affine)
+    result = RegistrationLogic(runner=ProcessRunner()).run(
+        fixed, moving, method="optimisation", similarity="lncc", prealignment="none", device="cpu", seed=0,
+        timeout=300)
+    p = result.transform.GetTransformFromParent().TransformPoint(list(centre))
+    np.testing.assert_allclose(np.array(p) - centre, shift, atol=1.0)
+    field = mrml.transform_node_to_displacement(result.transform)
+    i, j, k = np.round((centre - ras[0, 0, 0]) / spacing).astype(int)
+    np.testing.assert_allclose(field.numpy()[:, i, j, k], shift, atol=1.0)
+    warped = mrml.node_to_volume(result.warped).numpy()
+    before = np.abs(mrml.node_to_volume(moving).numpy() - blob(centre)).mean()
+    assert np.abs(warped - blob(centre)).mean() < 0.3 * before
 
 
 @pytest.mark.slow

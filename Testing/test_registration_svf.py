@@ -7,7 +7,7 @@ import pytest
 import torch
 from meddl import transforms
 from meddl.registration.optimise import Grid, make_grid, regrid_field, to_grid
-from meddl.registration.similarity import DeepSimLoss, lncc_loss, mi_loss
+from meddl.registration.similarity import DeepSimLoss, MindLoss, lncc_loss, mi_loss, mind_ssc
 from meddl.registration.svf import (
     compose,
     identity_grid,
@@ -126,3 +126,32 @@ def test_similarities_rank_aligned_pairs_best():
     deepsim = DeepSimLoss(SegmentationNet(3, 4, (4, 8)))
     assert float(deepsim(x, x)) == pytest.approx(-1.0, abs=1e-4)
     assert float(deepsim(shifted, x)) > -1.0
+
+
+def test_mind_descriptors_ignore_contrast_but_see_structure():
+    torch.manual_seed(1)
+    from meddl.registration.synth import gaussian_blur
+
+    x = gaussian_blur(torch.rand(1, 1, 20, 20, 20), 1.5)
+    m = mind_ssc(x)
+    assert m.shape == (1, 12, 20, 20, 20)  # 12 self-similarity pairs in 3D
+    assert float(m.min()) > 0 and float(m.amax(dim=1).min()) == pytest.approx(1.0)
+    # affine intensity changes, inverted ones included, leave the descriptor unchanged
+    torch.testing.assert_close(mind_ssc(1 - 2 * x), m, atol=1e-5, rtol=0)
+    assert mind_ssc(torch.rand(2, 1, 9, 11)).shape == (2, 4, 9, 11)  # 4 pairs in 2D
+    loss = MindLoss()
+    shifted = torch.roll(x, 2, dims=3)
+    assert float(loss(x, x)) == 0.0
+    assert float(loss(1 - x, x)) < 1e-8 < float(loss(shifted, x))
+    # the gradient of a small shift points back towards alignment
+    t = torch.zeros(1, requires_grad=True)
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, 20)] * 3, indexing="ij")[::-1], -1)[None]
+    moved = torch.nn.functional.grid_sample(x, grid + torch.stack([t, t * 0, t * 0]).view(1, 1, 1, 1, 3),
+                                            align_corners=True, padding_mode="border")
+    loss(moved, x).backward()
+    assert abs(float(t.grad)) < 1e-6  # aligned: a stationary point
+    t2 = torch.full((1,), 0.15, requires_grad=True)
+    moved = torch.nn.functional.grid_sample(x, grid + torch.stack([t2, t2 * 0, t2 * 0]).view(1, 1, 1, 1, 3),
+                                            align_corners=True, padding_mode="border")
+    loss(moved, x).backward()
+    assert float(t2.grad) > 0  # shifted right: descending moves it back

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import slicer
 from meddl.errors import MedDLError
-from meddl.slicer_logic import RegistrationLogic, RegistrationMethod, Similarity, choices
+from meddl.slicer_logic import Prealignment, RegistrationLogic, RegistrationMethod, Similarity, choices
 from MedDLCommon import DEVICES, MedDLModuleWidget, registerSampleData
 from slicer import vtkMRMLGridTransformNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
@@ -31,7 +31,7 @@ Deformable registration of a <b>moving</b> volume onto a <b>fixed</b> volume wit
 instance optimisation, or both. Outputs: the warped moving volume, the displacement field as a grid
 transform (apply it to the moving volume in the Data or Transforms module), its Jacobian determinant
 (values &lt;= 0 mark folding) and, when a moving segmentation is given, the warped segmentation.
-<br>Similarity: LNCC for the same modality, MI or DeepSim across modalities.
+<br>Similarity: LNCC for the same modality, MI, MIND or DeepSim across modalities.
 <br>The work runs in a background process: Slicer stays responsive and Cancel stops it at once.
 The same engine is available on the command line as <code>meddl register</code>.
 """
@@ -51,6 +51,7 @@ class MedDLRegistrationParameterNode:
     movingSegmentation: vtkMRMLSegmentationNode
     method: Annotated[str, Choice(choices(RegistrationMethod))] = RegistrationMethod.NETWORK_AND_OPTIMISATION.value
     similarity: Annotated[str, Choice(choices(Similarity))] = Similarity.LNCC.value
+    prealignment: Annotated[str, Choice(choices(Prealignment))] = Prealignment.AFFINE.value
     device: Annotated[str, Choice(DEVICES)] = "auto"
     warpedVolume: vtkMRMLScalarVolumeNode
     outputTransform: vtkMRMLGridTransformNode
@@ -79,7 +80,7 @@ class MedDLRegistrationWidget(MedDLModuleWidget):
         p = self._parameterNode
         return self.logic.start(
             p.fixedVolume, p.movingVolume, p.movingSegmentation,
-            method=p.method, similarity=p.similarity, device=p.device,
+            method=p.method, similarity=p.similarity, prealignment=p.prealignment, device=p.device,
             warped=p.warpedVolume if p.warpedVolume else True,
             transform=p.outputTransform if p.outputTransform else True,
             jacobian=p.jacobianVolume if p.jacobianVolume else False,

@@ -48,6 +48,7 @@ __all__ = [
     "SegmentationResult",
     "RegistrationMethod",
     "Similarity",
+    "Prealignment",
     "ReconstructionMethod",
     "Undersampling",
     "AdaptMode",
@@ -74,9 +75,16 @@ class RegistrationMethod(str, enum.Enum):
     OPTIMISATION = "optimisation"
 
 
+class Prealignment(str, enum.Enum):
+    AFFINE = "affine"
+    CENTER = "center"
+    NONE = "none"
+
+
 class Similarity(str, enum.Enum):
     LNCC = "lncc"
     MI = "mi"
+    MIND = "mind"
     DEEPSIM = "deepsim"
 
 
@@ -384,6 +392,7 @@ class RegistrationLogic(MedDLLogic):
         *,
         method: str = RegistrationMethod.NETWORK_AND_OPTIMISATION,
         similarity: str = Similarity.LNCC,
+        prealignment: str = Prealignment.AFFINE,
         device: str = "auto",
         seed: int | None = None,
         warped: Any = True,
@@ -398,6 +407,8 @@ class RegistrationLogic(MedDLLogic):
         ``moving_segmentation`` (optional) is warped with the same transform into
         ``warped_segmentation``. The transform node holds the displacement field (Slicer's
         "from parent" direction): applied to ``moving`` it aligns it with ``fixed``.
+        ``prealignment`` (the command's ``--affine``): ``affine``, ``center`` (centre of mass) or
+        ``none`` (trust the scanner coordinates).
         """
         if fixed is None or moving is None:
             raise InputError("meddl register: expected a fixed and a moving volume node, got "
@@ -405,6 +416,7 @@ class RegistrationLogic(MedDLLogic):
                              f"moving={getattr(moving, 'GetName', lambda: None)()}")
         method = _option(RegistrationMethod, method, "registration method")
         similarity = _option(Similarity, similarity, "similarity")
+        prealignment = _option(Prealignment, prealignment, "pre-alignment")
         flags = self._flags(device, seed)
         with_labels = moving_segmentation is not None and _wanted(warped_segmentation)
         self._refuse_overwriting_inputs(
@@ -417,7 +429,8 @@ class RegistrationLogic(MedDLLogic):
         def build(d: Path) -> tuple[list[str], list]:
             args = ["register", self._write_volume(fixed, d / f"fixed{_EXT}", "fixed volume"),
                     self._write_volume(moving, d / f"moving{_EXT}", "moving volume"),
-                    "-o", d / f"warped{_EXT}", "--method", method, "--similarity", similarity]
+                    "-o", d / f"warped{_EXT}", "--method", method, "--similarity", similarity,
+                    "--affine", prealignment]
             if _wanted(transform):
                 args += ["--transform", d / "transform.h5"]
             if _wanted(jacobian):

@@ -7,7 +7,7 @@
 Stages: affine pre-alignment (:mod:`.affine`), a U-Net predicting a stationary velocity field
 integrated by scaling and squaring (:mod:`.network`, :mod:`.svf`; trained contrast-agnostic on
 synthetic pairs, :mod:`.synth`, :mod:`.train`), then Adam instance optimisation of the velocity
-(:mod:`.optimise`) with local NCC, mutual information or DeepSim (:mod:`.similarity`).
+(:mod:`.optimise`) with local NCC, mutual information, MIND-SSC or DeepSim (:mod:`.similarity`).
 """
 
 from .affine import AffineMode

@@ -39,8 +39,8 @@ def configure(sub) -> None:
     p.add_argument("--labels-out", help="where the warped labels go (with --moving-labels)")
     p.add_argument("--method", choices=("network+optimisation", "network", "optimisation"),
                    default="network+optimisation")
-    p.add_argument("--similarity", choices=("lncc", "mi", "deepsim"), default="lncc",
-                   help="lncc (same contrast), mi (across contrasts), deepsim (semantic features)")
+    p.add_argument("--similarity", choices=("lncc", "mi", "mind", "deepsim"), default="lncc",
+                   help="lncc (same contrast), mi or mind (across contrasts), deepsim (semantic features)")
     p.add_argument("--affine", choices=("affine", "center", "none"), default="affine",
                    help="pre-alignment (default affine; none trusts the scanner coordinates)")
     p.add_argument("--iterations", type=int, default=None, help="most optimisation steps per resolution level")

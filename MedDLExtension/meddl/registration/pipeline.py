@@ -21,7 +21,7 @@ from ..progress import CancelToken, ProgressCallback, Reporter
 from ..volume import Kind, Volume, require
 from .affine import AffineMode, overlap_fraction, prealign
 from .optimise import Grid, LevelReport, make_grid, optimise_velocity, to_grid
-from .similarity import DeepSimLoss, Similarity, lncc_loss, mi_loss
+from .similarity import DeepSimLoss, MindLoss, Similarity, lncc_loss, mi_loss
 from .svf import identity_grid, integrate, sample, voxel_to_mm
 
 __all__ = ["Method", "RegistrationConfig", "RegistrationResult", "register", "REGISTRATION_MODEL", "DEEPSIM_MODEL"]
@@ -44,7 +44,8 @@ class RegistrationConfig:
 
     Attributes:
         method: network+optimisation (default), network or optimisation.
-        similarity: lncc (same contrast), mi (across contrasts) or deepsim (semantic features).
+        similarity: lncc (same contrast), mi or mind (across contrasts; MIND-SSC descriptors) or
+            deepsim (semantic features).
         affine: pre-alignment: affine (default), center (centre of mass) or none (trust headers).
         iterations: most Adam steps per pyramid level of instance optimisation.
         levels_mm: working-grid spacings of instance optimisation, coarse to fine.
@@ -195,6 +196,8 @@ def _similarity(config: RegistrationConfig, device) -> Any:
         return lambda w, f: lncc_loss(w, f, radius=2)
     if config.similarity is Similarity.MI:
         return lambda w, f: mi_loss(w, f)
+    if config.similarity is Similarity.MIND:
+        return MindLoss()
     from ..models import load_model
 
     net, _ = load_model(DEEPSIM_MODEL, config.deepsim_weights, device=device)

@@ -1,7 +1,7 @@
-"""Image similarity losses for instance optimisation: local NCC, mutual information, DeepSim.
+"""Image similarity losses for instance optimisation: local NCC, mutual information, MIND, DeepSim.
 
 Each ``loss(warped, fixed)`` takes ``(N, 1, *S)`` tensors (intensities scaled to about [0, 1])
-and returns a scalar to *minimise* (the negated similarity), so all three plug into the same
+and returns a scalar to *minimise* (the negated similarity), so all of them plug into the same
 optimiser (:mod:`meddl.registration.optimise`).
 """
 
@@ -12,7 +12,7 @@ import enum
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Similarity", "lncc_loss", "mi_loss", "DeepSimLoss"]
+__all__ = ["Similarity", "lncc_loss", "mi_loss", "mind_ssc", "MindLoss", "DeepSimLoss"]
 
 
 class Similarity(str, enum.Enum):
@@ -20,6 +20,7 @@ class Similarity(str, enum.Enum):
 
     LNCC = "lncc"  #: local normalised cross-correlation (same contrast)
     MI = "mi"  #: Parzen-window mutual information (across contrasts)
+    MIND = "mind"  #: MIND-SSC self-similarity descriptors (across contrasts, local)
     DEEPSIM = "deepsim"  #: cosine similarity of frozen segmentation features (Czolbe et al.)
 
 
@@ -89,6 +90,64 @@ def mi_loss(warped: torch.Tensor, fixed: torch.Tensor, bins: int = 32, mask: tor
     marg_f = joint.sum(0, keepdim=True)
     mi = (joint * (torch.log(joint + 1e-10) - torch.log(marg_w @ marg_f + 1e-10))).sum()
     return -mi
+
+
+def _shift(x: torch.Tensor, offset: tuple[int, ...]) -> torch.Tensor:
+    """``y(p) = x(p + offset)`` with edge replication (``offset`` in voxels, one per spatial axis)."""
+    nd = len(offset)
+    r = max(abs(o) for o in offset)
+    if r == 0:
+        return x
+    pad = [r] * (2 * nd)
+    xp = F.pad(x, pad, mode="replicate")
+    index = [slice(None), slice(None)]
+    for d, o in enumerate(offset):
+        index.append(slice(r + o, r + o + x.shape[2 + d]))
+    return xp[tuple(index)]
+
+
+def mind_ssc(x: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
+    """MIND-SSC descriptors (Heinrich et al. 2013, "self-similarity context") of ``(N, 1, *S)`` images.
+
+    The six (3D) or four (2D) axis neighbours at distance ``dilation`` form pairs that are
+    ``sqrt(2) * dilation`` apart (12 pairs in 3D, 4 in 2D). For each pair, the patch distance
+    ``D`` is the box-filtered (radius ``radius``) squared difference of the two shifted images;
+    the descriptor is ``exp(-D / V)`` with ``V`` the mean of ``D`` over the pairs (clamped to
+    [0.001, 1000] times its global mean), divided by its maximum over the pairs. The result is
+    ``(N, P, *S)`` in (0, 1], invariant to monotone intensity changes that keep local structure,
+    so it compares images of different contrasts voxel by voxel.
+    """
+    nd = x.dim() - 2
+    axes = []
+    for d in range(nd):
+        for sign in (-1, 1):
+            o = [0] * nd
+            o[d] = sign * dilation
+            axes.append(tuple(o))
+    pairs = [(a, b) for i, a in enumerate(axes) for b in axes[i + 1:]
+             if sum((p - q) ** 2 for p, q in zip(a, b, strict=True)) == 2 * dilation**2]
+    dist = torch.cat([_box((_shift(x, a) - _shift(x, b)) ** 2, radius) for a, b in pairs], dim=1)
+    var = dist.mean(dim=1, keepdim=True)
+    mean = var.mean().detach()
+    var = var.clamp(min=float(mean) * 1e-3 + 1e-12, max=float(mean) * 1e3 + 1e-12)
+    mind = torch.exp(-dist / var)
+    return mind / mind.amax(dim=1, keepdim=True)
+
+
+class MindLoss(torch.nn.Module):
+    """Mean squared difference of MIND-SSC descriptors; the fixed image's are computed once and cached."""
+
+    def __init__(self, radius: int = 1, dilation: int = 2) -> None:
+        super().__init__()
+        self.radius, self.dilation = radius, dilation
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        key = (fixed.data_ptr(), tuple(fixed.shape))
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, mind_ssc(fixed, self.radius, self.dilation))
+        return (mind_ssc(warped, self.radius, self.dilation) - self._cache[1]).pow(2).mean()
 
 
 class DeepSimLoss(torch.nn.Module):
