@@ -10,6 +10,7 @@ from meddl.cli import main
 from meddl.errors import InputError
 from meddl.incontext import SegmentConfig, segment
 from meddl.incontext.demo import painted_slices
+from meddl.incontext.inference import interpolation_prior
 from meddl.volume import Kind, Volume, affine_from_geometry
 from test_incontext_network import trained_threshold
 from torch.nn import functional as F
@@ -102,6 +103,45 @@ def test_propagation_works_per_segment(net):
     assert 1 not in np.unique(filled)
 
 
+def test_interpolation_prior_is_linear_between_painted_slices_and_fades_beyond():
+    a = np.zeros((4, 4), np.float32)
+    a[:2] = 1
+    b = np.zeros((4, 4), np.float32)
+    b[:, :2] = 1
+    prior = interpolation_prior(np.stack([a, b]), np.array([2, 6]), np.array([3, 4, 0, 7, 8, 9]))
+    np.testing.assert_allclose(prior[0], 0.75 * a + 0.25 * b)
+    np.testing.assert_allclose(prior[1], 0.5 * a + 0.5 * b)
+    np.testing.assert_allclose(prior[2], 0.5 * a)  # 2 slices before the first, the gap is 4
+    np.testing.assert_allclose(prior[3], 0.75 * b)
+    np.testing.assert_allclose(prior[5], 0.25 * b)
+    lone = interpolation_prior(a[None], np.array([5]), np.arange(0, 11))  # span 10: gap 1
+    assert lone[4].sum() == 0 and lone[6].sum() == 0
+
+
+def test_bracketing_context_is_the_nearest_painted_slice_on_each_side():
+    from meddl.incontext.inference import Selection, _choose
+
+    pos = np.array([0.1, 0.3, 0.5, 0.9])
+    src = np.zeros(4, int)
+    assert list(_choose(pos, src, None, 0.6, None, 16, Selection.BRACKET)) == [2, 3]
+    assert list(_choose(pos, src, None, 0.0, None, 16, Selection.BRACKET)) == [0, 1]  # one side only: 2 nearest
+    assert list(_choose(pos, src, None, 0.95, None, 1, Selection.BRACKET)) == [3]
+
+
+def test_propagation_with_full_prior_is_shape_interpolation(net):
+    arr = smooth_volume((16, 16, 12), seed=5)
+    truth = (arr > 0.5).astype(np.int16)
+    partial = np.zeros_like(truth)
+    painted = [2, 6, 10]
+    partial[:, :, painted] = truth[:, :, painted]
+    target = image(arr)
+    out = run(target, net, annotated=labels(partial, target), config=SegmentConfig(axis=2, prior=1.0)).numpy()[0]
+    todo = [k for k in range(12) if k not in painted]
+    expected = interpolation_prior(np.moveaxis(truth[:, :, painted], 2, 0), np.array(painted), np.array(todo)) > 0.5
+    np.testing.assert_array_equal(np.moveaxis(out[:, :, todo], 2, 0) > 0, expected)
+    np.testing.assert_array_equal(out[:, :, painted], truth[:, :, painted])  # painted slices kept
+
+
 def test_reordering_context_scans_does_not_change_the_result(net):
     target = image(smooth_volume((20, 18, 12), seed=1))
     pairs = []
@@ -191,6 +231,8 @@ def test_propagation_of_a_2d_image_is_refused(net):
     ({"task": "colourise"}, r"task: expected one of segmentation"),
     ({"axis": 3}, r"axis: expected 0, 1 or 2"),
     ({"labels": (0,)}, r"labels: expected positive"),
+    ({"prior": 1.5}, r"prior: expected a weight between 0 and 1, got 1.5"),
+    ({"selection": "random"}, r"selection: expected one of auto, nearest, bracket, similar, got 'random'"),
 ])
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(InputError, match=message):
@@ -203,7 +245,7 @@ def test_more_context_than_memory_allows_is_subsampled_with_a_notice(net):
     partial[:, :, ::2] = (arr > 0.5)[:, :, ::2]
     target = image(arr)
     out = run(target, net, annotated=labels(partial, target),
-              config=SegmentConfig(context_size=10, memory_mb=0.5, batch=1))
+              config=SegmentConfig(context_size=10, selection="nearest", memory_mb=0.5, batch=1))
     assert any("subsampled from 10" in n for n in out.meta["notices"])
 
 

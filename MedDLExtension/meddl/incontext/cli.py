@@ -31,7 +31,12 @@ def configure(subparsers) -> None:
                    help="voxel axis to cut slices along (default: the painted axis, else the coarsest)")
     p.add_argument("--labels", type=int, nargs="+", default=None, help="label values to segment (default: all)")
     p.add_argument("--context-size", type=int, default=16, help=f"context slices per target slice, 1-{MAX_CONTEXT}")
-    p.add_argument("--selection", choices=[s.value for s in Selection], default=Selection.NEAREST.value)
+    p.add_argument("--selection", choices=[s.value for s in Selection], default=Selection.AUTO.value,
+                   help="context slices per target: auto (bracket when propagating, else nearest), nearest, "
+                        "bracket (nearest on each side), similar")
+    p.add_argument("--prior", type=float, default=0.5,
+                   help="propagation: weight of the interpolation of the painted slices mixed with the network "
+                        "(0 = network only, 1 = interpolation only)")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--finetune-steps", type=int, default=0, help="test-time fine-tuning steps on the context")
     p.add_argument("--weights", default=None, help="weights file (its JSON card beside it) instead of the bundled one")
@@ -47,6 +52,7 @@ def run(args, ctx) -> int:
     if args.context and len(args.context) % 2:
         raise cli.UsageError("meddl segment: --context takes IMAGE LABEL pairs, got an odd number of paths")
     config = SegmentConfig(task=args.task, axis=args.axis, context_size=args.context_size, selection=args.selection,
+                           prior=args.prior,
                            threshold=args.threshold, labels=tuple(args.labels) if args.labels else None,
                            finetune_steps=args.finetune_steps, weights=args.weights,
                            seed=args.seed if args.seed is not None else 0)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from ..progress import Reporter
 from ..volume import Kind, Volume
 from .network import InContextNet, pad_channels
 
-__all__ = ["Task", "Selection", "SegmentConfig", "segment", "load_network", "MAX_CONTEXT"]
+__all__ = ["Task", "Selection", "SegmentConfig", "segment", "load_network", "interpolation_prior", "MAX_CONTEXT"]
 
 MAX_CONTEXT = 32
 
@@ -50,7 +50,9 @@ class Task(str, enum.Enum):
 class Selection(str, enum.Enum):
     """How context slices are chosen for each target slice."""
 
+    AUTO = "auto"  #: ``bracket`` when propagating between painted slices, else ``nearest``
     NEAREST = "nearest"  #: nearest in position along the axis
+    BRACKET = "bracket"  #: the nearest slice on each side of the target (one side at the ends)
     SIMILAR = "similar"  #: most similar in appearance (normalised cross-correlation)
 
 
@@ -65,8 +67,15 @@ class SegmentConfig:
             along which the fewest slices are painted, otherwise the axis of coarsest spacing
             (axis 2 on ties).
         context_size: context slices per target slice, 1-32; fewer when fewer exist. More than
-            the memory budget allows is subsampled with a notice.
-        selection: ``nearest`` (position) or ``similar`` (appearance).
+            the memory budget allows is subsampled with a notice. ``bracket`` uses at most 2.
+        selection: ``auto`` (default: ``bracket`` in propagation mode, ``nearest`` otherwise),
+            ``nearest`` (position), ``bracket`` (the nearest on each side) or ``similar``
+            (appearance).
+        prior: propagation mode only: weight of the slice-interpolation prior (the painted
+            labels of the two bracketing slices, linearly interpolated by distance, fading to
+            empty over one painting gap beyond the outermost painted slice) mixed with the
+            network's probability: ``p = (1 - prior) * network + prior * interpolation``.
+            0: the network alone; 1: plain shape interpolation.
         threshold: probability above which a voxel belongs to a segment.
         labels: label values to segment (default: every non-zero value in the context).
         finetune_steps: test-time fine-tuning steps on the context pairs (leave-one-out); 0: none.
@@ -79,7 +88,8 @@ class SegmentConfig:
     task: Task = Task.SEGMENTATION
     axis: int | None = None
     context_size: int = 16
-    selection: Selection = Selection.NEAREST
+    selection: Selection = Selection.AUTO
+    prior: float = 0.5
     threshold: float = 0.5
     labels: tuple[int, ...] | None = None
     finetune_steps: int = 0
@@ -97,7 +107,10 @@ class SegmentConfig:
         try:
             object.__setattr__(self, "selection", Selection(self.selection))
         except ValueError:
-            raise InputError(f"selection: expected nearest or similar, got '{self.selection}'") from None
+            raise InputError(f"selection: expected one of {', '.join(s.value for s in Selection)}, "
+                             f"got '{self.selection}'") from None
+        if not 0.0 <= float(self.prior) <= 1.0:
+            raise InputError(f"prior: expected a weight between 0 and 1, got {self.prior}")
         if self.axis is not None and self.axis not in (0, 1, 2):
             raise InputError(f"axis: expected 0, 1 or 2, got {self.axis}")
         if not 1 <= int(self.context_size) <= MAX_CONTEXT:
@@ -194,6 +207,12 @@ def _choose(pool_pos: np.ndarray, pool_src: np.ndarray, pool_img: torch.Tensor, 
             image: torch.Tensor | None, k: int, selection: Selection) -> np.ndarray:
     """Indices of the ``k`` context slices for a target slice at relative position ``where``."""
     n = len(pool_pos)
+    if selection is Selection.BRACKET:
+        below = np.nonzero(pool_pos < where)[0]
+        above = np.nonzero(pool_pos > where)[0]
+        if len(below) and len(above):
+            return np.array(sorted({int(below[np.argmax(pool_pos[below])]), int(above[np.argmin(pool_pos[above])])}))
+        return np.argsort(np.abs(pool_pos - where), kind="stable")[: min(k, 2, n)]
     if k >= n:
         return np.arange(n)
     if selection is Selection.SIMILAR and image is not None:
@@ -213,6 +232,36 @@ def _choose(pool_pos: np.ndarray, pool_src: np.ndarray, pool_img: torch.Tensor, 
         rank[members] = np.arange(len(members))
     chosen = np.lexsort((score, rank))[:k]
     return np.sort(chosen)
+
+
+def interpolation_prior(masks: np.ndarray, painted: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Shape-interpolation prior ``(len(targets), H, W)`` in [0, 1] for slices between painted ones.
+
+    ``masks`` ``(len(painted), H, W)`` are the painted binary masks at slice indices ``painted``
+    (sorted). Between two painted slices the prior is their distance-weighted linear
+    interpolation; beyond the outermost painted slice it fades linearly to empty over one
+    painting gap (the median distance between painted slices; a tenth of the span of
+    ``targets`` and ``painted`` together when only one slice is painted).
+    """
+    painted = np.asarray(painted)
+    order = np.argsort(painted)
+    painted, masks = painted[order], np.asarray(masks, dtype=np.float32)[order]
+    if len(painted) > 1:
+        gap = float(np.median(np.diff(painted)))
+    else:
+        span = np.concatenate([painted, np.asarray(targets)])
+        gap = max(1.0, (span.max() - span.min()) / 10.0)
+    out = np.zeros((len(targets), *masks.shape[1:]), dtype=np.float32)
+    for i, t in enumerate(targets):
+        j = int(np.searchsorted(painted, t))
+        if 0 < j < len(painted):
+            lo, hi = painted[j - 1], painted[j]
+            w = (hi - t) / (hi - lo)
+            out[i] = w * masks[j - 1] + (1 - w) * masks[j]
+        else:
+            edge = 0 if j == 0 else len(painted) - 1
+            out[i] = masks[edge] * max(0.0, 1.0 - abs(float(t) - float(painted[edge])) / gap)
+    return out
 
 
 def _budget(k: int, size: int, net: InContextNet, batch: int, memory_mb: float) -> int:
@@ -259,9 +308,13 @@ def _predict(net: InContextNet, targets: torch.Tensor, where: np.ndarray, pool: 
         stop = min(n, start + config.batch)
         picks = [_choose(pool.position, pool.source, pool.images, float(where[i]), targets[i], k,
                          config.selection) for i in range(start, stop)]
-        m = min(len(p) for p in picks)
-        idx = torch.as_tensor(np.stack([p[:m] for p in picks]), device=targets.device)
-        out[start:stop] = net(targets[start:stop], pool.images[idx], pool.outputs[idx])
+        if len({len(p) for p in picks}) == 1:
+            idx = torch.as_tensor(np.stack(picks), device=targets.device)
+            out[start:stop] = net(targets[start:stop], pool.images[idx], pool.outputs[idx])
+        else:  # e.g. bracketing: one context slice at the ends, two elsewhere
+            for i, p in zip(range(start, stop), picks, strict=True):
+                idx = torch.as_tensor(p[None], device=targets.device)
+                out[i:i + 1] = net(targets[i:i + 1], pool.images[idx], pool.outputs[idx])
     return out
 
 
@@ -366,7 +419,10 @@ def segment(target: Volume, config: SegmentConfig | None = None,
                 out = torch.from_numpy((lab_slices[has] == v).astype(np.float32))[:, None].to(device)
                 pool = _Pool(images[has], _resize(out, (size, size)), positions[has], np.zeros(len(has), int))
                 probs[li] = _run(network, images[todo], positions[todo], pool, config, size, tuple(lab_slices.shape[1:]),
-                                 True, notices, stage)
+                                 True, notices, stage, Selection.BRACKET)
+                if config.prior > 0:
+                    prior = interpolation_prior(lab_slices[has] == v, has, todo)
+                    probs[li] = (1.0 - config.prior) * probs[li] + config.prior * prior
             best = probs.argmax(0)
             keep = probs.max(0) > config.threshold
             result[todo] = np.where(keep, np.asarray(values)[best], 0)
@@ -426,7 +482,8 @@ def segment(target: Volume, config: SegmentConfig | None = None,
             stage = rep.stage(li / len(values), (li + 1) / len(values))
             outs = torch.cat([_resize((o == v).float(), (size, size)) for o in raw_out])
             pool = _Pool(images, outs, positions, sources)
-            probs[li] = _run(network, timages, tpos, pool, config, size, tshape, True, notices, stage)
+            probs[li] = _run(network, timages, tpos, pool, config, size, tshape, True, notices, stage,
+                             Selection.NEAREST)
         best = probs.argmax(0)
         result = np.where(probs.max(0) > config.threshold, np.asarray(values)[best], 0)
         data = _unslice(result[:, None], axis, target.ndim).astype(np.int16)
@@ -434,7 +491,7 @@ def segment(target: Volume, config: SegmentConfig | None = None,
     else:
         outs = torch.cat([_resize(o, (size, size)) for o in raw_out])
         pool = _Pool(images, outs, positions, sources)
-        pred = _run(network, timages, tpos, pool, config, size, tshape, False, notices, rep)
+        pred = _run(network, timages, tpos, pool, config, size, tshape, False, notices, rep, Selection.NEAREST)
         data = (_unslice(pred[:, None], axis, target.ndim) * tscale).astype(np.float32)
         kind = Kind.INTENSITY
     rep(1.0, "done")
@@ -453,15 +510,23 @@ def _values(arr: np.ndarray, wanted: tuple[int, ...] | None, role: str) -> list[
 
 
 def _run(net: InContextNet, targets: torch.Tensor, where: np.ndarray, pool: _Pool, config: SegmentConfig,
-         size: int, out_shape: tuple[int, int], is_mask: bool, notices: list[str], rep: Reporter) -> np.ndarray:
-    """Predict target slices from a pool: probabilities (masks) or values ``(n, H, W)`` at the slices' size."""
+         size: int, out_shape: tuple[int, int], is_mask: bool, notices: list[str], rep: Reporter,
+         auto: Selection) -> np.ndarray:
+    """Predict target slices from a pool: probabilities (masks) or values ``(n, H, W)`` at the slices' size.
+
+    ``auto`` is the selection that ``Selection.AUTO`` stands for here.
+    """
+    selection = auto if config.selection is Selection.AUTO else config.selection
+    config = replace(config, selection=selection)
     k = min(config.context_size, pool.images.shape[0])
+    if selection is Selection.BRACKET:
+        k = min(k, 2)
     fit = _budget(k, size, net, config.batch, config.memory_mb)
     if fit < k:
         notices.append(f"context subsampled from {k} to {fit} slices to stay within {config.memory_mb:g} MB")
         k = fit
     if pool.images.shape[0] > k and f"context: {k} of {pool.images.shape[0]}" not in " ".join(notices):
-        notices.append(f"context: {k} of {pool.images.shape[0]} slices per target slice ({config.selection.value})")
+        notices.append(f"context: {k} of {pool.images.shape[0]} slices per target slice ({selection.value})")
     if config.finetune_steps:
         net = _finetune(net, pool, is_mask, config.finetune_steps, config.finetune_lr, config.seed, rep.stage(0, 0.5))
         rep = rep.stage(0.5, 1.0)
