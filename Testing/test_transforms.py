@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers_geometry import FLIP, oblique_affine, rotation
 from meddl.errors import InputError
 from meddl.transforms import (
     displacement_to_sitk_transform,
@@ -18,23 +19,6 @@ from meddl.transforms import (
     write_transform,
 )
 from meddl.volume import Volume, affine_from_geometry
-
-FLIP = np.array([-1.0, -1.0, 1.0])
-
-
-def rotation(ax: float, ay: float, az: float) -> np.ndarray:
-    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
-def oblique_affine(nd: int = 3) -> np.ndarray:
-    if nd == 3:
-        return affine_from_geometry((1.2, 0.8, 1.5), (-20.0, 13.0, 7.5), rotation(0.3, -0.2, 0.5))
-    c, s = np.cos(0.4), np.sin(0.4)
-    return affine_from_geometry((0.7, 1.3), (5.0, -9.0), np.array([[c, -s], [s, c]]))
 
 
 def grid_points(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
