@@ -28,7 +28,8 @@ def test_register_writes_every_output(pair, tmp_path, capsys):
     code = main(["register", str(pair["fixed"]), str(pair["moving"]), "-o", str(out["warped"]),
                  "--transform", str(out["transform"]), "--jacobian", str(out["jacobian"]), "--inverse", str(out["inverse"]),
                  "--moving-labels", str(pair["labels"]), "--labels-out", str(out["labels"]),
-                 "--method", "optimisation", "--affine", "none", "--iterations", "10", "--device", "cpu"])
+                 "--method", "optimisation", "--affine", "none", "--iterations", "10", "--levels", "6", "4",
+                 "--device", "cpu"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert all(p.is_file() for p in out.values())
@@ -46,6 +47,8 @@ def test_register_writes_every_output(pair, tmp_path, capsys):
     (["--transform", "t.xyz"], "unknown transform format"),
     (["--iterations", "-3"], "iterations"),
     (["--similarity", "ssd"], "invalid choice"),
+    (["--levels", "2", "5"], "expected spacings from coarse to fine, got 2.0 5.0"),
+    (["--levels", "4", "-1"], "levels_mm: expected positive spacings"),
 ])
 def test_register_usage_errors_exit_2(pair, tmp_path, capsys, extra, message):
     extra = [str(pair["labels"]) if e == "LABELS" else (str(tmp_path / e) if e.startswith("t.") else e) for e in extra]

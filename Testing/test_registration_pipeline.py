@@ -9,7 +9,7 @@ import torch
 from meddl import io, transforms
 from meddl.errors import Cancelled, InputError
 from meddl.progress import CancelToken
-from meddl.registration import RegistrationConfig, register
+from meddl.registration import RegistrationConfig, Similarity, register
 from meddl.registration.affine import prealign
 from meddl.registration.demo import synthetic_pair
 from meddl.volume import Kind, Volume, affine_from_geometry
@@ -257,3 +257,23 @@ def test_a_network_start_worse_than_identity_is_dropped(tmp_path):
     result = register(img, moving, config)
     assert result.summary["network_init_used"] is False
     assert epe(result.displacement, truth, inside(img)) < 1.0
+
+
+def test_regularisation_defaults_per_similarity_and_can_be_given():
+    from meddl.registration.pipeline import DEFAULT_REGULARISATION
+
+    assert RegistrationConfig(similarity="mind").regularisation == DEFAULT_REGULARISATION[Similarity.MIND] == 0.1
+    assert RegistrationConfig().regularisation == 1.0
+    assert RegistrationConfig(similarity="mind", regularisation=0.5).regularisation == 0.5
+    assert RegistrationConfig().levels_mm == (5.0, 3.0, 2.0)
+
+
+def test_mind_registers_an_inverted_contrast_pair():
+    img = phantom()
+    moving, truth = shifted(img, [3.0, -2.5, 2.0])
+    inverted = moving.with_data(moving.numpy().max() - moving.numpy())
+    result = register(img, inverted, RegistrationConfig(**{**FAST, "similarity": "mind"}))
+    assert result.summary["similarity"] == "mind" and result.summary["regularisation"] == 0.1
+    mask = inside(img)
+    zero = truth.with_data(np.zeros_like(truth.numpy()))
+    assert epe(result.displacement, truth, mask) < 0.4 * epe(zero, truth, mask)

@@ -115,7 +115,7 @@ def build_pair(name: str, folder: Path) -> dict:
         moving_labels = _colin_tissue(moving)
     else:
         raise SystemExit(f"unknown pair {name}")
-    similarity = "lncc" if name in ("mni-warp-same", "colin-to-mni") else "mi"
+    similarity = "lncc" if name in ("mni-warp-same", "colin-to-mni") else "mind"
     paths = {"fixed": folder / "fixed.nii.gz", "moving": folder / "moving.nii.gz",
              "fixed_labels": folder / "fixed_labels.nii.gz", "moving_labels": folder / "moving_labels.nii.gz"}
     io.write(fixed, paths["fixed"])

@@ -44,7 +44,10 @@ def configure(sub) -> None:
     p.add_argument("--affine", choices=("affine", "center", "none"), default="affine",
                    help="pre-alignment (default affine; none trusts the scanner coordinates)")
     p.add_argument("--iterations", type=int, default=None, help="most optimisation steps per resolution level")
-    p.add_argument("--regularisation", type=float, default=None, help="weight of the smoothness term")
+    p.add_argument("--regularisation", type=float, default=None,
+                   help="weight of the smoothness term (default: 1, or 0.1 with --similarity mind)")
+    p.add_argument("--levels", type=float, nargs="+", default=None, metavar="MM",
+                   help="grid spacings of the optimisation, coarse to fine (default: 5 3 2)")
     p.add_argument("--weights", help="registration-network weights (default: bundled)")
     p.add_argument("--deepsim-weights", help="DeepSim feature-extractor weights (default: bundled)")
     p.set_defaults(_run=run)
@@ -80,6 +83,10 @@ def run(args, ctx) -> int:
         overrides["iterations"] = args.iterations
     if args.regularisation is not None:
         overrides["regularisation"] = args.regularisation
+    if args.levels is not None:
+        if any(b > a for a, b in zip(args.levels, args.levels[1:], strict=False)):
+            raise InputError(f"--levels: expected spacings from coarse to fine, got {' '.join(map(str, args.levels))}")
+        overrides["levels_mm"] = tuple(args.levels)
     config = RegistrationConfig(
         method=args.method, similarity=args.similarity, affine=args.affine, weights=args.weights,
         deepsim_weights=args.deepsim_weights, device=str(ctx.device), inverse=bool(args.inverse),

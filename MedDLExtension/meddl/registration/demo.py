@@ -85,7 +85,7 @@ def run(out_dir: Path, ctx) -> list:
     moving, moving_labels, _ = synthetic_pair(fixed, gm, seed=7, max_mm=8.0, contrast="inverted")
     from ..errors import ModelError
 
-    config = RegistrationConfig(similarity="mi", levels_mm=(4.0,), iterations=40, device=str(ctx.device),
+    config = RegistrationConfig(similarity="mind", levels_mm=(4.0,), iterations=40, device=str(ctx.device),
                                 inverse=False)
     try:
         result = register(fixed, moving, config, progress=ctx.reporter.stage(0.1, 0.9), moving_labels=moving_labels)
