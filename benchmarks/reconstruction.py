@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _notes import kept_notes  # benchmarks/ is on sys.path when run as a script
 from meddl.data import load_sample
 from meddl.reconstruction import classical
 from meddl.reconstruction.coils import calibration_block, espirit_maps
@@ -225,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault(acc, {})
                 results[acc] = {**{n: r for n, r in rows.items() if n not in results[acc]}, **results[acc]}
             timings = {**old.get("timings", {}), **timings}
-            commands = old.get("commands", ["python benchmarks/reconstruction.py (earlier run)"]) + commands
+            earlier = old.get("commands", ["python benchmarks/reconstruction.py (earlier run)"])
+            commands = [c for c in earlier if c not in commands] + commands
     write_report(Path(args.out), results, timings, zs, card, args, have_sigpy, have_bart, commands)
     return 0
 
@@ -331,6 +333,9 @@ def write_report(
     if not have_bart:
         lines.append("- BART is not installed (`apt-get install bart`): its row is missing.")
     lines.append("")
+    notes = kept_notes(path)
+    if notes:
+        lines += ["", notes]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     body = {"slices": list(zs), "results": results, "timings": timings, "commands": commands}

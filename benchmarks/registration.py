@@ -46,6 +46,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MedDLExtension"))
 
+from _notes import kept_notes  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from meddl import data, io, transforms  # noqa: E402
 from meddl.volume import Kind, Volume  # noqa: E402
 
@@ -131,6 +132,15 @@ def build_pair(name: str, folder: Path) -> dict:
 
 
 def _peak_mb() -> float:
+    """This process's peak resident memory (MB): VmHWM, which starts afresh at exec. (``ru_maxrss`` does not:
+    on Linux a child started by this script inherits the parent's high-water mark, e.g. the 1 mm pair it built.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -227,7 +237,9 @@ ANTS_SCRIPT = textwrap.dedent("""
     reg = ants.registration(fixed, moving, type_of_transform="SyN", random_seed=1)
     seconds = time.perf_counter() - t0
     composed = ants.apply_transforms(fixed, moving, reg["fwdtransforms"], compose=out_field[:-len(".nii.gz")])
-    print(json.dumps({"seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")] if os.path.exists("/proc/self/status") else []
+    peak = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "peak_mb": peak,
                       "version": getattr(ants, "__version__", "?"), "composed": composed}))
 """)
 
@@ -381,6 +393,9 @@ def write_table(rows: list[dict], out: Path, args) -> None:
     if steps:
         lines += ["", f"Registration network checkpoint used: step {', '.join(str(s) for s in sorted(steps))} "
                       "(`Resources/models/registration_synthmorph.json`)."]
+    notes = kept_notes(out)
+    if notes:
+        lines += ["", notes.rstrip("\n")]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
