@@ -49,6 +49,7 @@ def test_register_writes_every_output(pair, tmp_path, capsys):
     (["--similarity", "ssd"], "invalid choice"),
     (["--levels", "2", "5"], "expected spacings from coarse to fine, got 2.0 5.0"),
     (["--levels", "4", "-1"], "levels_mm: expected positive spacings"),
+    (["--fold-penalty", "-5"], "fold_penalty: expected a finite number >= 0, got -5.0"),
 ])
 def test_register_usage_errors_exit_2(pair, tmp_path, capsys, extra, message):
     extra = [str(pair["labels"]) if e == "LABELS" else (str(tmp_path / e) if e.startswith("t.") else e) for e in extra]

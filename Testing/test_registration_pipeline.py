@@ -268,6 +268,16 @@ def test_regularisation_defaults_per_similarity_and_can_be_given():
     assert RegistrationConfig().levels_mm == (5.0, 3.0, 2.0)
 
 
+def test_fold_penalty_is_validated_and_reported():
+    assert RegistrationConfig().fold_penalty == 100.0
+    with pytest.raises(InputError, match=r"registration fold_penalty: expected a finite number >= 0, got -1"):
+        RegistrationConfig(fold_penalty=-1)
+    img = phantom()
+    moving, _ = shifted(img, [2.0, 0.0, 0.0])
+    result = register(img, moving, RegistrationConfig(**{**FAST, "fold_penalty": 0.0}))
+    assert result.summary["fold_penalty"] == 0.0 and result.summary["folding_percent"] == 0.0
+
+
 def test_mind_registers_an_inverted_contrast_pair():
     img = phantom()
     moving, truth = shifted(img, [3.0, -2.5, 2.0])

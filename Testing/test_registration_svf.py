@@ -10,6 +10,7 @@ from meddl.registration.optimise import Grid, make_grid, regrid_field, to_grid
 from meddl.registration.similarity import DeepSimLoss, MindLoss, lncc_loss, mi_loss, mind_ssc
 from meddl.registration.svf import (
     compose,
+    folding_barrier,
     identity_grid,
     integrate,
     jacobian_determinant,
@@ -91,6 +92,25 @@ def test_jacobian_matches_meddl_transforms():
     field = Volume(voxel_to_mm(u_vox, affine)[0].numpy(), affine, Kind.DISPLACEMENT)
     ref = transforms.jacobian_determinant(field).numpy()[0]
     np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_folding_barrier_is_zero_on_smooth_fields_and_unfolds_a_folded_one():
+    assert float(folding_barrier(torch.zeros((1, 3, 8, 9, 10)))) == 0.0
+    assert float(folding_barrier(smooth_field((12, 12, 12), 0.5, seed=1))) == 0.0  # det J near 1
+    # a 1D fold along the first axis: u_0 = -a * sin, slope 1 - a cos < 0 around the centre for a > 1
+    x = torch.arange(24, dtype=torch.float32)
+    u = torch.zeros((1, 3, 24, 6, 6))
+    u[0, 0] = (-2.0 * torch.sin(2 * torch.pi * x / 24) * 24 / (2 * torch.pi)).view(24, 1, 1)
+    j = jacobian_determinant(u)
+    assert float(j.min()) < 0 and float(folding_barrier(u)) > 0
+    # minimising the barrier alone removes the fold
+    w = u.clone().requires_grad_(True)
+    opt = torch.optim.SGD([w], lr=20.0)
+    for _ in range(300):
+        opt.zero_grad()
+        folding_barrier(w).backward()
+        opt.step()
+    assert float(jacobian_determinant(w.detach()).min()) > 0
 
 
 def test_grids_and_regrid_keep_physical_displacement():

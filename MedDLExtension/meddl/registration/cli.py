@@ -46,6 +46,8 @@ def configure(sub) -> None:
     p.add_argument("--iterations", type=int, default=None, help="most optimisation steps per resolution level")
     p.add_argument("--regularisation", type=float, default=None,
                    help="weight of the smoothness term (default: 1, or 0.1 with --similarity mind)")
+    p.add_argument("--fold-penalty", type=float, default=None,
+                   help="weight of the barrier against folding (det J < 0.1; default 100, 0 turns it off)")
     p.add_argument("--levels", type=float, nargs="+", default=None, metavar="MM",
                    help="grid spacings of the optimisation, coarse to fine (default: 5 3 2)")
     p.add_argument("--weights", help="registration-network weights (default: bundled)")
@@ -83,6 +85,8 @@ def run(args, ctx) -> int:
         overrides["iterations"] = args.iterations
     if args.regularisation is not None:
         overrides["regularisation"] = args.regularisation
+    if args.fold_penalty is not None:
+        overrides["fold_penalty"] = args.fold_penalty
     if args.levels is not None:
         if any(b > a for a, b in zip(args.levels, args.levels[1:], strict=False)):
             raise InputError(f"--levels: expected spacings from coarse to fine, got {' '.join(map(str, args.levels))}")

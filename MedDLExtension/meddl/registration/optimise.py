@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..volume import Volume, affine_from_geometry, geometry_from_affine
-from .svf import diffusion, identity_grid, integrate, mm_to_voxel, sample, voxel_to_mm, warp
+from .svf import diffusion, folding_barrier, identity_grid, integrate, mm_to_voxel, sample, voxel_to_mm, warp
 
 __all__ = ["Grid", "make_grid", "to_grid", "regrid_field", "optimise_velocity", "LevelReport"]
 
@@ -140,6 +140,7 @@ def optimise_velocity(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     init: tuple[torch.Tensor, Grid] | None = None,
     lam: float = 1.0,
+    fold_penalty: float = 0.0,
     iterations: int = 100,
     lr: float = 0.1,
     tolerance: float = 1e-4,
@@ -160,6 +161,8 @@ def optimise_velocity(
             loss at the first level beats the identity's (a network that does not fit the pair
             must not make the answer worse).
         lam: weight of the diffusion regulariser on ``exp(v)`` (voxel units: dimensionless).
+        fold_penalty: weight of :func:`~meddl.registration.svf.folding_barrier` on the displacement
+            of each image grid (0: none).
         iterations: at most this many Adam steps per level.
         lr: Adam step (voxels).
         tolerance: a level stops when the loss improved by less than this (relative) over 10 steps.
@@ -200,6 +203,8 @@ def optimise_velocity(
             u_v = integrate(v, steps)
             u = regrid_field(u_v, vgrid, grid)
             loss = loss_fn(warp(m, u), f) + lam * diffusion(u_v)
+            if fold_penalty > 0:
+                loss = loss + fold_penalty * folding_barrier(u)
             value = float(loss.detach())
             history.append(value)
             if value < best[0]:  # the loss belongs to v before this step

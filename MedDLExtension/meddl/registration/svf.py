@@ -117,6 +117,16 @@ def jacobian_determinant(u: torch.Tensor) -> torch.Tensor:
     )
 
 
+def folding_barrier(u: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
+    """Mean of ``relu(margin - det J)`` over the grid: zero while every voxel keeps ``det J >=
+    margin``, growing linearly as a voxel approaches or crosses folding (``det J <= 0``).
+
+    Added to the optimisation loss it removes the few folded voxels that a rough velocity can leave
+    after scaling and squaring (large inter-subject deformations), without touching smooth regions.
+    """
+    return torch.relu(margin - jacobian_determinant(u)).mean()
+
+
 def voxel_to_mm(u: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
     """Voxel displacement ``(N, nd, *S)`` of a grid with 4x4 ``affine`` -> RAS mm (same shape)."""
     nd = u.shape[1]
