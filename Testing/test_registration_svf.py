@@ -175,3 +175,40 @@ def test_mind_descriptors_ignore_contrast_but_see_structure():
                                             align_corners=True, padding_mode="border")
     loss(moved, x).backward()
     assert float(t2.grad) > 0  # shifted right: descending moves it back
+
+
+def test_mind_descriptor_path_matches_the_exact_loss_and_is_used_by_the_optimiser():
+    from meddl.registration.optimise import optimise_velocity
+    from meddl.registration.synth import gaussian_blur
+
+    torch.manual_seed(1)
+    x = gaussian_blur(torch.rand(1, 1, 20, 20, 20), 1.5)
+    y = torch.roll(x, 2, dims=3)
+    loss = MindLoss()
+    exact = float(loss(y, x))
+    assert float(loss.compare(loss.descriptors(y), loss.descriptors(x))) == pytest.approx(exact, rel=1e-6)
+
+    class Counting(MindLoss):
+        calls = {"descriptors": 0, "compare": 0, "forward": 0}
+
+        def descriptors(self, t):
+            self.calls["descriptors"] += 1
+            return super().descriptors(t)
+
+        def compare(self, a, b):
+            self.calls["compare"] += 1
+            return MindLoss.compare(a, b)
+
+        def forward(self, warped, fixed):
+            self.calls["forward"] += 1
+            return super().forward(warped, fixed)
+
+    counting = Counting()
+    affine = affine_from_geometry([2.0] * 3, [0.0] * 3)
+    grid = make_grid(Volume(x[0].numpy(), affine), 2.0)
+    vgrid = make_grid(Volume(x[0].numpy(), affine), 4.0)
+    _, _, reports = optimise_velocity(x, affine, y, affine, np.eye(4), [(grid, vgrid)], counting, iterations=5,
+                                      lam=0.1)
+    # descriptors once per image per level, compared every iteration, never recomputed on warped images
+    assert counting.calls == {"descriptors": 2, "compare": reports[0].iterations, "forward": 0}
+    assert reports[0].loss_end < reports[0].loss_start

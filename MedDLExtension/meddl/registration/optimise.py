@@ -156,7 +156,8 @@ def optimise_velocity(
         grids: ``(image grid, velocity grid)`` per level, coarse to fine. The velocity lives on the
             (coarser) velocity grid, is integrated there and its displacement resampled on the
             image grid (a cheap, smooth parameterisation).
-        loss_fn: similarity loss ``(warped, fixed) -> scalar`` to minimise.
+        loss_fn: similarity loss ``(warped, fixed) -> scalar`` to minimise. One with
+            ``warps_descriptors`` (MIND) has its descriptors computed once per level and warped.
         init: a starting velocity and its grid (the network's), else zero. It is used only if its
             loss at the first level beats the identity's (a network that does not fit the pair
             must not make the answer worse).
@@ -179,6 +180,9 @@ def optimise_velocity(
     for grid, vgrid in grids:
         f = to_grid(fixed, fixed_affine, grid)
         m = to_grid(moving, moving_affine, grid, matrix)
+        compare = loss_fn
+        if getattr(loss_fn, "warps_descriptors", False):  # warp descriptors computed once (MIND)
+            f, m, compare = loss_fn.descriptors(f), loss_fn.descriptors(m), loss_fn.compare
         nd = len(grid.shape)
         zero = torch.zeros((1, nd, *vgrid.shape), dtype=f.dtype, device=f.device)
         if v_prev is None:
@@ -188,9 +192,9 @@ def optimise_velocity(
             if not reports and init is not None:
                 # keep the network's start only if it beats the identity on this pair
                 with torch.no_grad():
-                    def cost(vv, m=m, f=f, grid=grid, vgrid=vgrid):
+                    def cost(vv, m=m, f=f, grid=grid, vgrid=vgrid, compare=compare):
                         u_v = integrate(vv, steps)
-                        return float(loss_fn(warp(m, regrid_field(u_v, vgrid, grid)), f) + lam * diffusion(u_v))
+                        return float(compare(warp(m, regrid_field(u_v, vgrid, grid)), f) + lam * diffusion(u_v))
                     if cost(zero) <= cost(v0):
                         v0 = zero
                         init_rejected = True
@@ -202,7 +206,7 @@ def optimise_velocity(
         for it in range(iterations):
             u_v = integrate(v, steps)
             u = regrid_field(u_v, vgrid, grid)
-            loss = loss_fn(warp(m, u), f) + lam * diffusion(u_v)
+            loss = compare(warp(m, u), f) + lam * diffusion(u_v)
             if fold_penalty > 0:
                 loss = loss + fold_penalty * folding_barrier(u)
             value = float(loss.detach())

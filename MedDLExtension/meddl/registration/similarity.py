@@ -135,12 +135,30 @@ def mind_ssc(x: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tenso
 
 
 class MindLoss(torch.nn.Module):
-    """Mean squared difference of MIND-SSC descriptors; the fixed image's are computed once and cached."""
+    """Mean squared difference of MIND-SSC descriptors; the fixed image's are computed once and cached.
+
+    Called on a warped image it recomputes the moving descriptors every time (exact). The optimiser
+    instead warps the moving image's descriptors, computed once per level (``warps_descriptors``,
+    :meth:`descriptors`, :meth:`compare`; as in Heinrich's deeds / ConvexAdam): about 4x less work
+    per iteration, and the same answer for smooth deformations.
+    """
+
+    warps_descriptors = True
 
     def __init__(self, radius: int = 1, dilation: int = 2) -> None:
         super().__init__()
         self.radius, self.dilation = radius, dilation
         self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    def descriptors(self, x: torch.Tensor) -> torch.Tensor:
+        """MIND-SSC descriptors of ``x`` (no gradient)."""
+        with torch.no_grad():
+            return mind_ssc(x, self.radius, self.dilation)
+
+    @staticmethod
+    def compare(warped_descriptors: torch.Tensor, fixed_descriptors: torch.Tensor) -> torch.Tensor:
+        """The loss between (warped) moving descriptors and the fixed image's."""
+        return (warped_descriptors - fixed_descriptors).pow(2).mean()
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         key = (fixed.data_ptr(), tuple(fixed.shape))
