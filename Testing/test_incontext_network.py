@@ -115,3 +115,20 @@ def trained_threshold() -> tuple[InContextNet, float]:
 @pytest.fixture
 def trained_threshold_net():
     return trained_threshold()
+
+
+def test_training_resumes_with_the_new_learning_rate(tmp_path):
+    import json
+
+    from meddl.incontext.train import main
+
+    common = ["--out", str(tmp_path), "--size", "32", "--features", "4,8", "--batch", "2", "--max-context", "2",
+              "--bank", str(tmp_path / "bank.npz"), "--state", str(tmp_path / "optim.pt"), "--save-minutes", "100"]
+    assert main([*common, "--steps", "3", "--lr", "1e-3"]) == 0
+    assert main([*common, "--steps", "2", "--lr", "2e-4", "--resume"]) == 0
+    card = json.loads((tmp_path / "incontext_brain2d.json").read_text())
+    assert card["training"]["steps"] == 5
+    assert [r["lr"] for r in card["training"]["runs"]] == [1e-3, 2e-4]
+    assert "--resume" in card["command"] and "--lr 0.0002" in card["command"]
+    saved = torch.load(tmp_path / "optim.pt", weights_only=True)
+    assert saved["step"] == 5 and all(g["lr"] == 2e-4 for g in saved["optimizer"]["param_groups"])

@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         saved = torch.load(state_path, weights_only=True)
         if saved.get("step") == history["steps"]:
             opt.load_state_dict(saved["optimizer"])
+            for group in opt.param_groups:  # the saved state carries the old rate: --lr of this run wins
+                group["lr"] = args.lr
     bank = tasks.build_bank(args.size, args.bank)
     val = tasks.validation_tasks(bank, 24, context=4)
     val1 = tasks.validation_tasks(bank, 24, context=1)
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 "held_out_rule": "every fifth non-zero label of each atlas (3rd, 8th, ...) and the MNI152 "
                                  "white-matter mask: never a training target",
             },
-            command=f"python -m meddl.incontext.train --resume --minutes {args.minutes:g}",
+            command=f"python -m meddl.incontext.train --resume --minutes {args.minutes:g} --lr {args.lr:g}",
             metrics=metrics,
             training=training,
             input_size=args.size,
@@ -188,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     def stop() -> bool:
         return time.time() - t0 > budget
 
-    history.setdefault("runs", []).append({"start_step": start, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    history.setdefault("runs", []).append({"start_step": start, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                           "lr": args.lr, "threads": args.threads})
     try:
         step, running = fit(net, sample, args.steps, optimizer=opt, log=log, stop=stop, start_step=start)
     except KeyboardInterrupt:
