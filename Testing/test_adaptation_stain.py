@@ -328,3 +328,20 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("size", [1000, 100_000])
+def test_nearest_rank_percentile_paths_match_a_sorted_reference(size):
+    from meddl.adaptation._common import _kth_bracket, _kth_numpy, percentile_nearest
+
+    g = torch.Generator().manual_seed(size)
+    values = torch.randn(size, generator=g)
+    keep = torch.rand(size, generator=g) < 0.6
+    masked = torch.where(keep, values, torch.full_like(values, float("inf")))  # how the stain code masks
+    count = int(keep.sum())
+    ordered = np.sort(values[keep].numpy())
+    for q in (0.0, 1.0, 50.0, 99.0, 100.0):
+        k = min(max(1 + int(round(0.01 * q * (count - 1))), 1), count)
+        assert float(percentile_nearest(masked, q, count)) == ordered[k - 1]
+        assert float(_kth_numpy(masked, k)) == ordered[k - 1]
+        assert float(_kth_bracket(masked, k)) == ordered[k - 1]

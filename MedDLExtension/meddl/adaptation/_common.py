@@ -50,13 +50,28 @@ def percentile_nearest(values, q: float, count: int | None = None):
     (``k = 1 + round(q / 100 * (n - 1))``-th smallest value), so stain estimates agree with theirs.
     ``count``: only the ``count`` smallest values count (the rest were set to ``+inf``).
 
-    Exact, and faster than one ``kthvalue`` on large inputs: a strided subsample brackets the
+    Exact. On the CPU numpy's introselect (``np.partition``) answers; it is 5-10x faster than
+    ``kthvalue`` on a few hundred thousand values. Elsewhere a strided subsample brackets the
     answer, the values inside the bracket are selected and ``kthvalue`` runs on those only (falls
     back to the full ``kthvalue`` when the bracket misses).
     """
     v = values.reshape(-1)
     n = v.numel() if count is None else int(count)
     k = min(max(1 + int(round(0.01 * float(q) * (n - 1))), 1), n)
+    if v.device.type == "cpu" and not v.requires_grad:
+        return _kth_numpy(v, k)
+    return _kth_bracket(v, k)
+
+
+def _kth_numpy(v, k: int):
+    """The ``k``-th smallest (1-based) of a 1-D CPU tensor, by ``np.partition``."""
+    import torch
+
+    return torch.as_tensor(np.partition(v.numpy(), k - 1)[k - 1], dtype=v.dtype)
+
+
+def _kth_bracket(v, k: int):
+    """The ``k``-th smallest (1-based) of a 1-D tensor on any device: bracket, select, ``kthvalue``."""
     total = v.numel()
     if total < 32768:
         return v.kthvalue(k).values
