@@ -43,7 +43,7 @@ def configure(sub) -> None:
                    help="lncc (same contrast), mi or mind (across contrasts), deepsim (semantic features)")
     p.add_argument("--affine", choices=("affine", "center", "none"), default="affine",
                    help="pre-alignment (default affine; none trusts the scanner coordinates)")
-    p.add_argument("--iterations", type=int, default=None, help="most optimisation steps per resolution level")
+    p.add_argument("--iterations", type=int, default=None, help="most optimisation steps per resolution level (default 15)")
     p.add_argument("--regularisation", type=float, default=None,
                    help="weight of the smoothness term (default: 1, or 0.1 with --similarity mind)")
     p.add_argument("--fold-penalty", type=float, default=None,

@@ -57,7 +57,9 @@ class RegistrationConfig:
         similarity: lncc (same contrast), mi or mind (across contrasts; MIND-SSC descriptors) or
             deepsim (semantic features).
         affine: pre-alignment: affine (default), center (centre of mass) or none (trust headers).
-        iterations: most Adam steps per pyramid level of instance optimisation.
+        iterations: most Adam steps per pyramid level of instance optimisation. Each level starts
+            from the coarser one's answer; on the four benchmark pairs 15 steps per level scored
+            within 0.002 Dice of 30 in half the time (10: within 0.003).
         levels_mm: working-grid spacings of instance optimisation, coarse to fine (never finer
             than the fixed image; the 2 mm level adds about 0.01 Dice over (5, 3) on the
             benchmark pairs for about 3x the time).
@@ -87,7 +89,7 @@ class RegistrationConfig:
     method: Method = Method.NETWORK_OPTIMISATION
     similarity: Similarity = Similarity.LNCC
     affine: AffineMode = AffineMode.AFFINE
-    iterations: int = 30
+    iterations: int = 15
     levels_mm: tuple[float, ...] = (5.0, 3.0, 2.0)
     regularisation: float | None = None
     fold_penalty: float = 100.0
