@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = history["seconds"] + (time.time() - t0)
         training = {**history, "steps": step, "seconds": round(elapsed, 1), "size": args.size,
                     "batch": args.batch, "max_context": args.max_context, "lr": args.lr}
-        metrics = {"train_loss_ema": round(running, 4), "val_dice_heldout_context4": round(d4, 4),
+        loss = None if math.isnan(running) else round(running, 4)  # unknown after an interrupt
+        metrics = {"train_loss_ema": loss, "val_dice_heldout_context4": round(d4, 4),
                    "val_dice_heldout_context1": round(d1, 4)}
         models.save_model(
             net, out, args.name, arguments,
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         step, running = fit(net, sample, args.steps, optimizer=opt, log=log, stop=stop, start_step=start)
     except KeyboardInterrupt:
         step, running = done[0], math.nan
-    save(step, running if not math.isnan(running) else -1.0)
+    save(step, running)
     return 0
 
 
