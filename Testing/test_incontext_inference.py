@@ -10,7 +10,7 @@ from meddl.cli import main
 from meddl.errors import InputError
 from meddl.incontext import SegmentConfig, segment
 from meddl.incontext.demo import painted_slices
-from meddl.incontext.inference import interpolation_prior
+from meddl.incontext.inference import interpolation_prior, mix_prior
 from meddl.volume import Kind, Volume, affine_from_geometry
 from test_incontext_network import trained_threshold
 from torch.nn import functional as F
@@ -118,6 +118,23 @@ def test_interpolation_prior_is_linear_between_painted_slices_and_fades_beyond()
     assert lone[4].sum() == 0 and lone[6].sum() == 0
 
 
+def test_the_prior_weight_fades_with_its_support_so_the_network_answers_far_away():
+    a = np.zeros((4, 4), np.float32)
+    a[:2] = 1
+    b = np.zeros((4, 4), np.float32)
+    b[:, :2] = 1
+    network = np.full((4, 4, 4), 0.8, np.float32)
+    p = mix_prior(network, np.stack([a, b]), np.array([2, 6]), np.array([4, 0, 8, 12]), 0.5)
+    np.testing.assert_allclose(p[0], 0.5 * 0.8 + 0.5 * (0.5 * a + 0.5 * b))  # between: weight 0.5
+    np.testing.assert_allclose(p[1], 0.75 * 0.8 + 0.25 * a)  # 2 before the first, gap 4: weight 0.25
+    np.testing.assert_allclose(p[2], 0.75 * 0.8 + 0.25 * b)
+    np.testing.assert_allclose(p[3], network[3])  # beyond one gap: the network alone (not vetoed by an empty prior)
+    one = network[:1]
+    np.testing.assert_allclose(mix_prior(one, np.stack([a, b]), np.array([2, 6]), np.array([4]), 1.0)[0],
+                               0.5 * a + 0.5 * b)  # weight 1 between painted slices: shape interpolation
+    np.testing.assert_allclose(mix_prior(one, np.stack([a, b]), np.array([2, 6]), np.array([4]), 0.0), one)
+
+
 def test_bracketing_context_is_the_nearest_painted_slice_on_each_side():
     from meddl.incontext.inference import Selection, _choose
 
@@ -128,7 +145,7 @@ def test_bracketing_context_is_the_nearest_painted_slice_on_each_side():
     assert list(_choose(pos, src, None, 0.95, None, 1, Selection.BRACKET)) == [3]
 
 
-def test_propagation_with_full_prior_is_shape_interpolation(net):
+def test_propagation_with_full_prior_is_shape_interpolation_between_painted_slices(net):
     arr = smooth_volume((16, 16, 12), seed=5)
     truth = (arr > 0.5).astype(np.int16)
     partial = np.zeros_like(truth)
@@ -136,9 +153,9 @@ def test_propagation_with_full_prior_is_shape_interpolation(net):
     partial[:, :, painted] = truth[:, :, painted]
     target = image(arr)
     out = run(target, net, annotated=labels(partial, target), config=SegmentConfig(axis=2, prior=1.0)).numpy()[0]
-    todo = [k for k in range(12) if k not in painted]
-    expected = interpolation_prior(np.moveaxis(truth[:, :, painted], 2, 0), np.array(painted), np.array(todo)) > 0.5
-    np.testing.assert_array_equal(np.moveaxis(out[:, :, todo], 2, 0) > 0, expected)
+    between = [k for k in range(3, 10) if k not in painted]  # beyond slices 2 and 10 the network takes over
+    expected = interpolation_prior(np.moveaxis(truth[:, :, painted], 2, 0), np.array(painted), np.array(between)) > 0.5
+    np.testing.assert_array_equal(np.moveaxis(out[:, :, between], 2, 0) > 0, expected)
     np.testing.assert_array_equal(out[:, :, painted], truth[:, :, painted])  # painted slices kept
 
 

@@ -124,7 +124,7 @@ def most_similar(images: np.ndarray, labels: np.ndarray, target: np.ndarray) -> 
 def propagate(net, t1: np.ndarray, lab: np.ndarray, idx: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray]:
     """The library's propagation of one target slice: (network + prior, prior alone) probabilities."""
     from meddl.incontext import SegmentConfig
-    from meddl.incontext.inference import Selection, _choose, interpolation_prior
+    from meddl.incontext.inference import Selection, _choose, interpolation_prior, mix_prior
     from meddl.incontext.network import pad_channels
 
     chosen = idx[_choose(idx.astype(float), np.zeros(len(idx), int), None, float(target), None, 16, Selection.BRACKET)]
@@ -135,9 +135,10 @@ def propagate(net, t1: np.ndarray, lab: np.ndarray, idx: np.ndarray, target: int
         p = torch.sigmoid(net(pad_channels(tgt, net.in_channels, 0)[None], pad_channels(ci, net.in_channels, 1)[None],
                               co[None]))[0, 0].numpy()
     todo = np.array([s for s in range(len(t1)) if s not in set(idx.tolist())])  # as segment() sees them
-    prior = interpolation_prior(lab[idx], idx, todo)[int(np.nonzero(todo == target)[0][0])]
-    w = SegmentConfig().prior
-    return (1 - w) * p + w * prior, prior
+    at = int(np.nonzero(todo == target)[0][0])
+    prior = interpolation_prior(lab[idx], idx, todo)[at]
+    mixed = mix_prior(p[None], lab[idx], idx, todo[at : at + 1], SegmentConfig().prior)[0]
+    return mixed, prior
 
 
 def seconds_per_slice(net, size: int = 128, context: int = 16, repeats: int = 5) -> float:

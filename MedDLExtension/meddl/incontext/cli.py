@@ -36,7 +36,7 @@ def configure(subparsers) -> None:
                         "bracket (nearest on each side), similar")
     p.add_argument("--prior", type=float, default=0.5,
                    help="propagation: weight of the interpolation of the painted slices mixed with the network "
-                        "(0 = network only, 1 = interpolation only)")
+                        "between painted slices (0 = network only, 1 = interpolation only); it fades beyond them")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--finetune-steps", type=int, default=0, help="test-time fine-tuning steps on the context")
     p.add_argument("--weights", default=None, help="weights file (its JSON card beside it) instead of the bundled one")

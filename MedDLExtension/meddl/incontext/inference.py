@@ -30,7 +30,8 @@ from ..progress import Reporter
 from ..volume import Kind, Volume
 from .network import InContextNet, pad_channels
 
-__all__ = ["Task", "Selection", "SegmentConfig", "segment", "load_network", "interpolation_prior", "MAX_CONTEXT"]
+__all__ = ["Task", "Selection", "SegmentConfig", "segment", "load_network", "interpolation_prior", "mix_prior",
+           "MAX_CONTEXT"]
 
 MAX_CONTEXT = 32
 
@@ -72,10 +73,11 @@ class SegmentConfig:
             ``nearest`` (position), ``bracket`` (the nearest on each side) or ``similar``
             (appearance).
         prior: propagation mode only: weight of the slice-interpolation prior (the painted
-            labels of the two bracketing slices, linearly interpolated by distance, fading to
-            empty over one painting gap beyond the outermost painted slice) mixed with the
-            network's probability: ``p = (1 - prior) * network + prior * interpolation``.
-            0: the network alone; 1: plain shape interpolation.
+            labels of the two bracketing slices, linearly interpolated by distance) mixed with the
+            network's probability, ``p = (1 - prior) * network + prior * interpolation``, between
+            painted slices; beyond the outermost painted slice the prior's weight fades to 0 over
+            one painting gap (:func:`mix_prior`). 0: the network alone; 1: shape interpolation
+            between painted slices.
         threshold: probability above which a voxel belongs to a segment.
         labels: label values to segment (default: every non-zero value in the context).
         finetune_steps: test-time fine-tuning steps on the context pairs (leave-one-out); 0: none.
@@ -234,14 +236,13 @@ def _choose(pool_pos: np.ndarray, pool_src: np.ndarray, pool_img: torch.Tensor, 
     return np.sort(chosen)
 
 
-def interpolation_prior(masks: np.ndarray, painted: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Shape-interpolation prior ``(len(targets), H, W)`` in [0, 1] for slices between painted ones.
+def _interpolation(masks: np.ndarray, painted: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(shape (len(targets), H, W), support (len(targets),))`` for slices around painted ones.
 
-    ``masks`` ``(len(painted), H, W)`` are the painted binary masks at slice indices ``painted``
-    (sorted). Between two painted slices the prior is their distance-weighted linear
-    interpolation; beyond the outermost painted slice it fades linearly to empty over one
-    painting gap (the median distance between painted slices; a tenth of the span of
-    ``targets`` and ``painted`` together when only one slice is painted).
+    Between two painted slices ``shape`` is their distance-weighted linear interpolation and the
+    support is 1; beyond the outermost painted slice ``shape`` is that slice's mask and the support
+    falls linearly to 0 over one painting gap (the median distance between painted slices; a tenth
+    of the span of ``targets`` and ``painted`` together when only one slice is painted).
     """
     painted = np.asarray(painted)
     order = np.argsort(painted)
@@ -251,17 +252,47 @@ def interpolation_prior(masks: np.ndarray, painted: np.ndarray, targets: np.ndar
     else:
         span = np.concatenate([painted, np.asarray(targets)])
         gap = max(1.0, (span.max() - span.min()) / 10.0)
-    out = np.zeros((len(targets), *masks.shape[1:]), dtype=np.float32)
+    shape = np.zeros((len(targets), *masks.shape[1:]), dtype=np.float32)
+    support = np.zeros(len(targets), dtype=np.float32)
     for i, t in enumerate(targets):
         j = int(np.searchsorted(painted, t))
         if 0 < j < len(painted):
             lo, hi = painted[j - 1], painted[j]
             w = (hi - t) / (hi - lo)
-            out[i] = w * masks[j - 1] + (1 - w) * masks[j]
+            shape[i] = w * masks[j - 1] + (1 - w) * masks[j]
+            support[i] = 1.0
         else:
             edge = 0 if j == 0 else len(painted) - 1
-            out[i] = masks[edge] * max(0.0, 1.0 - abs(float(t) - float(painted[edge])) / gap)
-    return out
+            shape[i] = masks[edge]
+            support[i] = max(0.0, 1.0 - abs(float(t) - float(painted[edge])) / gap)
+    return shape, support
+
+
+def interpolation_prior(masks: np.ndarray, painted: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Shape-interpolation prior ``(len(targets), H, W)`` in [0, 1] for slices between painted ones.
+
+    ``masks`` ``(len(painted), H, W)`` are the painted binary masks at slice indices ``painted``
+    (sorted or not). Between two painted slices the prior is their distance-weighted linear
+    interpolation; beyond the outermost painted slice it fades linearly to empty over one
+    painting gap (the median distance between painted slices; a tenth of the span of
+    ``targets`` and ``painted`` together when only one slice is painted).
+    """
+    shape, support = _interpolation(masks, painted, targets)
+    return shape * support[:, None, None]
+
+
+def mix_prior(network: np.ndarray, masks: np.ndarray, painted: np.ndarray, targets: np.ndarray,
+              weight: float) -> np.ndarray:
+    """Propagation's probability: the network's ``(len(targets), H, W)`` mixed with the shape prior.
+
+    ``p = (1 - w s) network + w s shape`` with ``s`` the prior's support (:func:`_interpolation`):
+    between painted slices the prior counts with ``weight``; beyond the outermost painted slice its
+    weight fades with its support, so far from every painted slice the network answers alone (a
+    prior that had faded to empty would otherwise veto the network there).
+    """
+    shape, support = _interpolation(masks, painted, targets)
+    ws = float(weight) * support[:, None, None]
+    return (1.0 - ws) * network + ws * shape
 
 
 def _budget(k: int, size: int, net: InContextNet, batch: int, memory_mb: float) -> int:
@@ -421,8 +452,7 @@ def segment(target: Volume, config: SegmentConfig | None = None,
                 probs[li] = _run(network, images[todo], positions[todo], pool, config, size, tuple(lab_slices.shape[1:]),
                                  True, notices, stage, Selection.BRACKET)
                 if config.prior > 0:
-                    prior = interpolation_prior(lab_slices[has] == v, has, todo)
-                    probs[li] = (1.0 - config.prior) * probs[li] + config.prior * prior
+                    probs[li] = mix_prior(probs[li], lab_slices[has] == v, has, todo, config.prior)
             best = probs.argmax(0)
             keep = probs.max(0) > config.threshold
             result[todo] = np.where(keep, np.asarray(values)[best], 0)
