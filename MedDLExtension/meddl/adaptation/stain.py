@@ -109,7 +109,8 @@ class StainConfig:
         dictionary_pixels: at most this many tissue pixels (strided) to learn Vahadane's matrix.
         max_samples: at most this many pixels (strided) to estimate stain statistics; images up
             to this size use every pixel.
-        chunk_pixels: pixels transformed at once (bounds the memory of one step).
+        chunk_pixels: pixels transformed at once (bounds the memory of one step; 2^18 keeps a
+            chunk in cache: a 2048 x 2048 image took 68 ms instead of 177 ms with 2^22).
         min_tissue_pixels: fewer tissue pixels than this is "no tissue found".
     """
 
@@ -127,7 +128,7 @@ class StainConfig:
     tolerance: float = 1e-4
     dictionary_pixels: int = 1024
     max_samples: int = 1 << 18
-    chunk_pixels: int = 1 << 22
+    chunk_pixels: int = 1 << 18
     min_tissue_pixels: int = 64
 
     def __post_init__(self) -> None:
