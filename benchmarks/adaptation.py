@@ -42,6 +42,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "MedDLExtension"))
 
+from _notes import kept_notes  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from meddl import Volume  # noqa: E402
 from meddl.adaptation import (  # noqa: E402
     FourierConfig,
@@ -458,6 +459,9 @@ def main() -> int:
     text = "\n".join(header + targets + [""] + stain_lines + [""] + fourier_lines) + "\n"
     print(text)
     if not args.quick:
+        notes = kept_notes(OUT)
+        if notes:
+            text += "\n" + notes
         OUT.parent.mkdir(parents=True, exist_ok=True)
         OUT.write_text(text)
         print(f"wrote {OUT}")
