@@ -101,3 +101,25 @@ def test_complex_image_is_bounded_by_the_rss_output():
     assert z.shape == mag.shape and z.is_complex()
     # Cauchy-Schwarz with unit-RSS maps: |sum_c conj(S_c) x_c| <= RSS(x)
     assert (z.abs() <= mag * (1 + 1e-4) + 1e-6).all()
+
+
+def test_training_without_a_saved_state_continues_from_the_bundled_weights(tmp_path):
+    import json
+    import shutil
+
+    from meddl import models
+    from meddl.reconstruction.train import MODEL_NAME, main
+
+    src = models.models_dir()
+    if not (src / f"{MODEL_NAME}.json").is_file():
+        pytest.skip("no bundled VarNet weights")
+    (tmp_path / "models").mkdir()
+    for ext in (".pt", ".json"):
+        shutil.copy(src / f"{MODEL_NAME}{ext}", tmp_path / "models" / f"{MODEL_NAME}{ext}")
+    step = json.loads((src / f"{MODEL_NAME}.json").read_text())["step"]
+    args = ["--crop", "32", "--batch", "1", "--work-dir", str(tmp_path / "work"), "--models-dir", str(tmp_path / "models")]
+    assert main([*args, "--steps", str(step + 1)]) == 0
+    card = json.loads((tmp_path / "models" / f"{MODEL_NAME}.json").read_text())
+    assert card["step"] == step + 1
+    assert card["phases"][-1].startswith(f"from step {step}:")
+    assert (src / f"{MODEL_NAME}.json").read_text() != (tmp_path / "models" / f"{MODEL_NAME}.json").read_text()

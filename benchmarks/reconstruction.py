@@ -325,8 +325,8 @@ def write_report(
             "for the published E2E-VarNet. Training phases: "
             + "; ".join(card.extra.get("phases", [card.command]))
             + ". The training is resumable: rerunning the last command (with a larger `--steps`) continues "
-            "from the saved optimiser state in `~/.cache/meddl/train/reconstruction_varnet/state.pt` (or from "
-            "scratch elsewhere), and rewrites the weights and card.",
+            "from the saved optimiser state in `~/.cache/meddl/train/reconstruction_varnet/state.pt` (elsewhere "
+            "from the bundled weights with a new optimiser), and rewrites the weights and card.",
         ]
     if not have_sigpy:
         lines.append("- sigpy is not installed: its row is missing.")

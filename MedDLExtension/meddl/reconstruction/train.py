@@ -3,7 +3,8 @@
 Resumable: the full training state (network, optimiser, step, random state) goes to
 ``--work-dir`` every ``--save-minutes``; the bundled weights and card
 (``Resources/models/reconstruction_varnet.pt/.json``) are written at the same time. Rerunning
-the same command continues from the saved step.
+the same command continues from the saved step; on a machine without that state it continues
+from the bundled weights and their step with a new optimiser (``--from-scratch`` starts over).
 
 Data (SCIENCE.md, issue 4): MNI152 slices (three orientations, 2 mm upsampled to 1 mm), dipy's
 T1 slice, ITK's PD and T1 brain slices, and Colin27 axial slices outside the held-out blocks
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models-dir", default=None, help="where the weights and card go (default: Resources/models)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=None, help="stop (after saving) after this long")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="without a saved training state, start from random weights instead of the bundled ones")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -188,6 +191,15 @@ def main(argv: list[str] | None = None) -> int:
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         say(f"resumed at step {step}")
+    elif not args.from_scratch and (out_dir / f"{MODEL_NAME}.json").is_file():
+        # a new machine has no state file: continue from the committed weights (a fresh optimiser)
+        bundled, card = models.load_model(MODEL_NAME, out_dir / f"{MODEL_NAME}.pt")
+        if card.arguments == ARCH:
+            net.load_state_dict(bundled.state_dict())
+            net.train()
+            step = int(card.extra.get("step") or 0)
+            phases = list(card.extra.get("phases", []))
+            say(f"no training state in {work}: continuing from the bundled weights at step {step} (new optimiser)")
     val_rng = np.random.default_rng(12345)
     val = []
     for acc in (4.0, 8.0):
