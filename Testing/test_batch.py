@@ -368,6 +368,26 @@ def test_changed_or_corrupted_output_is_redone(tmp_path, cluster):
     assert all(job_is_complete(j, changed.state_dir) is None for j in changed.jobs)
 
 
+def test_an_interrupted_report_counts_jobs_that_committed_unseen(tmp_path):
+    from meddl.batch import JobResult, _settled, commit_outputs, output_parts
+
+    ins = _inputs(tmp_path / "in", 2)
+    manifest = read_manifest(_write_csv(tmp_path / "m.csv", ["operation", "input", "output"],
+                                        [["sleepcopy", f"in/{p.name}", f"out/{p.stem}.txt"] for p in ins]))
+    first, second = manifest.jobs
+    (tmp_path / "out").mkdir()
+    parts = output_parts(first)
+    parts[0].write_text("case 0\n")
+    sums = commit_outputs(first, parts, manifest.state_dir)  # what a worker does after the client stopped listening
+    settled = _settled(first, None, manifest.state_dir)
+    assert settled.status == "done" and settled.outputs == sums
+    cancelled = JobResult(first.id, first.line, first.operation, "cancelled", error="cancelled")
+    assert _settled(first, cancelled, manifest.state_dir).status == "done"
+    assert _settled(second, None, manifest.state_dir) is None  # never committed: stays "not run"
+    failed = JobResult(second.id, second.line, second.operation, "failed", error="boom")
+    assert _settled(second, failed, manifest.state_dir) is failed
+
+
 # -- the command, with its embedded cluster, interrupted like Ctrl-C -----------------------------
 
 

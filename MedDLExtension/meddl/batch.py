@@ -1195,8 +1195,8 @@ def run_batch(
 
     jobs = []
     for job in manifest.jobs:
-        r = results.get(job.id) or JobResult(job.id, job.line, job.operation, "cancelled",
-                                             error="not run: the batch was interrupted")
+        r = _settled(job, results.get(job.id), manifest.state_dir) if interrupted else results.get(job.id)
+        r = r or JobResult(job.id, job.line, job.operation, "cancelled", error="not run: the batch was interrupted")
         r.command = job.command_line()
         jobs.append(r)
     out = BatchReport(str(manifest.path), str(manifest.output_root), where, n_workers,
@@ -1206,6 +1206,17 @@ def run_batch(
         raise Cancelled(f"meddl batch: interrupted; {out.count('done') + out.count('skipped')} of {total} jobs "
                         f"complete (report {report_path}); run the same command again to finish the rest")
     return out
+
+
+def _settled(job: Job, result: JobResult | None, state_dir: Path) -> JobResult | None:
+    """After an interrupt: a job the client saw no answer from (or saw cancelled) that nonetheless
+    committed its outputs on a worker, with its record, is reported done, as a rerun would find it."""
+    if result is not None and result.status != "cancelled":
+        return result
+    sums = job_is_complete(job, state_dir)
+    if sums is None:
+        return result
+    return JobResult(job.id, job.line, job.operation, "done", outputs=sums)
 
 
 def _collect(fut, job: Job) -> JobResult:
