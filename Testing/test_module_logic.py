@@ -49,7 +49,7 @@ record = {"argv": argv, "inputs": {}}
 OUTPUT_FLAGS = {"-o", "--transform", "--jacobian", "--labels-out", "--uncertainty", "--zero-filled", "--phase",
                 "--coil-images", "--stains-out"}
 VALUE_FLAGS = {"--method", "--similarity", "--affine", "--device", "--progress", "--seed", "--undersample", "--acceleration",
-               "--center-fraction", "--beta", "--window", "--task", "--moving-labels", "--annotated"}
+               "--center-fraction", "--beta", "--window", "--task", "--moving-labels", "--annotated", "--prior"}
 outputs, options, positional, context = {}, {}, [], []
 i = 1
 while i < len(argv):
@@ -570,6 +570,16 @@ def test_painted_slices_result_added_as_a_new_segment(scene, fake, rng):
     assert painted.GetSegmentation().GetNumberOfSegments() == 3
     assert _segment_voxels(painted, result.segment_ids[0], target) == 6 * 5 * 5  # the fake's box
     assert _segment_voxels(painted, liver, target) == liver_voxels  # what the user painted is untouched
+
+
+def test_prior_weight_goes_to_the_command_and_is_checked(scene, fake, rng):
+    target = _volume_node(scene, rng.normal(size=(1, 8, 7, 5)).astype(np.float32), "target")
+    painted = _segmentation(scene)
+    liver = _segment_id(painted, "liver")
+    InContextSegmentationLogic(runner=fake.runner).run(target, segmentation=painted, segment_id=liver, prior=0.2)
+    assert float(_flag(fake.record()["argv"], "--prior")) == 0.2
+    with pytest.raises(InputError, match=r"prior: expected a weight between 0 and 1, got 1.5"):
+        InContextSegmentationLogic(runner=fake.runner).start(target, segmentation=painted, segment_id=liver, prior=1.5)
 
 
 def test_replace_segment_keeps_id_name_colour_and_other_segments(scene, fake, rng):

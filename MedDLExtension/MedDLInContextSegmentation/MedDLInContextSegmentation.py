@@ -58,6 +58,7 @@ class MedDLInContextSegmentationParameterNode:
     outputMode: Annotated[str, Choice(choices(SegmentOutput))] = SegmentOutput.NEW_SEGMENT.value
     outputSegmentation: vtkMRMLSegmentationNode
     outputVolume: vtkMRMLScalarVolumeNode
+    prior: float = 0.5
     device: Annotated[str, Choice(DEVICES)] = "auto"
 
 
@@ -134,7 +135,7 @@ class MedDLInContextSegmentationWidget(MedDLModuleWidget):
             segmentation=p.paintedSegmentation if painted else None,
             segment_id=p.paintedSegmentId if painted else None,
             context=() if painted else self._contextPairs(),
-            task=p.task, output_mode=p.outputMode, device=p.device,
+            task=p.task, output_mode=p.outputMode, device=p.device, prior=p.prior if painted else None,
             output_segmentation=p.outputSegmentation, output_volume=p.outputVolume,
             progress=progress, log=log)
 

@@ -761,6 +761,7 @@ class InContextSegmentationLogic(MedDLLogic):
         output_mode: str = SegmentOutput.NEW_SEGMENT,
         output_segmentation: Any = None,
         output_volume: Any = None,
+        prior: float | None = None,
         device: str = "auto",
         seed: int | None = None,
         progress: ProgressCallback | None = None,
@@ -776,9 +777,14 @@ class InContextSegmentationLogic(MedDLLogic):
         painted segmentation, or a new segmentation node); ``"replace segment"`` replaces the
         painted segment; ``"new volume"`` fills ``output_volume`` (or a new label map volume).
         An image task always gives a volume (``output_volume`` or a new scalar volume).
+
+        ``prior``: with painted slices, the weight of the interpolation of the painted masks mixed
+        with the network (``meddl segment --prior``; None: the command's default, 0.5).
         """
         if target is None:
             raise InputError("meddl segment: the target volume is not set")
+        if prior is not None and not 0.0 <= float(prior) <= 1.0:
+            raise InputError(f"prior: expected a weight between 0 and 1, got {prior}")
         context = [(v, s) for v, s in (context or []) if v is not None or s is not None]
         annotated = segmentation is not None
         if annotated == bool(context):
@@ -830,6 +836,8 @@ class InContextSegmentationLogic(MedDLLogic):
                                            kind=None if image_task else "label")
                     args.append(path)
             args += ["--task", task]
+            if prior is not None and annotated:
+                args += ["--prior", float(prior)]
             return [str(a) for a in args] + flags, segments
 
         workdir, (args, segments) = _prepare(self, build)
