@@ -320,8 +320,8 @@ def write_report(
             "## Training budget behind these VarNet numbers",
             "",
             f"The bundled VarNet was trained for {card.extra.get('step')} steps of batch 2 on this shared "
-            "2-core CPU (1-2 torch threads, often beside other training jobs; no GPU was available), i.e. a few "
-            "ten thousand simulated slices seen, versus ~10^6 slice-steps on GPUs "
+            "2-core CPU (1-2 torch threads, often beside other training jobs; no GPU was available), i.e. "
+            f"about {2 * int(card.extra.get('step') or 0)} simulated slices seen, versus ~10^6 slice-steps on GPUs "
             "for the published E2E-VarNet. Training phases: "
             + "; ".join(card.extra.get("phases", [card.command]))
             + ". The training is resumable: rerunning the last command (with a larger `--steps`) continues "
