@@ -196,7 +196,6 @@ def main(argv: list[str] | None = None) -> int:
         bundled, card = models.load_model(MODEL_NAME, out_dir / f"{MODEL_NAME}.pt")
         if card.arguments == ARCH:
             net.load_state_dict(bundled.state_dict())
-            net.train()
             step = int(card.extra.get("step") or 0)
             phases = list(card.extra.get("phases", []))
             say(f"no training state in {work}: continuing from the bundled weights at step {step} (new optimiser)")
