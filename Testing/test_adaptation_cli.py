@@ -62,6 +62,10 @@ def test_fourier_each_reference_and_histogram_baseline(images):
                  "--beta", "0.1", "--window", "square", "--mode", "2d", "--device", "cpu"]) == 0
     for i in (1, 2):
         assert io.read(images / f"fda_{i}.nii.gz").spatial_shape == (16, 18, 12)
+    log = images / "fda_log.nii.gz"
+    assert main(["adapt", "fourier", str(images / "mr.nii.gz"), refs[0], "-o", str(log), "--domain", "log",
+                 "--beta", "0.1", "--device", "cpu"]) == 0
+    assert io.read(log).spatial_shape == (16, 18, 12)
     hist = images / "hist.nii.gz"
     assert main(["adapt", "fourier", str(images / "mr.nii.gz"), *refs, "-o", str(hist), "--histogram-match"]) == 0
     assert io.read(hist).spatial_shape == (16, 18, 12)
@@ -79,6 +83,8 @@ def test_fourier_each_reference_and_histogram_baseline(images):
          r"error: Fourier beta: expected a number in \[0, 0.5\], got 0.7"),
         (["fourier", "{d}/mr.nii.gz", "{d}/slice.nii.gz", "-o", "{d}/x.nii.gz"],
          r"error: reference 1: expected a 3D volume like the input, got 2D"),
+        (["fourier", "{d}/mr.nii.gz", "{d}/mr_ref1.nii.gz", "-o", "{d}/x.nii.gz", "--log-offset", "0"],
+         r"error: Fourier log offset: expected a number in \(0, 1\], got 0"),
         (["stain", "{d}/grey.png", "{d}/ref.png", "-o", "{d}/x.png"],
          r"error: input '.*grey.png': expected an RGB colour image \(3 components\), got 1"),
         (["stain", "{d}/slide.png", "{d}/ref.png", "-o", "{d}/slide.png"], r"error: output .* is also an input"),

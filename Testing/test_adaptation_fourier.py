@@ -207,3 +207,37 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("mode,shape", [("3d", (16, 18, 12)), ("2d", (16, 18, 12)), ("2d", (30, 26))])
+def test_log_domain_undoes_a_gain_exactly(rng, mode, shape):
+    """``g x ref`` in the log domain differs from ``ref`` only in the mean: any window gives ``ref`` back."""
+    ref = _blobs(rng, shape)
+    for beta in (0.05, 0.3):
+        out = adapt_fourier(Volume(ref * 2.7), Volume(ref), device="cpu",
+                            config=FourierConfig(beta=beta, mode=mode, domain="log", preserve_range=False))
+        np.testing.assert_allclose(out.numpy(), ref, rtol=1e-9, atol=1e-9)
+    # the intensity domain cannot: the gain scales the high frequencies too
+    plain = adapt_fourier(Volume(ref * 2.7), Volume(ref), FourierConfig(beta=0.05, mode=mode, preserve_range=False))
+    assert np.abs(plain.numpy() - ref).max() > 1.0
+
+
+def test_log_domain_beta_zero_returns_the_input(rng):
+    src = _blobs(rng, (16, 18))
+    out = adapt_fourier(Volume(src), Volume(_blobs(rng, (16, 18))), FourierConfig(beta=0.0, domain="log"))
+    np.testing.assert_array_equal(out.numpy(), src)
+
+
+def test_log_domain_refuses_negative_intensities(rng):
+    with pytest.raises(InputError, match=r"input: the log domain needs non-negative intensities .* minimum of -"):
+        adapt_fourier(Volume(_blobs(rng, (8, 8)) - 50), [Volume(_blobs(rng, (8, 8)))], FourierConfig(domain="log"))
+    with pytest.raises(InputError, match=r"reference 1: the log domain needs non-negative intensities"):
+        adapt_fourier(Volume(_blobs(rng, (8, 8))), [Volume(_blobs(rng, (8, 8)) - 50)], FourierConfig(domain="log"))
+
+
+@pytest.mark.parametrize("offset", [0, -0.1, 1.5, float("nan")])
+def test_log_offset_is_checked(offset):
+    with pytest.raises(InputError, match=r"Fourier log offset: expected a number in \(0, 1\]"):
+        FourierConfig(domain="log", log_offset=offset)
+    with pytest.raises(InputError, match=r"Fourier domain: expected one of intensity, log, got 'sqrt'"):
+        FourierConfig(domain="sqrt")

@@ -345,3 +345,18 @@ def test_nearest_rank_percentile_paths_match_a_sorted_reference(size):
         assert float(percentile_nearest(masked, q, count)) == ordered[k - 1]
         assert float(_kth_numpy(masked, k)) == ordered[k - 1]
         assert float(_kth_bracket(masked, k)) == ordered[k - 1]
+
+
+@pytest.mark.parametrize("pixels,max_samples,line", [(512 * 512, 1 << 17, 512), (2048 * 2048, 1 << 17, 2048),
+                                                     (300 * 210, 5000, 210), (1000, 5000, 10)])
+def test_the_sample_stride_spreads_over_every_column(pixels, max_samples, line):
+    from math import gcd
+
+    from meddl.adaptation.stain import sample_step
+
+    step = sample_step(pixels, max_samples, line)
+    taken = np.arange(0, pixels, step)
+    assert len(taken) <= max(max_samples, pixels // step + 1)
+    assert step == 1 or gcd(step, line) == 1
+    # a stride sharing a factor with the line length would keep returning to the same few columns
+    assert len(np.unique(taken % line)) == min(line, len(taken))

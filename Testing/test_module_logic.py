@@ -49,7 +49,7 @@ record = {"argv": argv, "inputs": {}}
 OUTPUT_FLAGS = {"-o", "--transform", "--jacobian", "--labels-out", "--uncertainty", "--zero-filled", "--phase",
                 "--coil-images", "--stains-out"}
 VALUE_FLAGS = {"--method", "--similarity", "--affine", "--device", "--progress", "--seed", "--undersample", "--acceleration",
-               "--center-fraction", "--beta", "--window", "--task", "--moving-labels", "--annotated", "--prior"}
+               "--center-fraction", "--beta", "--window", "--domain", "--task", "--moving-labels", "--annotated", "--prior"}
 outputs, options, positional, context = {}, {}, [], []
 i = 1
 while i < len(argv):
@@ -532,12 +532,16 @@ def test_fourier_adaptation_sends_every_reference_beta_and_window(scene, fake, r
     AdaptationLogic(runner=fake.runner).run(image, refs[:1], mode="fourier", window="square")
     argv = fake.record()["argv"]
     assert _flag(argv, "--window") == "square" and "--beta" not in argv  # the command picks beta for the window
+    assert _flag(argv, "--domain") == "intensity"
+    AdaptationLogic(runner=fake.runner).run(image, refs[:1], mode="fourier", domain="log")
+    assert _flag(fake.record()["argv"], "--domain") == "log"
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"mode": "stain", "references": 2}, "expected exactly one reference volume, got 2"),
     ({"mode": "fourier", "beta": 0.7}, "beta: expected a value in \\[0, 0.5\\], got 0.7"),
     ({"mode": "cyclegan"}, "adaptation mode: expected one of stain, fourier"),
+    ({"mode": "fourier", "domain": "sqrt"}, "Fourier domain: expected one of intensity, log"),
 ])
 def test_adaptation_refuses_bad_requests(scene, fake, rng, kwargs, message):
     slide = _rgb_node(scene, rng, "slide")

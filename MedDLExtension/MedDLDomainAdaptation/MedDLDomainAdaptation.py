@@ -9,7 +9,7 @@ from typing import Annotated
 import qt
 import slicer
 from meddl.errors import MedDLError
-from meddl.slicer_logic import AdaptationLogic, AdaptMode, FourierWindow, StainMethod, choices
+from meddl.slicer_logic import AdaptationLogic, AdaptMode, FourierDomain, FourierWindow, StainMethod, choices
 from MedDLCommon import DEVICES, MedDLModuleWidget
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -50,6 +50,7 @@ class MedDLDomainAdaptationParameterNode:
     stainMethod: Annotated[str, Choice(choices(StainMethod))] = StainMethod.MACENKO.value
     beta: Annotated[float, WithinRange(0.0, 0.5)] = 0.0  # 0: the command's default for the window
     window: Annotated[str, Choice(choices(FourierWindow))] = FourierWindow.CIRCLE.value
+    domain: Annotated[str, Choice(choices(FourierDomain))] = FourierDomain.INTENSITY.value
     device: Annotated[str, Choice(DEVICES)] = "auto"
     outputVolume: vtkMRMLScalarVolumeNode
     hematoxylinVolume: vtkMRMLScalarVolumeNode
@@ -110,7 +111,8 @@ class MedDLDomainAdaptationWidget(MedDLModuleWidget):
         stain = p.mode == AdaptMode.STAIN.value
         return self.logic.start(
             p.inputVolume, [r for r in p.referenceVolumes if r],
-            mode=p.mode, method=p.stainMethod, beta=p.beta or None, window=p.window, device=p.device,
+            mode=p.mode, method=p.stainMethod, beta=p.beta or None, window=p.window, domain=p.domain,
+            device=p.device,
             output=p.outputVolume if p.outputVolume else True,
             hematoxylin=p.hematoxylinVolume if (stain and p.hematoxylinVolume) else False,
             eosin=p.eosinVolume if (stain and p.eosinVolume) else False,

@@ -54,6 +54,7 @@ __all__ = [
     "AdaptMode",
     "StainMethod",
     "FourierWindow",
+    "FourierDomain",
     "SegmentOutput",
     "IN_CONTEXT_TASKS",
     "SEGMENTATION_TASK",
@@ -115,6 +116,11 @@ class StainMethod(str, enum.Enum):
 class FourierWindow(str, enum.Enum):
     CIRCLE = "circle"
     SQUARE = "square"
+
+
+class FourierDomain(str, enum.Enum):
+    INTENSITY = "intensity"
+    LOG = "log"
 
 
 #: the in-context task whose examples and result are label maps; the others map images to images
@@ -651,6 +657,7 @@ class AdaptationLogic(MedDLLogic):
         method: str = StainMethod.MACENKO,
         beta: float | None = None,
         window: str = FourierWindow.CIRCLE,
+        domain: str = FourierDomain.INTENSITY,
         device: str = "auto",
         seed: int | None = None,
         output: Any = True,
@@ -664,7 +671,8 @@ class AdaptationLogic(MedDLLogic):
         Stain mode takes exactly one reference and ``method``; it can also give the hematoxylin
         and eosin concentration maps (the command's ``--stains-out``). Fourier mode takes one or
         more references, ``beta`` (the size of the swapped low-frequency window, as a fraction of
-        the image, 0-0.5; ``None``: the command's default for the window) and the window shape.
+        the image, 0-0.5; ``None``: the command's default for the window), the window shape and
+        the ``domain`` (``log`` adapts the logarithm: for multiplicative shifts such as bias fields).
         """
         if input_volume is None:
             raise InputError("meddl adapt: the input volume is not set")
@@ -678,6 +686,7 @@ class AdaptationLogic(MedDLLogic):
                 raise InputError(f"meddl adapt stain: expected exactly one reference volume, got {len(references)}")
         else:
             window = _option(FourierWindow, window, "Fourier window")
+            domain = _option(FourierDomain, domain, "Fourier domain")
             if beta is not None and not 0 <= float(beta) <= 0.5:
                 raise InputError(f"beta: expected a value in [0, 0.5], got {beta}")
             if _wanted(hematoxylin) or _wanted(eosin):
@@ -698,7 +707,7 @@ class AdaptationLogic(MedDLLogic):
                 if _wanted(hematoxylin) or _wanted(eosin):
                     args += ["--stains-out", d / "stains"]  # writes stains_H.nrrd, stains_E.nrrd
             else:
-                args += ["--window", window]
+                args += ["--window", window, "--domain", domain]
                 if beta is not None:
                     args += ["--beta", f"{float(beta):g}"]
             return [str(a) for a in args] + flags

@@ -14,7 +14,17 @@ and ``device``):
 """
 
 from .baselines import align_class_statistics, histogram_match
-from .fourier import Combine, FourierConfig, FourierMode, Window, adapt_fourier, default_beta, fda, rank_donors
+from .fourier import (
+    Combine,
+    FourierConfig,
+    FourierDomain,
+    FourierMode,
+    Window,
+    adapt_fourier,
+    default_beta,
+    fda,
+    rank_donors,
+)
 from .stain import (
     Separation,
     StainConfig,
@@ -48,6 +58,7 @@ __all__ = [
     "FourierConfig",
     "Window",
     "FourierMode",
+    "FourierDomain",
     "Combine",
     "histogram_match",
     "align_class_statistics",

@@ -64,6 +64,11 @@ def configure(subparsers) -> argparse.ArgumentParser:
     f.add_argument("--combine", choices=("mean", "each"), default="mean")
     f.add_argument("--donors", type=int, default=None, help="use only the N references most similar to the input")
     f.add_argument("--no-clip", action="store_true", help="do not clip the output to the input's intensity range")
+    f.add_argument("--domain", choices=("intensity", "log"), default="intensity",
+                   help="adapt the image's spectrum, or its logarithm's (multiplicative shifts such as MR bias "
+                        "fields; non-negative images only)")
+    f.add_argument("--log-offset", type=float, default=0.05,
+                   help="log domain: log(x + c), c = this fraction of each image's 99th percentile (default 0.05)")
     f.add_argument("--histogram-match", action="store_true",
                    help="baseline: SimpleITK histogram matching to the references instead of FDA")
     f.set_defaults(_run=run, _adapt="fourier", _compute=True)
@@ -151,7 +156,8 @@ def run(args, ctx) -> int:
         from .fourier import Combine, FourierConfig, adapt_fourier
 
         config = FourierConfig(beta=args.beta, window=args.window, mode=args.mode, combine=args.combine,
-                               slice_axis=args.slice_axis, donors=args.donors, preserve_range=not args.no_clip)
+                               slice_axis=args.slice_axis, donors=args.donors, preserve_range=not args.no_clip,
+                               domain=args.domain, log_offset=args.log_offset)
         n_out = len(args.references) if config.combine is Combine.EACH else 1
         if config.combine is Combine.EACH and config.donors is not None:
             n_out = min(n_out, config.donors)

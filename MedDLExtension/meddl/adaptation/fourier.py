@@ -23,6 +23,10 @@ Conventions here:
   array shape first, so amplitudes are compared at the same frequency per field of view.
 * ``preserve_range`` clips the output to the input's intensity range (the only step that can
   change the phase, and only of voxels pushed outside the range).
+* ``domain = "log"`` swaps the amplitudes of ``log(x + c)`` instead of ``x`` (``c`` = ``log_offset``
+  times each image's 99th percentile, since background zeros have no logarithm) and returns
+  ``exp(y) - c_ref``: a multiplicative shift (an MR bias field, a gain) becomes an additive,
+  low-frequency one there, which is what the window replaces. Non-negative intensities only.
 
 ``beta`` rule when not given (documented in :func:`default_beta`): 0.01 for the square window (Yang
 & Soatto's best single value) and 0.03 for the circle (Zakazov et al.'s figure), raised so the
@@ -46,6 +50,7 @@ from ._common import as_tensor, check_intensity, torch_device
 __all__ = [
     "Window",
     "FourierMode",
+    "FourierDomain",
     "Combine",
     "FourierConfig",
     "adapt_fourier",
@@ -71,6 +76,13 @@ class FourierMode(str, enum.Enum):
     VOLUME = "3d"  #: the whole 3D volume
 
 
+class FourierDomain(str, enum.Enum):
+    """Which signal's spectrum is adapted."""
+
+    INTENSITY = "intensity"  #: the image itself (Yang & Soatto; feather-light FDA)
+    LOG = "log"  #: its logarithm, for multiplicative shifts such as bias fields
+
+
 class Combine(str, enum.Enum):
     """What several references give."""
 
@@ -92,6 +104,9 @@ class FourierConfig:
         donors: keep only this many references, the most similar to the input
             (:func:`rank_donors`); ``None`` keeps all.
         preserve_range: clip the output to the input's intensity range.
+        domain: ``intensity`` or ``log`` (multiplicative shifts; non-negative images only).
+        log_offset: in the ``log`` domain, ``log(x + c)`` with ``c`` this fraction of each image's
+            99th percentile, in (0, 1].
     """
 
     beta: float | None = None
@@ -101,9 +116,12 @@ class FourierConfig:
     slice_axis: int = 2
     donors: int | None = None
     preserve_range: bool = True
+    domain: FourierDomain | str = FourierDomain.INTENSITY
+    log_offset: float = 0.05
 
     def __post_init__(self) -> None:
-        for name, enum_type in (("window", Window), ("mode", FourierMode), ("combine", Combine)):
+        for name, enum_type in (("window", Window), ("mode", FourierMode), ("combine", Combine),
+                                ("domain", FourierDomain)):
             try:
                 object.__setattr__(self, name, enum_type(getattr(self, name)))
             except ValueError:
@@ -120,6 +138,9 @@ class FourierConfig:
             raise InputError(f"Fourier slice_axis: expected 0, 1 or 2, got {self.slice_axis!r}")
         if self.donors is not None and (not isinstance(self.donors, (int, np.integer)) or self.donors < 1):
             raise InputError(f"Fourier donors: expected a positive number of references, got {self.donors!r}")
+        ok = isinstance(self.log_offset, (int, float, np.floating, np.integer)) and np.isfinite(self.log_offset)
+        if not ok or not 0.0 < float(self.log_offset) <= 1.0:
+            raise InputError(f"Fourier log offset: expected a number in (0, 1], got {self.log_offset!r}")
 
 
 def default_beta(window: Window | str, shape: Sequence[int]) -> float:
@@ -269,17 +290,30 @@ def adapt_fourier(
         keep = [i for i, _ in order[: config.donors]]
         ref_tensors = [ref_tensors[i] for i in keep]
         refs = [refs[i] for i in keep]
+    lo, hi = float(x.min()), float(x.max())
+    x_in = x
+    ref_offsets = [0.0] * len(ref_tensors)
+    if config.domain is FourierDomain.LOG:
+        x, _ = _to_log(x, lo, config.log_offset, "input")
+        logged = [_to_log(r, float(r.min()), config.log_offset, f"reference {i + 1}") for i, r in enumerate(ref_tensors)]
+        ref_tensors = [r for r, _ in logged]
+        ref_offsets = [c for _, c in logged]
     dims = tuple(range(-ndim, 0))
     amplitudes = []
     for i, r in enumerate(ref_tensors):
         amplitudes.append(torch.fft.fftn(r, dim=dims).abs())
         rep(0.1 + 0.3 * (i + 1) / len(ref_tensors), "reference spectra")
-    groups = [torch.stack(amplitudes).mean(0)] if config.combine is Combine.MEAN else amplitudes
-    lo, hi = float(x.min()), float(x.max())
+    if config.combine is Combine.MEAN:
+        groups = [torch.stack(amplitudes).mean(0)]
+        offsets = [float(np.mean(ref_offsets))]
+    else:
+        groups, offsets = amplitudes, ref_offsets
     outputs = []
-    for i, amplitude in enumerate(groups):
+    for i, (amplitude, offset) in enumerate(zip(groups, offsets, strict=True)):
         rep.check()
         y = fda(x, amplitude, beta, config.window, ndim)
+        if config.domain is FourierDomain.LOG:
+            y = torch.exp(y) - offset if beta > 0 else x_in
         if config.preserve_range:
             y = y.clamp(lo, hi)
         if config.mode is FourierMode.SLICE and image.ndim == 3:
@@ -287,6 +321,24 @@ def adapt_fourier(
         outputs.append(_to_output(image, y, config, beta))
         rep(0.4 + 0.6 * (i + 1) / len(groups), "swapping low frequencies")
     return outputs[0] if config.combine is Combine.MEAN else outputs
+
+
+def _to_log(t, minimum: float, fraction: float, role: str):
+    """``(log(t + c), c)`` with ``c = fraction x`` the 99th percentile of ``t`` (its max if that is 0)."""
+    import torch
+
+    if minimum < 0:
+        raise InputError(
+            f"{role}: the log domain needs non-negative intensities (MR magnitude, microscopy), got a "
+            f"minimum of {minimum:g}; use the intensity domain"
+        )
+    flat = t.reshape(-1)
+    step = max(1, flat.numel() // 200_000)
+    scale = float(torch.quantile(flat[::step], 0.99))
+    if scale <= 0:
+        scale = float(flat.max()) if float(flat.max()) > 0 else 1.0
+    offset = fraction * scale
+    return torch.log(t + offset), offset
 
 
 def _to_output(image: Volume, y, config: FourierConfig, beta: float) -> Volume:

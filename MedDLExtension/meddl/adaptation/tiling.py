@@ -2,7 +2,7 @@
 
 Two passes over the file, one decoded tile (or strip) in memory at a time:
 
-1. sampling: every ``step``-th pixel (``step = ceil(pixels / max_samples)``), chosen by its index
+1. sampling: every ``step``-th pixel (:func:`~meddl.adaptation.stain.sample_step`), chosen by its index
    in the :class:`~meddl.volume.Volume` order ``(x, y)`` -> ``x * height + y``, so the sample is
    exactly the one :func:`~meddl.adaptation.stain.adapt_stain` takes from the same image in memory;
    ONE set of stain statistics is estimated from it;
@@ -25,7 +25,7 @@ from ..errors import InputError
 from ..io import atomic_path
 from ..progress import CancelToken, ProgressCallback, Reporter
 from ..volume import Volume
-from .stain import StainConfig, StainNormalizer, _rgb_pixels, fit_stains, map_stains
+from .stain import StainConfig, StainNormalizer, _rgb_pixels, fit_stains, map_stains, sample_step
 
 __all__ = ["adapt_stain_tiff", "tiff_tiles"]
 
@@ -126,7 +126,7 @@ def adapt_stain_tiff(
         tiled = False  # odd input tiles: re-tile through row bands
 
     # pass 1: the sample (same pixels, same order as the in-memory path)
-    step = max(1, -(-height * width // config.max_samples))
+    step = sample_step(height * width, config.max_samples, height)
     stage = rep.stage(0.05, 0.3)
     indices, pixels = [], []
     for i, (y, x, seg) in enumerate(tiff_tiles(source)):
