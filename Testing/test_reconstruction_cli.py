@@ -216,3 +216,68 @@ def test_coil_images_flag_is_an_alias_of_coils_out():
 
     args = build_parser().parse_args(["reconstruct", "k.h5", "-o", "r.nii.gz", "--coil-images", "c.nrrd"])
     assert args.coils_out == "c.nrrd"
+
+
+# -- meddl simulate-kspace -------------------------------------------------------------------------
+
+
+def _blob_volume(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return gaussian_filter(rng.random(shape), 2.0) * 10 + 1.0
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_simulated_file_reconstructs_to_the_magnitude_in_the_same_layout(tmp_path, axis):
+    from meddl import Volume
+    from meddl.reconstruction.simulate import simulate_file
+
+    data = _blob_volume((24, 20, 16))
+    vol = Volume(data[None].astype(np.float32), np.diag([0.9, 1.1, 2.5, 1.0]))
+    path, facts = simulate_file(vol, tmp_path / "k.h5", coils=4, noise=0.0, axis=axis)
+    assert facts["slices"] == data.shape[axis] and facts["coils"] == 4 and not facts["complex"]
+    result = reconstruct(path, ReconstructionConfig(method="zero-filled"))
+    expected = np.moveaxis(data, axis, -1)  # slices last, in-plane axes in their order
+    np.testing.assert_allclose(result.image.numpy()[0], expected, rtol=1e-4, atol=1e-4)
+    plane = [a for a in range(3) if a != axis]
+    np.testing.assert_allclose(result.image.spacing, [(0.9, 1.1, 2.5)[a] for a in (*plane, axis)], rtol=1e-6)
+
+
+def test_a_complex_image_keeps_its_phase_up_to_a_constant(tmp_path):
+    from meddl import Volume
+    from meddl.reconstruction.simulate import simulate_file
+
+    mag = _blob_volume((40, 36))
+    yy, xx = np.meshgrid(np.linspace(-1, 1, 40), np.linspace(-1, 1, 36), indexing="ij")
+    phase = 1.3 * xx - 0.8 * yy
+    two = np.stack([mag * np.cos(phase), mag * np.sin(phase)]).astype(np.float32)  # a complex MetaImage reads so
+    path, facts = simulate_file(Volume(two), tmp_path / "c.h5", coils=1, noise=0.0)
+    assert facts["complex"]
+    result = reconstruct(path, ReconstructionConfig(method="zero-filled", phase=True))
+    np.testing.assert_allclose(result.image.numpy()[0, ..., 0], mag, rtol=1e-4)
+    z = np.exp(1j * (result.phase.numpy()[0, ..., 0] - phase))
+    assert abs(z.mean()) > 0.999  # the same phase map but for one constant
+
+
+def test_simulate_kspace_command_and_its_errors(tmp_path, capsys):
+    from meddl import Volume
+
+    io.write(Volume(_blob_volume((20, 18, 4))[None].astype(np.float32)), tmp_path / "vol.nii.gz")
+    io.write(Volume(np.ones((3, 20, 18), np.float32)), tmp_path / "three.nrrd")
+    assert main(["simulate-kspace", str(tmp_path / "vol.nii.gz"), "-o", str(tmp_path / "k.h5"), "--coils", "2"]) == 0
+    assert read_kspace(tmp_path / "k.h5").coils == 2
+    for argv, pattern in (
+        (["vol.nii.gz", "-o", "k.nii.gz"], r"expected a fastMRI k-space file name ending in \.h5"),
+        (["vol.nii.gz", "-o", "vol.nii.gz"], r"is also an input"),
+        (["vol.nii.gz", "-o", "x.h5", "--coils", "0"], r"--coils: expected 1 to 64 receive coils, got 0"),
+        (["vol.nii.gz", "-o", "x.h5", "--noise", "-1"], r"--noise: expected a fraction of the image maximum"),
+        (["three.nrrd", "-o", "x.h5"], r"expected one channel \(magnitude\) or two \(real, imaginary\), got 3"),
+        (["vol.nii.gz", "-o", "x.h5", "--complex", "yes"], r"expected two channels \(real, imaginary\), got 1"),
+    ):
+        capsys.readouterr()
+        args = [str(tmp_path / a) if a.endswith((".gz", ".h5", ".nrrd")) else a for a in argv]
+        assert main(["simulate-kspace", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err
+        import re
+
+        assert re.search(pattern, err), err

@@ -4,6 +4,9 @@ meddl reconstruct file.h5 -o recon.nii.gz [--method varnet|zero-filled|cg-sense|
     [--undersample equispaced|random|poisson --acceleration 4 --center-fraction 0.08]
     [--uncertainty unc.nii.gz] [--zero-filled zf.nii.gz] [--coils-out coils.nrrd]
     [--weights my_varnet.pt] [--slices 0,3,5 | 2:6]
+
+meddl simulate-kspace image.nii.gz -o kspace.h5 [--coils 8] [--noise 0.005] [--axis 2] [--complex auto]
+    (a fully sampled fastMRI-style file from any image or volume, to try the methods on)
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from ..io import VOLUME_SUFFIXES
 from .masks import MaskType
 from .pipeline import Method, ReconstructionConfig, reconstruct
 
-__all__ = ["configure", "run", "parse_slices"]
+__all__ = ["configure", "run", "run_simulate", "parse_slices"]
 
 _2D_ONLY = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -90,6 +93,41 @@ def configure(subparsers) -> None:
     p.add_argument("--regularization", type=float, help="lambda for cg-sense / l1-wavelet / tv (data scaled to max 1)")
     p.add_argument("--probes", type=int, default=4, help="Monte-Carlo probes for --uncertainty")
     p.set_defaults(_run=run)
+
+    s = subparsers.add_parser(
+        "simulate-kspace",
+        parents=[common_options()],
+        help="simulate fully sampled multi-coil k-space (fastMRI .h5) from an image",
+        description="Simulate a fully sampled multi-coil fastMRI-style k-space file from an image or volume "
+        "(complex images keep their phase; magnitude images get a smooth random one), to reconstruct with "
+        "'meddl reconstruct FILE --undersample equispaced'.",
+    )
+    s.add_argument("image", help="2D or 3D image (.nii.gz, .nrrd, .mha; a complex MetaImage keeps its phase)")
+    s.add_argument("-o", "--output", required=True, help="k-space file to write (.h5)")
+    s.add_argument("--coils", type=int, default=8, help="simulated receive coils (birdcage-like maps), 1-64")
+    s.add_argument("--noise", type=float, default=0.005,
+                   help="complex noise std as a fraction of the image maximum (default 0.005)")
+    s.add_argument("--axis", type=int, default=2, choices=(0, 1, 2), help="slice axis of a 3D volume (I, J, K)")
+    s.add_argument("--complex", dest="complex_input", choices=("auto", "yes", "no"), default="auto",
+                   help="auto: two channels are the real and imaginary parts (how a complex MetaImage "
+                        "reads), one channel a magnitude")
+    s.set_defaults(_run=run_simulate)
+
+
+def run_simulate(args, ctx) -> int:
+    from .. import io
+    from .simulate import simulate_file
+
+    check_outputs([args.output], [args.image])
+    if not args.output.lower().endswith(".h5"):
+        raise InputError(f"--output '{args.output}': expected a fastMRI k-space file name ending in .h5")
+    volume = io.read(args.image)
+    path, facts = simulate_file(volume, args.output, coils=args.coils, noise=args.noise,
+                                seed=0 if ctx.seed is None else ctx.seed, axis=args.axis,
+                                complex_input=args.complex_input, progress=ctx.reporter)
+    ctx.log(f"wrote {path}: " + json.dumps(facts))
+    ctx.summary(f"simulate-kspace: {args.image} -> {path}", **facts)
+    return 0
 
 
 def run(args, ctx) -> int:
