@@ -305,13 +305,15 @@ def write_report(
         lines.append(
             f"- {acc}: VarNet SSIM {v['ssim']:.4f} vs best classical ({best_name}) {best['ssim']:.4f}: "
             f"{gain:+.4f} (target >= +0.03: {'met' if gain >= 0.03 else 'NOT met'}); per-slice speed-up "
-            f"{speed_text} (target >= 10x against every CS solver: {'met' if met else 'NOT met'}; timings from "
-            "runs at different machine loads)."
+            f"{speed_text} (target >= 10x against every CS solver: {'met' if met else 'NOT met'}; "
+            + ("all timed in one run, one process" if len(commands) == 1 else
+               "timings merged from several runs, possibly at different machine loads")
+            + ")."
         )
     if "varnet_16coil_320_cpu_seconds" in timings:
         t = timings["varnet_16coil_320_cpu_seconds"]
         lines.append(
-            f"- 16-coil 320 x 320 slice on the CPU ({args.threads} thread(s), loaded machine): {t:.2f} s "
+            f"- 16-coil 320 x 320 slice on the CPU ({args.threads} thread(s), shared machine): {t:.2f} s "
             f"(target < 2 s: {'met' if t < 2 else 'NOT met'})."
         )
     if card is not None:
