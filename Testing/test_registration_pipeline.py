@@ -265,7 +265,22 @@ def test_regularisation_defaults_per_similarity_and_can_be_given():
     assert RegistrationConfig(similarity="mind").regularisation == DEFAULT_REGULARISATION[Similarity.MIND] == 0.1
     assert RegistrationConfig().regularisation == 1.0
     assert RegistrationConfig(similarity="mind", regularisation=0.5).regularisation == 0.5
-    assert RegistrationConfig().levels_mm == (5.0, 3.0, 2.0)
+    assert RegistrationConfig().levels_mm is None  # auto_levels, from the fixed image's field of view
+
+
+@pytest.mark.parametrize("shape,spacing,expected", [
+    ((91, 109, 91), 2.0, (5.0, 3.0, 2.0)),  # MNI152 at 2 mm: a human head keeps the defaults
+    ((256, 256, 170), 1.0, (5.0, 3.0, 2.0)),  # a larger field of view is not coarsened
+    ((160, 200, 140), 0.5, (5.0 * 100 / 180, 3.0 * 100 / 180, 2.0 * 100 / 180)),  # a macaque-sized box
+    ((64, 64), 1.0, (2.5, 1.5, 1.0)),  # a small 2D image: its finest level reaches its 1 mm spacing
+    ((20, 16, 12), 2.0, (5.0, 3.0, 2.0)),  # small but coarse: the pyramid is kept above the image spacing
+    ((50, 50, 50), 1.5, (3.75, 2.25, 1.5)),  # the finest level stops at the image's spacing
+])
+def test_auto_levels_follow_the_field_of_view(shape, spacing, expected):
+    from meddl.registration.pipeline import auto_levels
+
+    vol = Volume(np.zeros((1, *shape), np.float32), np.diag([spacing] * len(shape) + [1.0] * (4 - len(shape))))
+    np.testing.assert_allclose(auto_levels(vol), expected, atol=1e-3)
 
 
 def test_fold_penalty_is_validated_and_reported():

@@ -49,7 +49,8 @@ def configure(sub) -> None:
     p.add_argument("--fold-penalty", type=float, default=None,
                    help="weight of the barrier against folding (det J < 0.1; default 100, 0 turns it off)")
     p.add_argument("--levels", type=float, nargs="+", default=None, metavar="MM",
-                   help="grid spacings of the optimisation, coarse to fine (default: 5 3 2)")
+                   help="grid spacings of the optimisation, coarse to fine (default: 5 3 2 for a human head, "
+                        "scaled down for a smaller field of view)")
     p.add_argument("--weights", help="registration-network weights (default: bundled)")
     p.add_argument("--deepsim-weights", help="DeepSim feature-extractor weights (default: bundled)")
     p.set_defaults(_run=run)
