@@ -222,6 +222,26 @@ def test_log_domain_undoes_a_gain_exactly(rng, mode, shape):
     assert np.abs(plain.numpy() - ref).max() > 1.0
 
 
+@pytest.mark.parametrize("gain", [0.5, 3.0, 30.0])
+def test_log_domain_undoes_a_gain_whatever_the_sign_of_the_log_mean(rng, gain):
+    """A reference scaled to [0, 1] has a negative log-mean, a raw input (gain 30) a positive one."""
+    ref = _blobs(rng, (24, 20)) / 105.0
+    for combine in ("mean", "each"):
+        out = adapt_fourier(Volume(ref * gain), [Volume(ref)], device="cpu",
+                            config=FourierConfig(beta=0.1, domain="log", combine=combine, preserve_range=False))
+        out = out[0] if combine == "each" else out
+        np.testing.assert_allclose(out.numpy(), ref, rtol=1e-9, atol=1e-9)
+
+
+def test_the_mean_becomes_the_references_even_for_a_negative_mean_input(rng):
+    """CT-like input (negative mean) against a positive reference: the output's mean is the reference's."""
+    src = _blobs(rng, (30, 26)) * 10 - 1000.0
+    ref = _blobs(rng, (30, 26))
+    out = adapt_fourier(Volume(src), Volume(ref), FourierConfig(beta=0.1, preserve_range=False), device="cpu")
+    assert out.numpy().mean() == pytest.approx(ref.mean(), rel=1e-9)
+    assert out.meta["fda_domain"] == "intensity"
+
+
 def test_log_domain_beta_zero_returns_the_input(rng):
     src = _blobs(rng, (16, 18))
     out = adapt_fourier(Volume(src), Volume(_blobs(rng, (16, 18))), FourierConfig(beta=0.0, domain="log"))
@@ -233,6 +253,10 @@ def test_log_domain_refuses_negative_intensities(rng):
         adapt_fourier(Volume(_blobs(rng, (8, 8)) - 50), [Volume(_blobs(rng, (8, 8)))], FourierConfig(domain="log"))
     with pytest.raises(InputError, match=r"reference 1: the log domain needs non-negative intensities"):
         adapt_fourier(Volume(_blobs(rng, (8, 8))), [Volume(_blobs(rng, (8, 8)) - 50)], FourierConfig(domain="log"))
+    # numbered as given, also when donors are chosen among them
+    with pytest.raises(InputError, match=r"reference 3: the log domain needs non-negative intensities"):
+        refs = [Volume(_blobs(rng, (8, 8))), Volume(_blobs(rng, (8, 8))), Volume(_blobs(rng, (8, 8)) - 50)]
+        adapt_fourier(Volume(_blobs(rng, (8, 8))), refs, FourierConfig(domain="log", donors=1))
 
 
 @pytest.mark.parametrize("offset", [0, -0.1, 1.5, float("nan")])

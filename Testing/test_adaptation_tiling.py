@@ -11,11 +11,15 @@ from meddl.adaptation import StainConfig, adapt_stain, adapt_stain_tiff
 
 @pytest.fixture(scope="module")
 def slide() -> np.ndarray:
-    """A non-square (H, W, 3) slide whose size is not a multiple of the tile size."""
+    """A non-square (H, W, 3) = (200, 210, 3) slide whose size is not a multiple of the tile size.
+
+    With ``max_samples`` 7000 the sample stride is 6 for the true line length (H = 200) and would
+    be 8 for W = 210, so a height/width mix-up between the streamed and in-memory paths shows.
+    """
     from skimage import data
 
     ihc = data.immunohistochemistry()
-    return np.ascontiguousarray(np.concatenate((ihc[:100, :200], ihc[300:400, 100:300][:, ::-1]), axis=0))
+    return np.ascontiguousarray(np.concatenate((ihc[:100, :210], ihc[300:400, 100:310][:, ::-1]), axis=0))
 
 
 @pytest.fixture(scope="module")

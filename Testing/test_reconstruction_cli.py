@@ -263,6 +263,7 @@ def test_simulate_kspace_command_and_its_errors(tmp_path, capsys):
 
     io.write(Volume(_blob_volume((20, 18, 4))[None].astype(np.float32)), tmp_path / "vol.nii.gz")
     io.write(Volume(np.ones((3, 20, 18), np.float32)), tmp_path / "three.nrrd")
+    io.write(Volume(np.full((1, 20, 18), -1000.0, np.float32)), tmp_path / "ct.nii.gz")
     assert main(["simulate-kspace", str(tmp_path / "vol.nii.gz"), "-o", str(tmp_path / "k.h5"), "--coils", "2"]) == 0
     assert read_kspace(tmp_path / "k.h5").coils == 2
     for argv, pattern in (
@@ -272,6 +273,7 @@ def test_simulate_kspace_command_and_its_errors(tmp_path, capsys):
         (["vol.nii.gz", "-o", "x.h5", "--noise", "-1"], r"--noise: expected a fraction of the image maximum"),
         (["three.nrrd", "-o", "x.h5"], r"expected one channel \(magnitude\) or two \(real, imaginary\), got 3"),
         (["vol.nii.gz", "-o", "x.h5", "--complex", "yes"], r"expected two channels \(real, imaginary\), got 1"),
+        (["ct.nii.gz", "-o", "x.h5"], r"expected a magnitude image \(values >= 0\), got a minimum of -1000"),
     ):
         capsys.readouterr()
         args = [str(tmp_path / a) if a.endswith((".gz", ".h5", ".nrrd")) else a for a in argv]

@@ -218,22 +218,26 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     commands = ["python benchmarks/reconstruction.py " + " ".join(sys.argv[1:] if argv is None else argv)]
     json_path = Path(args.out).with_suffix(".json")
+    merged = False  # True when rows of an earlier run are kept (their timings are from another load)
     if args.merge and json_path.is_file():
         # keep rows of methods not rerun this time (e.g. slow classical baselines) from the last run
         old = json.loads(json_path.read_text())
         if old.get("slices") == list(zs):
             for acc, rows in old["results"].items():
                 results.setdefault(acc, {})
-                results[acc] = {**{n: r for n, r in rows.items() if n not in results[acc]}, **results[acc]}
+                kept = {n: r for n, r in rows.items() if n not in results[acc]}
+                merged = merged or bool(kept)
+                results[acc] = {**kept, **results[acc]}
             timings = {**old.get("timings", {}), **timings}
             earlier = old.get("commands", ["python benchmarks/reconstruction.py (earlier run)"])
             commands = [c for c in earlier if c not in commands] + commands
-    write_report(Path(args.out), results, timings, zs, card, args, have_sigpy, have_bart, commands)
+    write_report(Path(args.out), results, timings, zs, card, args, have_sigpy, have_bart, commands, merged)
     return 0
 
 
 def write_report(
-    path: Path, results: dict, timings: dict, zs, card, args, have_sigpy: bool, have_bart: bool, commands: list[str]
+    path: Path, results: dict, timings: dict, zs, card, args, have_sigpy: bool, have_bart: bool, commands: list[str],
+    merged: bool = False,
 ) -> None:
     import os
 
@@ -306,7 +310,7 @@ def write_report(
             f"- {acc}: VarNet SSIM {v['ssim']:.4f} vs best classical ({best_name}) {best['ssim']:.4f}: "
             f"{gain:+.4f} (target >= +0.03: {'met' if gain >= 0.03 else 'NOT met'}); per-slice speed-up "
             f"{speed_text} (target >= 10x against every CS solver: {'met' if met else 'NOT met'}; "
-            + ("all timed in one run, one process" if len(commands) == 1 else
+            + ("all timed in one run, one process" if not merged else
                "timings merged from several runs, possibly at different machine loads")
             + ")."
         )
@@ -340,7 +344,7 @@ def write_report(
         lines += ["", notes]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
-    body = {"slices": list(zs), "results": results, "timings": timings, "commands": commands}
+    body = {"slices": list(zs), "results": results, "timings": timings, "commands": commands, "merged": merged}
     path.with_suffix(".json").write_text(json.dumps(body, indent=1) + "\n")
     print(f"wrote {path}")
 

@@ -167,13 +167,15 @@ def run(args, ctx) -> int:
         image = load_input(args.input, "input", ndim=(2, 3))
         refs = [load_input(r, f"reference {i + 1}", ndim=(2, 3)) for i, r in enumerate(args.references)]
         if args.histogram_match:
+            if args.domain != "intensity":
+                raise InputError("--domain: applies to Fourier adaptation, not to --histogram-match")
             results = _histogram_baseline(image, refs, config, rep)
         else:
             result = adapt_fourier(image, refs, config, rep, device=ctx.device)
             results = result if isinstance(result, list) else [result]
         for vol, path in zip(results, outputs, strict=False):
             io.write(vol, path)
-        what = "histogram matching" if args.histogram_match else f"Fourier adaptation ({config.window.value}, {config.mode.value})"
+        what = "histogram matching" if args.histogram_match else f"Fourier adaptation ({config.window.value}, {config.mode.value}, {config.domain.value} domain)"
         ctx.summary(f"{what} -> {', '.join(outputs)}")
         return 0
 

@@ -15,7 +15,9 @@ Conventions here:
 * ``beta = 0`` returns the input unchanged; any ``beta > 0`` swaps at least the mean (``k = 0``).
 * The output spectrum is the input's spectrum times a positive real factor, so its phase *is*
   the input's wherever the input's amplitude is not zero; the window is symmetric (``k`` and
-  ``-k``), so the output is real.
+  ``-k``), so the output is real. The one exception is the zero frequency: the output's mean is
+  the reference's, sign included (keeping the input's sign would flip the mean of a negative-mean
+  image, e.g. CT in HU, against a positive reference).
 * Several references: ``combine = "mean"`` uses their mean amplitude, which equals the mean of
   the single-reference outputs (the map is linear in the amplitude); ``"each"`` gives one output
   per reference.
@@ -267,6 +269,10 @@ def adapt_fourier(
     check_intensity(image, "input")
     refs = [references] if isinstance(references, Volume) else list(references)
     _check_references(image, refs)
+    if config.domain is FourierDomain.LOG:
+        _check_non_negative(image, "input")
+        for i, ref in enumerate(refs, start=1):
+            _check_non_negative(ref, f"reference {i}")
     dev = torch_device(device)
     x = as_tensor(image.data, dev, torch.float64)
     if config.mode is FourierMode.SLICE and image.ndim == 3:
@@ -294,24 +300,28 @@ def adapt_fourier(
     x_in = x
     ref_offsets = [0.0] * len(ref_tensors)
     if config.domain is FourierDomain.LOG:
-        x, _ = _to_log(x, lo, config.log_offset, "input")
-        logged = [_to_log(r, float(r.min()), config.log_offset, f"reference {i + 1}") for i, r in enumerate(ref_tensors)]
+        x, _ = _to_log(x, config.log_offset)
+        logged = [_to_log(r, config.log_offset) for r in ref_tensors]
         ref_tensors = [r for r, _ in logged]
         ref_offsets = [c for _, c in logged]
     dims = tuple(range(-ndim, 0))
+    # The mean (zero frequency) is set apart and replaced by the reference's with its sign: keeping
+    # the input's phase there would keep the input's sign, and flip the mean of an image whose mean
+    # is negative (CT in HU; the log of an image scaled to [0, 1]) against a positive reference.
+    x_mean = x.mean(dim=dims, keepdim=True)
+    ref_means = [r.mean(dim=dims, keepdim=True) for r in ref_tensors]
     amplitudes = []
-    for i, r in enumerate(ref_tensors):
-        amplitudes.append(torch.fft.fftn(r, dim=dims).abs())
+    for i, (r, m) in enumerate(zip(ref_tensors, ref_means, strict=True)):
+        amplitudes.append(torch.fft.fftn(r - m, dim=dims).abs())
         rep(0.1 + 0.3 * (i + 1) / len(ref_tensors), "reference spectra")
     if config.combine is Combine.MEAN:
-        groups = [torch.stack(amplitudes).mean(0)]
-        offsets = [float(np.mean(ref_offsets))]
+        groups = [(torch.stack(amplitudes).mean(0), torch.stack(ref_means).mean(0), float(np.mean(ref_offsets)))]
     else:
-        groups, offsets = amplitudes, ref_offsets
+        groups = list(zip(amplitudes, ref_means, ref_offsets, strict=True))
     outputs = []
-    for i, (amplitude, offset) in enumerate(zip(groups, offsets, strict=True)):
+    for i, (amplitude, mean, offset) in enumerate(groups):
         rep.check()
-        y = fda(x, amplitude, beta, config.window, ndim)
+        y = fda(x - x_mean, amplitude, beta, config.window, ndim) + mean if beta > 0 else x
         if config.domain is FourierDomain.LOG:
             y = torch.exp(y) - offset if beta > 0 else x_in
         if config.preserve_range:
@@ -323,15 +333,19 @@ def adapt_fourier(
     return outputs[0] if config.combine is Combine.MEAN else outputs
 
 
-def _to_log(t, minimum: float, fraction: float, role: str):
-    """``(log(t + c), c)`` with ``c = fraction x`` the 99th percentile of ``t`` (its max if that is 0)."""
-    import torch
-
+def _check_non_negative(volume: Volume, role: str) -> None:
+    minimum = float(np.min(volume.numpy()))
     if minimum < 0:
         raise InputError(
             f"{role}: the log domain needs non-negative intensities (MR magnitude, microscopy), got a "
             f"minimum of {minimum:g}; use the intensity domain"
         )
+
+
+def _to_log(t, fraction: float):
+    """``(log(t + c), c)`` with ``c = fraction x`` the 99th percentile of ``t`` (its max if that is 0)."""
+    import torch
+
     flat = t.reshape(-1)
     step = max(1, flat.numel() // 200_000)
     scale = float(torch.quantile(flat[::step], 0.99))
@@ -349,7 +363,8 @@ def _to_output(image: Volume, y, config: FourierConfig, beta: float) -> Volume:
     else:
         arr = arr.astype(src if src in (np.float32, np.float64) else np.float32)
     return image.with_data(
-        arr, fda_beta=round(float(beta), 6), fda_window=config.window.value, fda_mode=config.mode.value
+        arr, fda_beta=round(float(beta), 6), fda_window=config.window.value, fda_mode=config.mode.value,
+        fda_domain=config.domain.value,
     )
 
 

@@ -131,11 +131,17 @@ def image_slices(volume, axis: int = 2, complex_input: str = "auto") -> tuple[np
     if np.iscomplexobj(data):
         if channels != 1:
             raise InputError(f"simulation: expected one complex channel, got {channels}")
-        x = data[0]
+        x = data[0] if complex_input != "no" else np.abs(data[0])
     elif channels == 2 and complex_input != "no":
         x = data[0].astype(np.float64) + 1j * data[1].astype(np.float64)
     elif channels == 1 and complex_input != "yes":
         x = data[0].astype(np.float64)
+        low = float(np.nanmin(x)) if x.size else 0.0
+        if low < 0:
+            raise InputError(
+                f"simulation: expected a magnitude image (values >= 0), got a minimum of {low:g}; an MR "
+                "magnitude or a complex image (two channels, real and imaginary) is needed, not e.g. CT in HU"
+            )
     else:
         want = "two channels (real, imaginary)" if complex_input == "yes" else "one channel (a magnitude image)"
         if complex_input == "auto":
