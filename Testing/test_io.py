@@ -222,3 +222,29 @@ def test_tiled_tiff_opaque_alpha_is_dropped(tmp_path, rng):
     vol = io.read(tmp_path / "tiled.tif")
     assert vol.channels == 3
     np.testing.assert_array_equal(vol.data, np.transpose(pixels, (2, 1, 0)))
+
+
+def test_a_nifti_whose_qform_and_sform_disagree_gets_a_notice(tmp_path, capsys):
+    """mricron's Harvard-Oxford atlas: a qform without the y/z origin, a correct sform; ITK reads the qform."""
+    import json
+
+    import nibabel as nib
+    from meddl.cli import main
+
+    data = np.zeros((12, 10, 8), np.int16)
+    data[3:6, 2:5, 1:4] = 1
+    sform = np.array([[-1.0, 0, 0, 90], [0, 1, 0, -126], [0, 0, 1, -72], [0, 0, 0, 1]])
+    qform = sform.copy()
+    qform[1:3, 3] = 0.0
+    img = nib.Nifti1Image(data, sform)
+    img.set_sform(sform, code=2)
+    img.set_qform(qform, code=2)
+    nib.save(img, tmp_path / "odd.nii.gz")
+    vol = io.read(tmp_path / "odd.nii.gz")
+    assert "qform and sform disagree (origins 145.1 mm apart)" in vol.meta["geometry_notice"]
+    assert main(["info", str(tmp_path / "odd.nii.gz"), "--json"]) == 0
+    assert "read with the qform" in json.loads(capsys.readouterr().out)["notice"]
+    # consistent forms: nothing to say
+    img.set_qform(sform, code=2)
+    nib.save(img, tmp_path / "fine.nii.gz")
+    assert "geometry_notice" not in io.read(tmp_path / "fine.nii.gz").meta

@@ -117,7 +117,10 @@ def load_input(path: str, role: str, **requirements: Any):
     from .volume import require
 
     kind = requirements.pop("kind", None)
-    return require(io.read(path, kind=kind), f"{role} '{path}'", **requirements)
+    vol = io.read(path, kind=kind)
+    if vol.meta.get("geometry_notice"):
+        sys.stderr.write(f"notice: {role} '{path}': {vol.meta['geometry_notice']}\n")
+    return require(vol, f"{role} '{path}'", **requirements)
 
 
 # -- placeholders for capabilities not in this build -------------------------------------------
@@ -284,6 +287,8 @@ def _info(sub) -> None:
             "max": float(np.abs(arr).max() if np.iscomplexobj(arr) else np.nanmax(arr)),
             "nonfinite_voxels": 0 if finite is None else int(finite.size - finite.sum()),
         }
+        if vol.meta.get("geometry_notice"):
+            facts["notice"] = vol.meta["geometry_notice"]
         if args.json:
             print(json.dumps(facts))
         else:

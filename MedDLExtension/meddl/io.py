@@ -171,6 +171,10 @@ def read(path: str | os.PathLike, kind: Kind | str | None = None, series: str | 
     if image.GetDimension() == 3 and image.GetSize()[2] == 1 and _suffix(path) in _RGB_SUFFIXES:
         image = image[:, :, 0]
     vol = from_sitk(image, kind=kind, meta=meta)
+    if not path.is_dir() and path.name.lower().endswith((".nii", ".nii.gz")):
+        notice = _nifti_geometry_notice(path, vol.affine, vol.ndim)
+        if notice:
+            vol.meta["geometry_notice"] = notice
     if _suffix(path) in _RGB_SUFFIXES and vol.channels == 4:
         alpha = vol.data[3]
         if np.all(alpha == np.iinfo(alpha.dtype).max if np.issubdtype(alpha.dtype, np.integer) else alpha == 1):
@@ -180,6 +184,64 @@ def read(path: str | os.PathLike, kind: Kind | str | None = None, series: str | 
             raise InputError(f"label map '{path}': expected integer labels, got non-integer values")
         vol = vol.with_data(vol.data.astype(np.int32))
     return vol
+
+
+def _nifti_forms(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The qform and sform (4x4, voxel -> RAS) of a NIfTI-1 file when both are set, else None."""
+    import gzip
+    import struct
+
+    try:
+        with gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb") as f:
+            head = f.read(348)
+    except OSError:
+        return None
+    if len(head) < 348:
+        return None
+    for order in ("<", ">"):
+        if struct.unpack(order + "i", head[:4])[0] == 348:
+            break
+    else:
+        return None  # NIfTI-2 or not NIfTI
+    qcode, scode = struct.unpack(order + "2h", head[252:256])
+    if qcode <= 0 or scode <= 0:
+        return None
+    pixdim = struct.unpack(order + "8f", head[76:108])
+    b, c, d, qx, qy, qz = struct.unpack(order + "6f", head[256:280])
+    a = float(np.sqrt(max(0.0, 1.0 - (b * b + c * c + d * d))))
+    rot = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+                    [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+                    [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - b * b - c * c]])
+    qfac = -1.0 if pixdim[0] < 0 else 1.0
+    qform = np.eye(4)
+    qform[:3, :3] = rot * np.array([pixdim[1], pixdim[2], pixdim[3] * qfac])
+    qform[:3, 3] = (qx, qy, qz)
+    sform = np.eye(4)
+    sform[:3] = np.array(struct.unpack(order + "12f", head[280:328]), dtype=np.float64).reshape(3, 4)
+    return qform, sform
+
+
+def _nifti_geometry_notice(path: Path, affine: np.ndarray, ndim: int) -> str | None:
+    """A one-line notice when a NIfTI file's qform and sform place it differently (None otherwise).
+
+    ITK (so SimpleITK and 3D Slicer) may read such a file with its qform where FSL and nibabel use the
+    sform: e.g. mricron's Harvard-Oxford atlas has a qform without the y and z origin.
+    """
+    forms = _nifti_forms(path)
+    if forms is None:
+        return None
+    qform, sform = forms
+    n = min(ndim, 3)
+    shift = float(np.linalg.norm(qform[:n, 3] - sform[:n, 3]))
+    axes = float(np.abs(qform[:n, :n] - sform[:n, :n]).max())
+    if shift <= 0.5 and axes <= 1e-3:
+        return None
+    if np.allclose(affine[:n, : n], sform[:n, :n], atol=1e-3) and np.allclose(affine[:n, 3], sform[:n, 3], atol=0.5):
+        return None  # read as FSL and nibabel read it: nothing to say
+    used = "qform" if np.allclose(affine[:n], qform[:n], atol=1e-3) else "ITK's choice"
+    what = f"origins {shift:.1f} mm apart" + (", axes differ" if axes > 1e-3 else "")
+    return (f"the file's qform and sform disagree ({what}); read with the {used} as ITK and 3D Slicer do "
+            "(FSL and nibabel use the sform): check the position against the other images")
 
 
 def _check_nifti(path: Path) -> np.ndarray | None:
