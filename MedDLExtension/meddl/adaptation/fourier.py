@@ -181,7 +181,9 @@ def low_frequency_window(shape: Sequence[int], beta: float, window: Window | str
 def fda(image, reference_amplitude, beta: float, window: Window | str = Window.CIRCLE, ndim: int = 2):
     """Swap the low-frequency amplitude of ``image`` for ``reference_amplitude``; keep the phase.
 
-    The tensor-level core, for training pipelines.
+    The tensor-level core, for training pipelines. Like every other frequency, the zero frequency
+    keeps the input's phase, i.e. the sign of its mean; :func:`adapt_fourier` sets the mean apart
+    and gives the output the reference's mean, sign included.
 
     Args:
         image: real tensor ``(..., *S)``; the last ``ndim`` axes are transformed.
