@@ -4,8 +4,8 @@ It plugs in like a capability (``configure(subparsers)`` / ``run(args, ctx)``) a
 with ``meddl.batch.register_operation("sleepcopy", "test_batch_ops")`` or the environment variable
 ``MEDDL_BATCH_OPERATIONS=sleepcopy=test_batch_ops``. It takes ``--seconds`` (reporting progress,
 so it can be cancelled), writes the input's bytes followed by ``--tag`` to the output, records
-each execution in the ``--log`` folder (``NAME.PID.start`` / ``.end``) so tests can count runs and
-kill the worker that runs a job, and fails on ``--fail``.
+each execution in the ``--log`` folder (``NAME.PID.start`` holding the PID and the worker's address,
+``.end``) so tests can count runs and kill the worker that runs a job, and fails on ``--fail``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ def run(args, ctx) -> int:
     stamp = None
     if args.log:
         stamp = Path(args.log) / f"{name}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
-        stamp.with_suffix(".start").write_text(str(os.getpid()))
+        from meddl.batch import _worker_name
+
+        stamp.with_suffix(".start").write_text(f"{os.getpid()} {_worker_name()}")
     steps = max(1, int(args.seconds / 0.05))
     for i in range(steps):
         ctx.reporter(i / steps, "sleeping")
