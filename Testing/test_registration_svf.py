@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 import torch
 from meddl import transforms
-from meddl.registration.optimise import Grid, make_grid, regrid_field, to_grid
-from meddl.registration.similarity import DeepSimLoss, MindLoss, lncc_loss, mi_loss, mind_ssc
+from meddl.optim import Adam
+from meddl.registration.optimise import (
+    Grid,
+    coarser_grid,
+    corner_aligned,
+    make_grid,
+    regrid_field,
+    to_grid,
+    upsample_field,
+)
+from meddl.registration.similarity import DeepSimLoss, LnccLoss, MindLoss, _box, lncc_loss, mi_loss, mind_ssc
 from meddl.registration.svf import (
     compose,
     folding_barrier,
@@ -212,3 +221,73 @@ def test_mind_descriptor_path_matches_the_exact_loss_and_is_used_by_the_optimise
     # descriptors once per image per level, compared every iteration, never recomputed on warped images
     assert counting.calls == {"descriptors": 2, "compare": reports[0].iterations, "forward": 0}
     assert reports[0].loss_end < reports[0].loss_start
+
+
+def _box_reference(x, radius):
+    nd = x.dim() - 2
+    pool = torch.nn.functional.avg_pool3d if nd == 3 else torch.nn.functional.avg_pool2d
+    for d in range(nd):
+        size, pad = [1] * nd, [0] * nd
+        size[d], pad[d] = 2 * radius + 1, radius
+        x = pool(x, tuple(size), stride=1, padding=tuple(pad), count_include_pad=True)
+    return x
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 9, 8, 7), (2, 1, 11, 6)])
+@pytest.mark.parametrize("radius", [1, 2])
+def test_box_filter_matches_average_pooling(shape, radius):
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(radius), requires_grad=True)
+    y = torch.rand(shape)
+    ours, ref = _box(x, radius), _box_reference(x, radius)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    (g_ours,) = torch.autograd.grad((ours * y).sum(), x)
+    (g_ref,) = torch.autograd.grad((ref * y).sum(), x)
+    assert torch.allclose(g_ours, g_ref, atol=1e-6)
+
+
+def test_cached_lncc_equals_lncc_and_follows_a_changed_fixed_image():
+    g = torch.Generator().manual_seed(3)
+    fixed = torch.rand((1, 1, 12, 10, 9), generator=g)
+    warped = (fixed + 0.3 * torch.rand(fixed.shape, generator=g)).requires_grad_(True)
+    loss = LnccLoss(radius=2)
+    a, b = loss(warped, fixed), lncc_loss(warped, fixed, radius=2)
+    assert torch.allclose(a, b, atol=1e-6)
+    (ga,) = torch.autograd.grad(a, warped)
+    (gb,) = torch.autograd.grad(lncc_loss(warped, fixed, radius=2), warped)
+    assert torch.allclose(ga, gb, atol=1e-6)
+    fixed.mul_(0.5).add_(torch.rand(fixed.shape, generator=g))  # same tensor, new values: no stale cache
+    assert torch.allclose(loss(warped, fixed), lncc_loss(warped, fixed, radius=2), atol=1e-6)
+
+
+def test_adam_matches_torch_adam():
+    target = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    ours = torch.zeros(6, 5, requires_grad=True)
+    ref = torch.zeros(6, 5, requires_grad=True)
+    opt_ours, opt_ref = Adam([ours], lr=0.05), torch.optim.Adam([ref], lr=0.05)
+    for _ in range(25):
+        for x, opt in ((ours, opt_ours), (ref, opt_ref)):
+            loss = ((x - target) ** 4).sum() + x.sin().sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert not torch.allclose(ours, torch.zeros_like(ours))
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_coarser_grid_is_corner_aligned_and_upsampling_matches_regridding(nd):
+    direction = Rotation.from_euler("xyz", [10, 20, -5], degrees=True).as_matrix() if nd == 3 else None
+    affine = affine_from_geometry([1.2, 0.9, 1.5][:nd], [3.0, -4.0, 5.0][:nd], direction)
+    vol = Volume(np.zeros((1, *(37, 41, 29)[:nd]), np.float32), affine)
+    grid = make_grid(vol, 2.0)
+    coarse = coarser_grid(grid, 2.0)
+    assert corner_aligned(coarse, grid)
+    assert all(c == int(np.ceil((n - 1) / 2)) + 1 for c, n in zip(coarse.shape, grid.shape, strict=True))
+    np.testing.assert_allclose(coarse.spacing, 2 * grid.spacing, rtol=0.1)
+    u = torch.randn((1, nd, *coarse.shape), generator=torch.Generator().manual_seed(1))
+    fast, general = upsample_field(u, coarse, grid), regrid_field(u, coarse, grid)
+    assert torch.allclose(fast, general, atol=1e-4)
+    shifted = Grid(grid.affine.copy(), grid.shape)
+    shifted.affine[0, 3] += 0.5
+    assert not corner_aligned(coarse, shifted)
+    assert torch.allclose(upsample_field(u, coarse, shifted), regrid_field(u, coarse, shifted))

@@ -26,6 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from ..errors import InputError
+from ..optim import Adam
 from ..progress import Reporter
 from ..volume import Kind, Volume
 from .network import InContextNet, pad_channels
@@ -312,7 +313,7 @@ def _finetune(net: InContextNet, pool: _Pool, is_mask: bool, steps: int, lr: flo
         return net
     tuned = copy.deepcopy(net)
     tuned.train()
-    opt = torch.optim.Adam(tuned.parameters(), lr=lr)
+    opt = Adam(tuned.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
         for step in range(steps):

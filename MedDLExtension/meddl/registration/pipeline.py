@@ -20,8 +20,8 @@ from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback, Reporter
 from ..volume import Kind, Volume, geometry_from_affine, require
 from .affine import AffineMode, overlap_fraction, prealign
-from .optimise import Grid, LevelReport, make_grid, optimise_velocity, to_grid
-from .similarity import DeepSimLoss, MindLoss, Similarity, lncc_loss, mi_loss
+from .optimise import Grid, LevelReport, coarser_grid, make_grid, optimise_velocity, to_grid
+from .similarity import DeepSimLoss, LnccLoss, MindLoss, Similarity, mi_loss
 from .svf import identity_grid, integrate, sample, voxel_to_mm
 
 __all__ = ["Method", "RegistrationConfig", "RegistrationResult", "register", "auto_levels", "REGISTRATION_MODEL",
@@ -220,7 +220,7 @@ def _check_inputs(fixed: Volume, moving: Volume, labels: Volume | None, config: 
 
 def _similarity(config: RegistrationConfig, device) -> Any:
     if config.similarity is Similarity.LNCC:
-        return lambda w, f: lncc_loss(w, f, radius=2)
+        return LnccLoss(radius=2)
     if config.similarity is Similarity.MI:
         return lambda w, f: mi_loss(w, f)
     if config.similarity is Similarity.MIND:
@@ -382,8 +382,8 @@ def register(
     tick = time.perf_counter()
     reports: list[LevelReport] = []
     if method in (Method.OPTIMISATION, Method.NETWORK_OPTIMISATION) and config.iterations > 0:
-        grids = [(make_grid(fixed, s, max_size=config.max_grid),
-                  make_grid(fixed, s * config.velocity_factor, max_size=config.max_grid)) for s in levels_mm]
+        image_grids = [make_grid(fixed, s, max_size=config.max_grid) for s in levels_mm]
+        grids = [(g, coarser_grid(g, config.velocity_factor)) for g in image_grids]
         loss_fn = _similarity(config, device)
         with torch.enable_grad():
             v, grid, reports = optimise_velocity(

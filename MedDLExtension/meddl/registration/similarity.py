@@ -12,7 +12,7 @@ import enum
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Similarity", "lncc_loss", "mi_loss", "mind_ssc", "MindLoss", "DeepSimLoss"]
+__all__ = ["Similarity", "lncc_loss", "LnccLoss", "mi_loss", "mind_ssc", "MindLoss", "DeepSimLoss"]
 
 
 class Similarity(str, enum.Enum):
@@ -25,17 +25,50 @@ class Similarity(str, enum.Enum):
 
 
 def _box(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Mean over a ``(2r+1)^nd`` window (zero padding, divided by the window size), separably."""
+    """Mean over a ``(2r+1)^nd`` window (zero padding, divided by the window size), separably.
+
+    Each axis is a sum of ``2r+1`` shifted views of the zero-padded tensor: on a CPU this and its
+    backward pass are about 3x faster than ``avg_pool3d`` with a ``(2r+1, 1, 1)`` kernel (which
+    gives the same numbers).
+    """
     nd = x.dim() - 2
     k = 2 * radius + 1
-    pool = F.avg_pool3d if nd == 3 else F.avg_pool2d
+    if radius <= 0:
+        return x
     for d in range(nd):
-        size = [1] * nd
-        size[d] = k
-        pad = [0] * nd
-        pad[d] = radius
-        x = pool(x, tuple(size), stride=1, padding=tuple(pad), count_include_pad=True)
+        n = x.shape[2 + d]
+        pad = [0, 0] * nd
+        pad[2 * (nd - 1 - d)] = radius
+        pad[2 * (nd - 1 - d) + 1] = radius
+        xp = F.pad(x, pad)
+        acc = xp.narrow(2 + d, 0, n)
+        for shift in range(1, k):
+            acc = acc + xp.narrow(2 + d, shift, n)
+        x = acc / k
     return x
+
+
+def _lncc_fixed(fixed: torch.Tensor, radius: int, eps: float | None) -> tuple[torch.Tensor, ...]:
+    """The fixed image's part of LNCC: local mean, local variance, textured-window mask and ``eps``."""
+    both = _box(torch.cat([fixed, fixed * fixed], dim=1), radius)
+    mu_f = both[:, :1]
+    var_f = (both[:, 1:] - mu_f * mu_f).clamp_min(0)
+    mean_var = var_f.mean().detach()
+    if eps is None:
+        eps = float(1e-6 * mean_var**2) + 1e-20
+    textured = (var_f > 1e-2 * mean_var).to(fixed.dtype)
+    return mu_f, var_f, textured, eps
+
+
+def _lncc(warped: torch.Tensor, fixed: torch.Tensor, radius: int, stats: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    mu_f, var_f, textured, eps = stats
+    # the three window means that depend on the warped image, box-filtered together
+    b = _box(torch.cat([warped, warped * warped, warped * fixed], dim=1), radius)
+    mu_w = b[:, :1]
+    cross = b[:, 2:] - mu_w * mu_f
+    var_w = (b[:, 1:2] - mu_w * mu_w).clamp_min(0)
+    cc = cross * cross / (var_w * var_f + eps) * textured
+    return -cc.mean()
 
 
 def lncc_loss(warped: torch.Tensor, fixed: torch.Tensor, radius: int = 2, eps: float | None = None) -> torch.Tensor:
@@ -44,18 +77,31 @@ def lncc_loss(warped: torch.Tensor, fixed: torch.Tensor, radius: int = 2, eps: f
     Windows where the fixed image is nearly flat (local variance below 1 % of its mean) count as
     0: a fixed ``eps`` in the denominator (VoxelMorph's ``1e-5``) would instead reward pulling
     texture into them and bias an identical pair away from the identity. ``eps`` (default
-    ``1e-6 * mean variance^2``) only guards the division.
+    ``1e-6 * mean variance^2``) only guards the division. :class:`LnccLoss` is the same loss with
+    the fixed image's statistics computed once (what the optimiser uses).
     """
-    mu_w, mu_f = _box(warped, radius), _box(fixed, radius)
-    cross = _box(warped * fixed, radius) - mu_w * mu_f
-    var_w = (_box(warped * warped, radius) - mu_w * mu_w).clamp_min(0)
-    var_f = (_box(fixed * fixed, radius) - mu_f * mu_f).clamp_min(0)
-    mean_var = var_f.mean().detach()
-    if eps is None:
-        eps = float(1e-6 * mean_var**2) + 1e-20
-    textured = (var_f > 1e-2 * mean_var).to(warped.dtype)
-    cc = cross * cross / (var_w * var_f + eps) * textured
-    return -cc.mean()
+    return _lncc(warped, fixed, radius, _lncc_fixed(fixed, radius, eps))
+
+
+class LnccLoss(torch.nn.Module):
+    """:func:`lncc_loss` with the fixed image's window statistics cached (no gradient through them).
+
+    An optimiser compares many warped images with one fixed image: its local mean, variance and
+    textured-window mask are computed once per fixed image instead of every step.
+    """
+
+    def __init__(self, radius: int = 2, eps: float | None = None) -> None:
+        super().__init__()
+        self.radius, self.eps = radius, eps
+        self._cache: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
+
+    def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        fixed = fixed.detach()
+        key = (fixed.data_ptr(), tuple(fixed.shape), fixed._version, float(fixed.sum()))
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, _lncc_fixed(fixed, self.radius, self.eps))
+        return _lncc(warped, fixed, self.radius, self._cache[1])
 
 
 def mi_loss(warped: torch.Tensor, fixed: torch.Tensor, bins: int = 32, mask: torch.Tensor | None = None,
