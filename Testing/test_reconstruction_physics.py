@@ -7,7 +7,7 @@ import pytest
 import torch
 from meddl.errors import InputError
 from meddl.reconstruction import classical
-from meddl.reconstruction.coils import calibration_block, espirit_maps, rss, sense_combine
+from meddl.reconstruction.coils import calibration_block, espirit_factor, espirit_maps, rss, sense_combine
 from meddl.reconstruction.fft import fft2c, ifft2c
 from meddl.reconstruction.masks import (
     MaskType,
@@ -137,6 +137,30 @@ def test_espirit_recovers_simulated_maps_up_to_phase():
     inside = img > 0.1
     overlap = np.abs((est.conj() * maps).sum(0))
     assert overlap[inside].mean() > 0.99
+
+
+@pytest.mark.parametrize("shape", [(192, 224), (131, 100)])
+def test_coarse_grid_espirit_matches_full_resolution(shape):
+    """The eigen-decomposition on a coarser grid, interpolated: the same maps and the same TV image."""
+    img = phantom(*shape)
+    k, _, _ = simulate_kspace(img, 8, rng=3, noise=0.005)
+    k = torch.from_numpy(k)
+    factor = espirit_factor(shape)
+    assert factor == (4 if shape == (192, 224) else 2)
+    full = espirit_maps(k, crop=0.0, factor=1)
+    coarse = espirit_maps(k, crop=0.0)
+    inside = img > 0.1
+    overlap = np.abs((coarse.conj() * full).sum(0).numpy())
+    assert overlap[inside].mean() > 0.999 and overlap[inside].min() > 0.99
+    np.testing.assert_allclose(np.linalg.norm(coarse.numpy(), axis=0), 1.0, atol=1e-5)
+    mask = torch.from_numpy(np.broadcast_to(equispaced_mask(shape[1], 4, 0.08, np.random.default_rng(0)), shape).copy())
+    a = classical.tv_cs(k * mask, full, mask, lam=3e-3).abs().numpy()
+    b = classical.tv_cs(k * mask, coarse, mask, lam=3e-3).abs().numpy()
+    assert np.abs(a - b)[inside].mean() < 0.01 * img[inside].mean()
+    # eigenvalue crop: the object is kept, the background (mostly) cut, as at full resolution
+    cropped = espirit_maps(k, crop=0.95).abs().sum(0).numpy() > 0
+    cropped_full = espirit_maps(k, crop=0.95, factor=1).abs().sum(0).numpy() > 0
+    assert (cropped == cropped_full).mean() > 0.98
 
 
 def test_espirit_matches_sigpy_when_installed():
