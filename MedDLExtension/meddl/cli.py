@@ -81,6 +81,17 @@ class RunContext:
 # -- common options ---------------------------------------------------------------------------
 
 
+def _seed(text: str) -> int:
+    """A ``--seed`` value: an integer numpy and torch both accept (0 to 2**32 - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected 0 to {2**32 - 1}, got {value}")
+    return value
+
+
 def common_options(compute: bool = True) -> argparse.ArgumentParser:
     """The parent parser every subcommand uses: --device/--progress/--seed (compute) and --debug."""
     p = Parser(add_help=False)
@@ -89,7 +100,7 @@ def common_options(compute: bool = True) -> argparse.ArgumentParser:
         p.add_argument("--progress", choices=("bar", "json", "none"), default=None,
                        help="progress display: a bar on stderr, JSON lines on stdout, or nothing "
                             "(default: bar on a terminal, else none)")
-        p.add_argument("--seed", type=int, default=None, help="random seed for reproducible results")
+        p.add_argument("--seed", type=_seed, default=None, help="random seed for reproducible results (0 to 2^32 - 1)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return p
 
@@ -273,6 +284,12 @@ def _info(sub) -> None:
         vol = io.read(args.path, kind=args.kind)
         arr = vol.numpy()
         finite = np.isfinite(arr) if np.issubdtype(arr.dtype, np.inexact) else None
+        values = np.abs(arr) if np.iscomplexobj(arr) else arr
+        if finite is not None:
+            values = values[finite]  # the range of the finite voxels; none at all: null
+
+        def extreme(fn):
+            return float(fn(values)) if values.size else None
         facts = {
             "path": args.path,
             "kind": vol.kind.value,
@@ -283,8 +300,8 @@ def _info(sub) -> None:
             "origin_ras_mm": [round(float(o), 6) for o in vol.origin],
             "orientation": vol.orientation,
             "dtype": str(arr.dtype),
-            "min": float(np.abs(arr).min() if np.iscomplexobj(arr) else np.nanmin(arr)),
-            "max": float(np.abs(arr).max() if np.iscomplexobj(arr) else np.nanmax(arr)),
+            "min": extreme(np.min),
+            "max": extreme(np.max),
             "nonfinite_voxels": 0 if finite is None else int(finite.size - finite.sum()),
         }
         if vol.meta.get("geometry_notice"):
@@ -444,6 +461,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`meddl info x | head`): stop quietly, as Unix tools do
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter's final flush quiet
+        except OSError:
+            pass
+        return EXIT_OK
     except Exception as exc:  # a bug: say so on one line, traceback with --debug
         if debug:
             traceback.print_exc()

@@ -10,10 +10,12 @@ SimpleITK's array view is ``(K, J, I[, C])``; a Volume is ``(C, I, J, K)``.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -363,15 +365,49 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     if not parent.exists():
         parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".part{suffix}", dir=parent)
+    # lower case: ITK picks its writer from the suffix and refuses ".NII.GZ"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".part{suffix.lower()}", dir=parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, _default_mode())  # mkstemp makes 0600; a new file should follow the umask
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _default_mode() -> int:
+    """The permission bits a newly created file gets under the current umask (0666 & ~umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+#: formats whose header names a separate data file (ITK writes ``name.raw`` / ``name.zraw`` / ``name.raw.gz``)
+_DETACHED_SUFFIXES = (".nhdr", ".mhd")
+
+
+def _write_detached(image: Any, path: Path, compress: bool) -> None:
+    """Write a detached-header image under its final names: into a private folder beside ``path``, then
+    move the data file(s) and last the header, so the header's data-file name is the final one and
+    no partial file ever carries a final name."""
+    sitk = _sitk()
+    parent = path.parent if str(path.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", suffix=".part", dir=parent))
+    try:
+        target = work / path.name
+        try:
+            sitk.WriteImage(image, str(target), compress)
+        except RuntimeError as exc:
+            raise InputError(f"cannot write '{path}': {_itk_message(exc)}") from exc
+        for item in sorted(work.iterdir(), key=lambda f: f.name == path.name):  # header last
+            os.replace(item, parent / item.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def write(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Path:
@@ -392,6 +428,9 @@ def write(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Pat
             )
     sitk = _sitk()
     image = to_sitk(volume)
+    if suffix in _DETACHED_SUFFIXES:
+        _write_detached(image, path, compress)
+        return path
     with atomic_path(path) as tmp:
         try:
             sitk.WriteImage(image, str(tmp), compress and suffix not in _RGB_SUFFIXES)

@@ -35,6 +35,10 @@ class Kind(str, enum.Enum):
     DISPLACEMENT = "displacement"  #: RAS displacement in mm, resampling convention
 
 
+#: the coarsest voxel spacing a file may declare (1 km): larger values are header errors
+MAX_SPACING_MM = 1e6
+
+
 def affine_from_geometry(
     spacing: tuple[float, ...] | np.ndarray,
     origin: tuple[float, ...] | np.ndarray,
@@ -52,6 +56,11 @@ def affine_from_geometry(
         raise InputError(f"geometry: expected 2 or 3 spacing/origin values, got {spacing.size}/{origin.size}")
     if np.any(spacing <= 0) or not np.all(np.isfinite(spacing)):
         raise InputError(f"geometry: expected positive finite spacing, got {spacing.tolist()}")
+    if np.any(spacing > MAX_SPACING_MM):
+        raise InputError(
+            f"geometry: expected voxel spacing up to {MAX_SPACING_MM:g} mm, got {spacing.tolist()}; "
+            "the file's header is probably wrong"
+        )
     d = np.eye(3)
     if direction is not None:
         direction = np.asarray(direction, dtype=np.float64)

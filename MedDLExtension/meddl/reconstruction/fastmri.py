@@ -42,6 +42,8 @@ def read_fastmri(path: str | os.PathLike, slices: tuple[int, ...] | None = None)
             found = ", ".join(f.keys()) or "nothing"
             raise InputError(f"'{path}': expected a dataset 'kspace' (fastMRI), got {found}")
         ds = f["kspace"]
+        if not hasattr(ds, "dtype") or not hasattr(ds, "shape"):
+            raise InputError(f"'{path}': expected 'kspace' to be a dataset (an array), got an HDF5 {type(ds).__name__.lower()}")
         if not np.issubdtype(ds.dtype, np.complexfloating):
             raise InputError(
                 f"'{path}' kspace: expected complex k-space, got real {ds.dtype} data; raw k-space is complex "

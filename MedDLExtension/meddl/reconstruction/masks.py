@@ -105,13 +105,30 @@ def equispaced_mask(
 def poisson_mask(
     shape: tuple[int, int], acceleration: float, calib: int = 24, rng: np.random.Generator | None = None
 ) -> np.ndarray:
-    """2-D variable-density Poisson-disc mask ``(H, W)`` bool with a ``calib x calib`` centre."""
+    """2-D variable-density Poisson-disc mask ``(H, W)`` bool with a ``calib x calib`` centre.
+
+    sigpy's Poisson-disc sampler when it is installed and the case is one it settles quickly (both
+    sides >= 64, acceleration <= 10: its slope search can run for minutes on small grids or at
+    high accelerations); otherwise independent variable-density sampling with the same density
+    shape. Acceleration 1 is full sampling. A centre block holding more samples than the
+    acceleration allows is refused.
+    """
     rng = rng if rng is not None else np.random.default_rng()
     h, w = int(shape[0]), int(shape[1])
     if acceleration < 1 or not np.isfinite(acceleration):
         raise InputError(f"--acceleration: expected a number >= 1, got {acceleration}")
+    if acceleration == 1:
+        return np.ones((h, w), dtype=bool)
+    ch, cw = min(calib, h), min(calib, w)
+    if ch * cw > h * w / acceleration:
+        raise InputError(
+            f"poisson mask: the {ch} x {cw} calibration centre alone holds {ch * cw} of {h * w} samples, more than "
+            f"acceleration {acceleration:g} allows ({h * w / acceleration:.0f}); lower --acceleration or --center-fraction"
+        )
     seed = int(rng.integers(0, 2**31 - 1))
     try:
+        if min(h, w) < 64 or acceleration > 10:
+            raise ImportError("outside the cases sigpy's sampler settles quickly")
         import sigpy.mri
 
         mask = (

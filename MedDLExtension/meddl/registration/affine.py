@@ -8,6 +8,7 @@ matrix ``M`` in RAS millimetres in the resampling convention: fixed point ``p`` 
 from __future__ import annotations
 
 import enum
+import re
 
 import numpy as np
 
@@ -64,7 +65,9 @@ def _shrunk(vol: Volume, target_mm: float):
     """A float32 SimpleITK image, block-averaged towards ``target_mm`` voxels (speed)."""
     sitk = _sitk()
     image = sitk.Cast(to_sitk(vol.with_data(vol.numpy().astype(np.float32))), sitk.sitkFloat32)
-    factors = [max(1, int(round(target_mm / s))) for s in image.GetSpacing()]
+    # never below 16 voxels along an axis (ITK's smoothing needs at least 4 at the coarse level)
+    factors = [max(1, min(int(round(target_mm / s)), n // 16)) for s, n in zip(image.GetSpacing(), image.GetSize(),
+                                                                               strict=True)]
     if max(factors) > 1:
         image = sitk.BinShrink(image, factors)
     return image
@@ -107,8 +110,12 @@ def prealign(fixed: Volume, moving: Volume, mode: AffineMode | str = AffineMode.
         reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=its,
                                                      relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
         reg.SetOptimizerScalesFromPhysicalShift()
-        reg.SetShrinkFactorsPerLevel([2, 1])
-        reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
+        if min(f_img.GetSize()) >= 16 and min(m_img.GetSize()) >= 16:
+            reg.SetShrinkFactorsPerLevel([2, 1])
+            reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
+        else:  # a few voxels along an axis: one level, no smoothing (ITK's filters need 4 voxels per level)
+            reg.SetShrinkFactorsPerLevel([1])
+            reg.SetSmoothingSigmasPerLevel([0.0])
         reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
         reg.SetInitialTransform(transform, inPlace=False)
         if reporter is not None:
@@ -116,8 +123,9 @@ def prealign(fixed: Volume, moving: Volume, mode: AffineMode | str = AffineMode.
         try:
             return reg.Execute(f_img, m_img)
         except RuntimeError as exc:
+            detail = re.sub(r"\(0x[0-9a-f]+\)", "", str(exc).strip().splitlines()[-1])[:200]
             raise InputError(
-                f"affine pre-alignment failed: {str(exc).splitlines()[-1][:200]}; the images may not overlap "
+                f"affine pre-alignment failed: {detail}; the images may not overlap "
                 "or be nearly constant. Try --affine center or none"
             ) from exc
 

@@ -272,6 +272,15 @@ def _fixed_points_field(u_vox: torch.Tensor, grid: Grid, target: Volume, matrix:
     return out
 
 
+class _TooSmallForNetwork(InputError):
+    """The fixed image's field of view is smaller than the network's coarsest level needs."""
+
+
+def _extent_mm(vol: Volume) -> np.ndarray:
+    spacing, _, _ = geometry_from_affine(vol.affine)
+    return np.asarray(vol.spatial_shape, dtype=np.float64) * spacing[: vol.ndim]
+
+
 def _network_velocity(fixed_t, fixed_aff, moving_t, moving_aff, matrix, fixed: Volume, config, device,
                       reporter) -> tuple[torch.Tensor, Grid, dict]:
     from ..models import load_model
@@ -279,6 +288,13 @@ def _network_velocity(fixed_t, fixed_aff, moving_t, moving_aff, matrix, fixed: V
     net, card = load_model(REGISTRATION_MODEL, config.weights, device=device)
     spacing = float(card.extra.get("spacing_mm", config.network_spacing_mm))
     grid = make_grid(fixed, spacing, divisor=net.divisor, max_size=config.max_grid)
+    if min(grid.shape) < 2 * net.divisor:  # the deepest level would hold a single voxel
+        least = 2 * net.divisor * spacing
+        raise _TooSmallForNetwork(
+            f"fixed image: the registration network needs at least {least:g} mm along every axis "
+            f"(it runs on a {spacing:g} mm grid), got a field of view of "
+            f"{' x '.join(f'{e:.0f}' for e in _extent_mm(fixed))} mm"
+        )
     f = to_grid(fixed_t, fixed_aff, grid)
     m = to_grid(moving_t, moving_aff, grid, matrix)
     reporter(0.5, "network")
@@ -361,7 +377,17 @@ def register(
             "use --affine center or affine to bring them together"
         )
 
-    levels_mm = config.levels_mm if config.levels_mm is not None else auto_levels(fixed)
+    widest = float(_extent_mm(fixed).max())
+    if config.levels_mm is None:
+        automatic = auto_levels(fixed)  # a tiny field of view keeps only the levels that fit in it
+        levels_mm = tuple(level for level in automatic if level <= widest / 2) or automatic[-1:]
+    else:
+        levels_mm = config.levels_mm
+    if config.levels_mm is not None and max(levels_mm) > widest / 2:
+        raise InputError(
+            f"--levels: expected working-grid spacings below half the fixed image's field of view "
+            f"({widest:.0f} mm), got {max(levels_mm):g} mm"
+        )
     rep(0.0, "affine pre-alignment")
     timings: dict[str, float] = {}
     tick = time.perf_counter()
@@ -375,9 +401,15 @@ def register(
     v, grid = None, None
     tick = time.perf_counter()
     if method in (Method.NETWORK, Method.NETWORK_OPTIMISATION):
-        v, grid, net_facts = _network_velocity(fixed_t, fixed.affine, moving_t, moving.affine, matrix, fixed,
-                                               config, device, rep.stage(0.15, 0.25))
-        facts.update(net_facts)
+        try:
+            v, grid, net_facts = _network_velocity(fixed_t, fixed.affine, moving_t, moving.affine, matrix, fixed,
+                                                   config, device, rep.stage(0.15, 0.25))
+            facts.update(net_facts)
+        except _TooSmallForNetwork as exc:
+            if method is Method.NETWORK:
+                raise InputError(f"{exc}; use --method optimisation") from None
+            method = Method.OPTIMISATION
+            notes.append(f"{exc}: optimisation only")
         timings["network"] = time.perf_counter() - tick
     tick = time.perf_counter()
     reports: list[LevelReport] = []
