@@ -10,7 +10,7 @@ from meddl.cli import main
 from meddl.errors import InputError
 from meddl.incontext import SegmentConfig, segment
 from meddl.incontext.demo import painted_slices
-from meddl.incontext.inference import interpolation_prior, mix_prior
+from meddl.incontext.inference import _label_reach, interpolation_prior, mix_prior
 from meddl.volume import Kind, Volume, affine_from_geometry
 from test_incontext_network import trained_threshold
 from torch.nn import functional as F
@@ -101,6 +101,28 @@ def test_propagation_works_per_segment(net):
     only2 = run(target, net, annotated=labels(partial, target), config=SegmentConfig(axis=2, labels=(2,)))
     filled = only2.numpy()[0][:, :, [k for k in range(16) if k not in (4, 11)]]
     assert 1 not in np.unique(filled)
+
+
+def test_a_label_is_only_sought_where_a_neighbouring_painted_slice_holds_it():
+    painted = np.zeros(20, bool)
+    painted[[4, 10, 16]] = True
+    todo = np.nonzero(~painted)[0]
+    reach = dict(zip(todo.tolist(), _label_reach(painted, np.array([10]), todo).tolist(), strict=True))
+    assert [t for t, r in reach.items() if r] == [5, 6, 7, 8, 9, 11, 12, 13, 14, 15]  # between 4 and 16 only
+    reach = dict(zip(todo.tolist(), _label_reach(painted, np.array([4]), todo).tolist(), strict=True))
+    assert [t for t, r in reach.items() if r] == [0, 1, 2, 3, 5, 6, 7, 8, 9]  # beyond the outermost one too
+
+
+def test_propagation_leaves_a_label_out_of_slices_beyond_the_painted_slices_without_it(net):
+    arr = smooth_volume((20, 20, 16), seed=5)
+    target = image(arr)
+    partial = np.zeros(arr.shape, np.int16)
+    partial[:, :, 4] = np.where(arr[:, :, 4] > 0.5, 1, 0)  # structure 1 painted on slice 4 only
+    partial[:, :, 11] = np.where(arr[:, :, 11] > 0.5, 2, 0)  # structure 2 on slice 11 only
+    out = run(target, net, annotated=labels(partial, target), config=SegmentConfig(axis=2)).numpy()[0]
+    assert 1 not in np.unique(out[:, :, 12:])  # slice 11 is painted without structure 1
+    assert 2 not in np.unique(out[:, :, :4])  # slice 4 is painted without structure 2
+    assert np.array_equal(out[:, :, [4, 11]], partial[:, :, [4, 11]])
 
 
 def test_interpolation_prior_is_linear_between_painted_slices_and_fades_beyond():

@@ -296,6 +296,23 @@ def mix_prior(network: np.ndarray, masks: np.ndarray, painted: np.ndarray, targe
     return (1.0 - ws) * network + ws * shape
 
 
+def _label_reach(painted: np.ndarray, has: np.ndarray, todo: np.ndarray) -> np.ndarray:
+    """Which unpainted slices ``todo`` a label can reach: those whose nearest painted slice on either
+    side holds it (one side only beyond the outermost painted slice).
+
+    A painted slice is a fully annotated one, so a label missing from both painted slices around a
+    slice is not there (the structure ended before them); segmenting it only where it can be saves
+    most of the work for atlases of many small labels and keeps it from appearing far away.
+    """
+    marks = np.nonzero(painted)[0]
+    holds = np.zeros(len(painted), dtype=bool)
+    holds[has] = True
+    idx = np.searchsorted(marks, todo)  # marks[idx - 1] < t < marks[idx]
+    below = np.where(idx > 0, holds[marks[np.clip(idx - 1, 0, len(marks) - 1)]], False)
+    above = np.where(idx < len(marks), holds[marks[np.clip(idx, 0, len(marks) - 1)]], False)
+    return below | above
+
+
 def _budget(k: int, size: int, net: InContextNet, batch: int, memory_mb: float) -> int:
     """Largest context size whose activations fit ``memory_mb`` (rough: 12 maps of width features[0])."""
     per_slice = 12 * net.features[0] * size * size * 4 / 2**20
@@ -448,12 +465,16 @@ def segment(target: Volume, config: SegmentConfig | None = None,
             for li, v in enumerate(values):
                 stage = rep.stage(li / len(values), (li + 1) / len(values))
                 has = np.nonzero((lab_slices == v).reshape(n, -1).any(1))[0]
+                reach = _label_reach(painted, has, todo)
+                if not reach.any():
+                    continue
                 out = torch.from_numpy((lab_slices[has] == v).astype(np.float32))[:, None].to(device)
                 pool = _Pool(images[has], _resize(out, (size, size)), positions[has], np.zeros(len(has), int))
-                probs[li] = _run(network, images[todo], positions[todo], pool, config, size, tuple(lab_slices.shape[1:]),
-                                 True, notices, stage, Selection.BRACKET)
+                near = todo[reach]
+                probs[li, reach] = _run(network, images[near], positions[near], pool, config, size,
+                                        tuple(lab_slices.shape[1:]), True, notices, stage, Selection.BRACKET)
                 if config.prior > 0:
-                    probs[li] = mix_prior(probs[li], lab_slices[has] == v, has, todo, config.prior)
+                    probs[li, reach] = mix_prior(probs[li, reach], lab_slices[has] == v, has, near, config.prior)
             best = probs.argmax(0)
             keep = probs.max(0) > config.threshold
             result[todo] = np.where(keep, np.asarray(values)[best], 0)
