@@ -100,3 +100,19 @@ def test_registration_of_small_and_thin_images(tmp_path, capsys):
     thin = Volume(_cube((24, 24, 8)).numpy(), fixed.affine)
     out = register(fixed, thin, RegistrationConfig(method="optimisation", iterations=2, inverse=False))
     assert out.summary["folding_percent"] == 0.0
+
+
+def test_small_messages_say_what_is_wrong(tmp_path, capsys):
+    folder = tmp_path / "scan.h5"
+    folder.mkdir()
+    assert main(["reconstruct", str(folder), "-o", str(tmp_path / "x.nii.gz")]) == 2
+    assert "a folder, not a file" in capsys.readouterr().err
+    rgba = Volume(np.full((4, 8, 8), 200, np.uint8), affine_from_geometry([1.0, 1.0], [0.0, 0.0]))
+    with pytest.raises(InputError, match="JPEG holds grey or RGB images, got 4 channels"):
+        io.write(rgba, tmp_path / "x.jpg")
+    assert not list(tmp_path.glob("*.jpg"))
+    from meddl.adaptation.stain import StainNormalizer
+
+    tiny = Volume(np.array([[[150, 90]], [[60, 40]], [[160, 120]]], np.uint8), affine_from_geometry([1.0, 1.0], [0.0, 0.0]))
+    with pytest.raises(InputError, match="expected at least .* tissue pixels to estimate stains from, got 2"):
+        StainNormalizer().fit(tiny)

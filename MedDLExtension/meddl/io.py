@@ -418,6 +418,11 @@ def write(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Pat
         raise InputError(
             f"output '{path}': unknown format '{suffix}'; expected one of {', '.join(VOLUME_SUFFIXES)}"
         )
+    if suffix in (".jpg", ".jpeg") and volume.channels not in (1, 3):
+        raise InputError(
+            f"output '{path}': JPEG holds grey or RGB images, got {volume.channels} channels (one would be lost); "
+            "use .png, .tif or .nrrd"
+        )
     if suffix in _RGB_SUFFIXES:
         if volume.ndim != 2 and not (volume.ndim == 3 and volume.spatial_shape[2] == 1):
             raise InputError(f"output '{path}': {suffix} holds 2D images, got a {volume.ndim}D volume; use .nii.gz or .nrrd")

@@ -307,6 +307,11 @@ def _tissue(px, od, config: StainConfig):
 def _check_tissue(px, mask, config: StainConfig, role: str) -> int:
     """Refuse background-only and grey (R = G = B) images with one clear message; the tissue count."""
     n = int(mask.sum())
+    if n < config.min_tissue_pixels and n >= px.shape[1] // 2:
+        raise InputError(
+            f"{role}: expected at least {config.min_tissue_pixels} tissue pixels to estimate stains from, got "
+            f"{n} (the image has {px.shape[1]} pixels); give a larger image or region"
+        )
     if n < config.min_tissue_pixels:
         rule = (
             f"optical density >= {config.od_threshold:g} in every channel"

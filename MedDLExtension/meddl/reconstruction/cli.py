@@ -148,7 +148,8 @@ def run(args, ctx) -> int:
         _check_suffix(value, flag)
     path = Path(args.kspace)
     if not path.is_file():
-        raise InputError(f"cannot read '{path}': no such file")
+        what = "a folder, not a file" if path.is_dir() else "no such file"
+        raise InputError(f"cannot read '{path}': {what}")
     config = ReconstructionConfig(
         method=args.method,
         undersample=args.undersample,

@@ -74,7 +74,7 @@ def _triple(node: ET.Element, path: str, cast, where: str) -> tuple:
     try:
         return tuple(cast(_find(el, a).text) for a in ("x", "y", "z"))
     except (AttributeError, TypeError, ValueError) as exc:
-        raise InputError(f"ISMRMRD header: expected numbers x, y, z in {where}/{path}, got unreadable values") from exc
+        raise InputError(f"ISMRMRD header: expected numbers x, y, z in {path}, got unreadable values") from exc
 
 
 def parse_header(xml: str | bytes) -> Header:
@@ -225,7 +225,8 @@ def open_hdf5(path: str | os.PathLike):
 
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"cannot read '{path}': no such file")
+        what = "a folder, not a file" if path.is_dir() else "no such file"
+        raise InputError(f"cannot read '{path}': {what}")
     if path.stat().st_size == 0:
         raise InputError(f"cannot read '{path}': the file is empty")
     try:

@@ -136,7 +136,8 @@ def image_slices(volume, axis: int = 2, complex_input: str = "auto") -> tuple[np
         x = data[0].astype(np.float64) + 1j * data[1].astype(np.float64)
     elif channels == 1 and complex_input != "yes":
         x = data[0].astype(np.float64)
-        low = float(np.nanmin(x)) if x.size else 0.0
+        finite = x[np.isfinite(x)]
+        low = float(finite.min()) if finite.size else 0.0  # non-finite values are refused just below
         if low < 0:
             raise InputError(
                 f"simulation: expected a magnitude image (values >= 0), got a minimum of {low:g}; an MR "
