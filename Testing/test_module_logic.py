@@ -456,7 +456,7 @@ def test_reconstruction_outputs_and_coil_sequence(scene, fake, kspace_file):
 def test_reconstruction_without_undersampling_sends_no_undersampling_flags(scene, fake, kspace_file):
     ReconstructionLogic(runner=fake.runner).run(kspace_file, scene=scene)
     argv = fake.record()["argv"]
-    assert _flag(argv, "--method") == "tv"  # the default: the best SSIM in the benchmark
+    assert _flag(argv, "--method") == "varnet"  # the default: the best SSIM in the benchmark
     assert not {"--undersample", "--acceleration", "--center-fraction", "--zero-filled", "--phase",
                 "--coil-images"} & set(argv)
 

@@ -218,17 +218,17 @@ def test_coil_images_flag_is_an_alias_of_coils_out():
     assert args.coils_out == "c.nrrd"
 
 
-def test_default_method_is_total_variation_everywhere():
-    """TV has the best SSIM in docs/benchmarks/reconstruction.md, so the CLI, the library and the
-    Slicer Logic all default to it (the VarNet is chosen explicitly)."""
+def test_default_method_is_the_same_everywhere():
+    """The CLI, the library and the Slicer Logic share one default: the VarNet (the best SSIM in
+    docs/benchmarks/reconstruction.md)."""
     import inspect
 
     from meddl.cli import build_parser
     from meddl.slicer_logic import ReconstructionLogic
 
-    assert build_parser().parse_args(["reconstruct", "k.h5", "-o", "r.nii.gz"]).method == "tv"
-    assert ReconstructionConfig().method.value == "tv"
-    assert inspect.signature(ReconstructionLogic.start).parameters["method"].default == "tv"
+    assert build_parser().parse_args(["reconstruct", "k.h5", "-o", "r.nii.gz"]).method == "varnet"
+    assert ReconstructionConfig().method.value == "varnet"
+    assert inspect.signature(ReconstructionLogic.start).parameters["method"].default == "varnet"
 
 
 # -- meddl simulate-kspace -------------------------------------------------------------------------

@@ -502,7 +502,7 @@ class ReconstructionLogic(MedDLLogic):
         self,
         kspace_path: str | Path,
         *,
-        method: str = ReconstructionMethod.TV,
+        method: str = ReconstructionMethod.VARNET,
         undersampling: str | None = None,
         acceleration: float = 4.0,
         center_fraction: float = 0.08,

@@ -38,10 +38,10 @@ class ReconstructionConfig:
     """How to reconstruct; CLI flags mirror the fields (``--center-fraction`` ...).
 
     Attributes:
-        method: the reconstruction (:class:`Method`). Default ``tv``: total-variation compressed
-            sensing scored the best SSIM of every method in ``docs/benchmarks/reconstruction.md``
-            (0.886 / 0.652 at 4x / 8x); the bundled VarNet is 2-6x faster but scored 0.702 / 0.570
-            there, so it is chosen explicitly (``varnet``) until better weights exist.
+        method: the reconstruction (:class:`Method`). Default ``varnet``: the bundled variational
+            network has the best SSIM of every method in ``docs/benchmarks/reconstruction.md`` at 4x
+            and 8x and is the fastest after zero-filling; ``tv`` (total-variation compressed sensing)
+            is the best classical method there.
         undersample: retrospectively undersample fully sampled data with this mask type.
         acceleration: for ``undersample`` (default 4).
         center_fraction: for ``undersample`` (default fastMRI's 0.32 / R).
@@ -56,7 +56,7 @@ class ReconstructionConfig:
         weights: a VarNet weights file instead of the bundled one.
     """
 
-    method: Method | str = Method.TV
+    method: Method | str = Method.VARNET
     undersample: MaskType | str | None = None
     acceleration: float | None = None
     center_fraction: float | None = None
