@@ -392,8 +392,8 @@ _DETACHED_SUFFIXES = (".nhdr", ".mhd")
 
 def _write_detached(image: Any, path: Path, compress: bool) -> None:
     """Write a detached-header image under its final names: into a private folder beside ``path``, then
-    move the data file(s) and last the header, so the header's data-file name is the final one and
-    no partial file ever carries a final name."""
+    move the data file(s) and last the header, so the header names the final data file and appears
+    only once its data is in place (a temporary name would be written into the header)."""
     sitk = _sitk()
     parent = path.parent if str(path.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)

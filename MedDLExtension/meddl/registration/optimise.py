@@ -33,7 +33,8 @@ from .svf import (
     warp,
 )
 
-__all__ = ["Grid", "make_grid", "coarser_grid", "corner_aligned", "upsample_field", "to_grid", "regrid_field", "optimise_velocity", "LevelReport"]
+__all__ = ["Grid", "make_grid", "coarser_grid", "corner_aligned", "upsample_field", "to_grid", "regrid_field",
+           "optimise_velocity", "LevelReport"]
 
 
 @dataclass(frozen=True)
@@ -251,12 +252,6 @@ def optimise_velocity(
                     if cost(zero) <= cost(v0):
                         v0 = zero
                         init_rejected = True
-        if corner_aligned(vgrid, grid):
-            def upsample(u_v, shape=grid.shape):
-                return resize_field(u_v, shape)
-        else:
-            def upsample(u_v, vgrid=vgrid, grid=grid):
-                return regrid_field(u_v, vgrid, grid)
         v = v0.clone().requires_grad_(True)
         opt = Adam([v], lr=lr)
         history: list[float] = []
@@ -264,7 +259,7 @@ def optimise_velocity(
         best = (math.inf, v0)
         for it in range(iterations):
             u_v = integrate(v, steps)
-            u = upsample(u_v)
+            u = upsample_field(u_v, vgrid, grid)
             loss = compare(warp(m, u), f) + lam * diffusion(u_v)
             if fold_penalty > 0:
                 loss = loss + fold_penalty * folding_barrier(u)
