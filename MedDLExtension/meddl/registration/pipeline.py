@@ -324,7 +324,7 @@ def auto_levels(fixed: Volume) -> tuple[float, ...]:
     5, 3, 2 mm).
     """
     spacing, _, _ = geometry_from_affine(fixed.affine)
-    extent = float(max(np.asarray(fixed.spatial_shape, dtype=np.float64) * spacing[: fixed.ndim]))
+    extent = float(_extent_mm(fixed).max())
     finest = float(np.min(spacing[: fixed.ndim]))
     scale = min(1.0, max(extent / REFERENCE_EXTENT_MM, finest / DEFAULT_LEVELS_MM[-1]))
     return tuple(round(level * scale, 4) for level in DEFAULT_LEVELS_MM)

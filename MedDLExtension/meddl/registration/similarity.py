@@ -83,6 +83,27 @@ def lncc_loss(warped: torch.Tensor, fixed: torch.Tensor, radius: int = 2, eps: f
     return _lncc(warped, fixed, radius, _lncc_fixed(fixed, radius, eps))
 
 
+class _FixedCache:
+    """What a loss derives from the fixed image, recomputed only when that image changes.
+
+    The key is the tensor's storage, shape, in-place version and sum: a new tensor that happens to
+    reuse a freed one's memory, or an in-place edit, is not mistaken for the cached image.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value = None
+
+    def get(self, fixed: torch.Tensor, compute):
+        fixed = fixed.detach()
+        key = (fixed.data_ptr(), tuple(fixed.shape), fixed._version, float(fixed.sum()))
+        if key != self._key:
+            with torch.no_grad():
+                self._value = compute(fixed)
+            self._key = key
+        return self._value
+
+
 class LnccLoss(torch.nn.Module):
     """:func:`lncc_loss` with the fixed image's window statistics cached (no gradient through them).
 
@@ -93,15 +114,11 @@ class LnccLoss(torch.nn.Module):
     def __init__(self, radius: int = 2, eps: float | None = None) -> None:
         super().__init__()
         self.radius, self.eps = radius, eps
-        self._cache: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
+        self._fixed = _FixedCache()
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        fixed = fixed.detach()
-        key = (fixed.data_ptr(), tuple(fixed.shape), fixed._version, float(fixed.sum()))
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                self._cache = (key, _lncc_fixed(fixed, self.radius, self.eps))
-        return _lncc(warped, fixed, self.radius, self._cache[1])
+        stats = self._fixed.get(fixed, lambda f: _lncc_fixed(f, self.radius, self.eps))
+        return _lncc(warped, fixed.detach(), self.radius, stats)
 
 
 def mi_loss(warped: torch.Tensor, fixed: torch.Tensor, bins: int = 32, mask: torch.Tensor | None = None,
@@ -195,7 +212,7 @@ class MindLoss(torch.nn.Module):
     def __init__(self, radius: int = 1, dilation: int = 2) -> None:
         super().__init__()
         self.radius, self.dilation = radius, dilation
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._fixed = _FixedCache()
 
     def descriptors(self, x: torch.Tensor) -> torch.Tensor:
         """MIND-SSC descriptors of ``x`` (no gradient)."""
@@ -208,11 +225,8 @@ class MindLoss(torch.nn.Module):
         return (warped_descriptors - fixed_descriptors).pow(2).mean()
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        key = (fixed.data_ptr(), tuple(fixed.shape))
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                self._cache = (key, mind_ssc(fixed, self.radius, self.dilation))
-        return (mind_ssc(warped, self.radius, self.dilation) - self._cache[1]).pow(2).mean()
+        target = self._fixed.get(fixed, lambda f: mind_ssc(f, self.radius, self.dilation))
+        return (mind_ssc(warped, self.radius, self.dilation) - target).pow(2).mean()
 
 
 class DeepSimLoss(torch.nn.Module):
@@ -228,7 +242,7 @@ class DeepSimLoss(torch.nn.Module):
         self.extractor = extractor.eval()
         for p in self.extractor.parameters():
             p.requires_grad_(False)
-        self._cache: tuple[tuple, list[torch.Tensor]] | None = None
+        self._fixed = _FixedCache()
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         d = getattr(self.extractor, "divisor", 1)
@@ -243,11 +257,7 @@ class DeepSimLoss(torch.nn.Module):
         return self.extractor.encode(self._pad(x))
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        key = (fixed.data_ptr(), tuple(fixed.shape))
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                self._cache = (key, [f.detach() for f in self.features(fixed)])
-        feats_f = self._cache[1]
+        feats_f = self._fixed.get(fixed, lambda f: [x.detach() for x in self.features(f)])
         feats_w = self.features(warped)
         total = warped.new_zeros(())
         for a, b in zip(feats_w, feats_f, strict=False):
