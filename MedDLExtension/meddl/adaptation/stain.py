@@ -633,11 +633,12 @@ class StainNormalizer:
         rep(0.0, "estimating the image's stains")
         n = px.shape[1]
         od = None
+        if n <= self.config.chunk_pixels and self.config.method is not StainMethod.REINHARD:
+            od = _od(px, _od_lut(self.config.light_intensity, px.device))  # shared by fit and map
         if source is None:
-            sample = _strided(px, self.config.max_samples, shape[-1])
-            if sample.shape[1] == n and n <= self.config.chunk_pixels and source is None:
-                od = _od(px, _od_lut(self.config.light_intensity, px.device))  # shared by fit and map
-            source = fit_stains(sample, self.config, "image", od=od)
+            step = sample_step(n, self.config.max_samples, shape[-1])
+            sample = px[:, ::step] if step > 1 else px
+            source = fit_stains(sample, self.config, "image", od=None if od is None else od[:, ::step].contiguous())
         rep(0.1, "normalising")
         if od is not None:
             result = map_stains(px, source, self.target, self.config, od=od)
