@@ -10,7 +10,7 @@ from meddl.cli import main
 from meddl.errors import InputError
 from meddl.incontext import SegmentConfig, segment
 from meddl.incontext.demo import painted_slices
-from meddl.incontext.inference import _label_reach, interpolation_prior, mix_prior
+from meddl.incontext.inference import _Best, _label_reach, interpolation_prior, mix_prior
 from meddl.volume import Kind, Volume, affine_from_geometry
 from test_incontext_network import trained_threshold
 from torch.nn import functional as F
@@ -111,6 +111,22 @@ def test_a_label_is_only_sought_where_a_neighbouring_painted_slice_holds_it():
     assert [t for t, r in reach.items() if r] == [5, 6, 7, 8, 9, 11, 12, 13, 14, 15]  # between 4 and 16 only
     reach = dict(zip(todo.tolist(), _label_reach(painted, np.array([4]), todo).tolist(), strict=True))
     assert [t for t, r in reach.items() if r] == [0, 1, 2, 3, 5, 6, 7, 8, 9]  # beyond the outermost one too
+
+
+def test_labels_kept_one_at_a_time_equal_argmax_over_stacked_maps():
+    rng = np.random.default_rng(0)
+    values = [3, 7, 12, 40]
+    probs = rng.random((len(values), 6, 5, 5)).astype(np.float32)
+    rows = [rng.random(6) < 0.6 for _ in values]  # slices each label reaches; elsewhere 0
+    for p, r in zip(probs, rows, strict=True):
+        p[~r] = 0.0
+    probs[2, 0, 0, 0] = probs[1, 0, 0, 0] = 0.9  # a tie goes to the label offered first
+    best = _Best((6, 5, 5))
+    for v, p, r in zip(values, probs, rows, strict=True):
+        best.update(p[r], v, r)
+    expected = np.where(probs.max(0) > 0.5, np.asarray(values)[probs.argmax(0)], 0)
+    assert np.array_equal(best.labels(0.5), expected)
+    assert best.labels(0.5)[0, 0, 0] == 7
 
 
 def test_propagation_leaves_a_label_out_of_slices_beyond_the_painted_slices_without_it(net):
