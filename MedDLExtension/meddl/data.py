@@ -88,13 +88,12 @@ def _from_nibabel(img, kind: Kind) -> Volume:
     return Volume(data[None], np.asarray(img.affine, dtype=np.float64), kind)
 
 
-def _nilearn(loader: str, kind: Kind) -> Callable[[], Volume]:
+def _nilearn(loader: str, kind: Kind, resolution: int = 2) -> Callable[[], Volume]:
     def build() -> Volume:
         datasets = _need("nilearn.datasets")
-        img = getattr(datasets, loader)(resolution=2)
-        return _from_nibabel(img, kind).with_data(
-            _from_nibabel(img, kind).data, source=f"nilearn.datasets.{loader}(resolution=2)"
-        )
+        img = getattr(datasets, loader)(resolution=resolution)
+        vol = _from_nibabel(img, kind)
+        return vol.with_data(vol.data, source=f"nilearn.datasets.{loader}(resolution={resolution})")
 
     return build
 
@@ -164,6 +163,8 @@ def _samples() -> dict[str, Sample]:
     items = [
         Sample("mni152_t1", "MNI152 2009c T1 template, 2 mm (nilearn)", Kind.INTENSITY, "nilearn",
                _nilearn("load_mni152_template", Kind.INTENSITY)),
+        Sample("mni152_t1_1mm", "MNI152 2009a T1 template at its native 1 mm (nilearn)", Kind.INTENSITY, "nilearn",
+               _nilearn("load_mni152_template", Kind.INTENSITY, resolution=1)),
         Sample("mni152_brain_mask", "MNI152 brain mask, 2 mm (nilearn)", Kind.LABEL, "nilearn",
                _nilearn("load_mni152_brain_mask", Kind.LABEL)),
         Sample("mni152_gm_mask", "MNI152 grey-matter mask, 2 mm (nilearn)", Kind.LABEL, "nilearn",

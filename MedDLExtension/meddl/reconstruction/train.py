@@ -6,7 +6,8 @@ Resumable: the full training state (network, optimiser, step, random state) goes
 the same command continues from the saved step; on a machine without that state it continues
 from the bundled weights and their step with a new optimiser (``--from-scratch`` starts over).
 
-Data (SCIENCE.md, issue 4): MNI152 slices (three orientations, 2 mm upsampled to 1 mm), dipy's
+Data (SCIENCE.md, issue 4): MNI152 slices (three orientations, the 1 mm template; ``--mni-mm 2``: the
+2 mm one upsampled, as the first phases used), dipy's
 T1 slice, ITK's PD and T1 brain slices, and Colin27 axial slices outside the held-out blocks
 used by ``benchmarks/reconstruction.py`` (:data:`HELD_OUT_COLIN27_Z`). The ITK slices are
 BrainWeb slices of the Colin27 anatomy near z = 88-94, away from the held-out blocks.
@@ -54,14 +55,21 @@ def _normalise(img: np.ndarray) -> np.ndarray:
     return np.clip(img / max(peak, 1e-6), 0, 1.2)
 
 
-def training_slices() -> list[np.ndarray]:
-    """The 2-D magnitude training images, each scaled to about [0, 1]."""
+def training_slices(mni_mm: int = 1) -> list[np.ndarray]:
+    """The 2-D magnitude training images, each scaled to about [0, 1].
+
+    ``mni_mm``: MNI152 slices from the template at its native 1 mm (default), or from the 2 mm
+    template upsampled to 1 mm (the first 46,764 training steps: sharp edges were rare in training).
+    """
     from scipy.ndimage import zoom
 
     from ..data import load_sample
 
     out: list[np.ndarray] = []
-    mni = zoom(load_sample("mni152_t1").numpy()[0], 2.0, order=1)
+    if mni_mm == 1:
+        mni = load_sample("mni152_t1_1mm").numpy()[0]
+    else:
+        mni = zoom(load_sample("mni152_t1").numpy()[0], 2.0, order=1)
     for axis in range(3):
         n = mni.shape[axis]
         for i in range(int(n * 0.2), int(n * 0.8), 4):
@@ -156,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default=None, help="resume state folder (default: ~/.cache/meddl/train/NAME)")
     p.add_argument("--models-dir", default=None, help="where the weights and card go (default: Resources/models)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mni-mm", type=int, choices=(1, 2), default=1,
+                   help="MNI152 slices from the native 1 mm template, or the 2 mm one upsampled (earlier phases)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (after saving) after this long")
     p.add_argument("--from-scratch", action="store_true",
                    help="without a saved training state, start from random weights instead of the bundled ones")
@@ -176,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         log.write(line + "\n")
         log.flush()
 
-    pool = training_slices()
+    pool = training_slices(args.mni_mm)
     say(f"{len(pool)} training slices")
     net = VarNet(**ARCH)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
@@ -210,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"VarNet {ARCH}: {n_params} parameters")
     command = (
         f"python -m meddl.reconstruction.train --steps {args.steps} --batch {args.batch} "
-        f"--crop {args.crop} --seed {args.seed}"
+        f"--crop {args.crop} --seed {args.seed} --mni-mm {args.mni_mm}"
     )
     # a resumed run may change the schedule or crop: the card lists every phase
     phases.append(f"from step {step}: {command}")
@@ -236,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             MODEL_NAME,
             ARCH,
             training_data={
-                "images": "MNI152 2009c T1 (nilearn, 2 mm upsampled to 1 mm; axial, coronal, sagittal slices), "
+                "images": "MNI152 2009 T1 (nilearn; axial, coronal, sagittal slices; native 1 mm in phases with "
+                "--mni-mm 1, the 2 mm template upsampled to 1 mm in the phases before), "
                 "dipy t1_coronal_slice, ITK BrainProtonDensitySlice and BrainT1Slice, Colin27 "
                 "(mricron ch2) axial slices z in [20,50) U [90,106) U [146,160), step 2",
                 "held_out": "Colin27 axial slices z in [50,90) U [106,146) (benchmark slices "
