@@ -302,3 +302,26 @@ def test_mind_registers_an_inverted_contrast_pair():
     mask = inside(img)
     zero = truth.with_data(np.zeros_like(truth.numpy()))
     assert epe(result.displacement, truth, mask) < 0.4 * epe(zero, truth, mask)
+
+
+def test_fine_images_are_block_averaged_once_keeping_their_physical_positions():
+    from meddl.registration.pipeline import _working_copy
+
+    # a 0.5 x 0.5 x 1 mm image, oblique, of a linear ramp: a block mean is the ramp at the block centre
+    rot = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([0.5, 0.5, 1.0])
+    affine[:3, 3] = [10.0, -4.0, 3.0]
+    shape = (41, 32, 12)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(np.float64)
+    ras = ijk @ affine[:3, :3].T + affine[:3, 3]
+    coeff = np.array([0.3, -0.2, 0.5])
+    data = torch.from_numpy((ras @ coeff).astype(np.float32))[None, None]
+    pooled, out_affine = _working_copy(data, affine, finest_mm=2.0)  # blocks of 2 x 2 x 1 voxels
+    assert tuple(pooled.shape[2:]) == (20, 16, 12)
+    assert np.allclose(np.abs(out_affine[:3, :3]).sum(0), [1.0, 1.0, 1.0])
+    q = np.stack(np.meshgrid(*[np.arange(n) for n in (20, 16, 12)], indexing="ij"), -1).astype(np.float64)
+    expected = (q @ out_affine[:3, :3].T + out_affine[:3, 3]) @ coeff
+    assert np.allclose(pooled[0, 0].numpy(), expected, atol=1e-4)
+    same, same_affine = _working_copy(data, affine, finest_mm=1.5)  # 1.5 / (2 x 0.5) < 2: unchanged
+    assert same is data and same_affine is affine

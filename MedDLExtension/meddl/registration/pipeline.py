@@ -175,6 +175,29 @@ def _normalise(vol: Volume) -> np.ndarray:
     return np.clip((arr - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
 
 
+def _working_copy(data: torch.Tensor, affine: np.ndarray, finest_mm: float) -> tuple[torch.Tensor, np.ndarray]:
+    """``data`` ``(1, 1, *S)`` block-averaged to at most half the finest working spacing, with its affine.
+
+    Every working grid is at least ``finest_mm`` coarse, so an image of finer voxels (a 0.5 mm scan
+    at the default 2 mm finest level) is first averaged over blocks of ``floor(finest / (2 spacing))``
+    voxels per axis, once: each level's anti-aliasing then blurs a volume up to 64x smaller instead of
+    the full-resolution one. Images at half the finest spacing or coarser are returned unchanged.
+    """
+    nd = data.dim() - 2
+    spacing = geometry_from_affine(affine)[0][:nd]
+    factors = [max(1, int(math.floor(finest_mm / (2.0 * s) + 1e-6))) for s in spacing]
+    factors = [f if n // f >= 2 else 1 for f, n in zip(factors, data.shape[2:], strict=True)]
+    if max(factors) < 2:
+        return data, affine
+    pool = torch.nn.functional.avg_pool3d if nd == 3 else torch.nn.functional.avg_pool2d
+    pooled = pool(data, kernel_size=factors, stride=factors)
+    out = np.array(affine, dtype=np.float64, copy=True)
+    f = np.asarray(factors, dtype=np.float64)
+    out[:nd, nd if out.shape[0] == nd + 1 else 3] += out[:nd, :nd] @ ((f - 1.0) / 2.0)
+    out[:nd, :nd] = out[:nd, :nd] * f
+    return pooled, out
+
+
 def _check_inputs(fixed: Volume, moving: Volume, labels: Volume | None, config: RegistrationConfig) -> None:
     for role, vol in (("fixed image", fixed), ("moving image", moving)):
         if not isinstance(vol, Volume):
@@ -394,15 +417,17 @@ def register(
     matrix = prealign(fixed, moving, config.affine, seed=config.seed, reporter=rep)
     timings["affine"] = time.perf_counter() - tick
     rep(0.15, "preparing")
-    fixed_t = torch.from_numpy(_normalise(fixed))[None, None].to(device)
-    moving_t = torch.from_numpy(_normalise(moving))[None, None].to(device)
+    fixed_t, fixed_aff = _working_copy(torch.from_numpy(_normalise(fixed))[None, None].to(device), fixed.affine,
+                                       min(levels_mm))
+    moving_t, moving_aff = _working_copy(torch.from_numpy(_normalise(moving))[None, None].to(device),
+                                         moving.affine, min(levels_mm))
 
     facts: dict[str, Any] = {}
     v, grid = None, None
     tick = time.perf_counter()
     if method in (Method.NETWORK, Method.NETWORK_OPTIMISATION):
         try:
-            v, grid, net_facts = _network_velocity(fixed_t, fixed.affine, moving_t, moving.affine, matrix, fixed,
+            v, grid, net_facts = _network_velocity(fixed_t, fixed_aff, moving_t, moving_aff, matrix, fixed,
                                                    config, device, rep.stage(0.15, 0.25))
             facts.update(net_facts)
         except _TooSmallForNetwork as exc:
@@ -419,7 +444,7 @@ def register(
         loss_fn = _similarity(config, device)
         with torch.enable_grad():
             v, grid, reports = optimise_velocity(
-                fixed_t, fixed.affine, moving_t, moving.affine, matrix, grids, loss_fn,
+                fixed_t, fixed_aff, moving_t, moving_aff, matrix, grids, loss_fn,
                 init=(v, grid) if v is not None else None, lam=config.regularisation,
                 fold_penalty=config.fold_penalty,
                 iterations=config.iterations, lr=config.learning_rate, tolerance=config.tolerance,
