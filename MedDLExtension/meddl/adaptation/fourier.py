@@ -199,14 +199,16 @@ def fda(image, reference_amplitude, beta: float, window: Window | str = Window.C
         return image
     dims = tuple(range(-ndim, 0))
     spectrum = torch.fft.fftn(image, dim=dims)
-    mask = low_frequency_window(image.shape[-ndim:], beta, window, device=image.device)
-    amplitude = spectrum.abs()
+    # only the window's few frequencies change: work on those entries, not on full-size temporaries
+    inside = low_frequency_window(image.shape[-ndim:], beta, window, device=image.device).expand(spectrum.shape)
+    values = spectrum[inside]
+    target = reference_amplitude.expand(spectrum.shape)[inside]
+    amplitude = values.abs()
     # |F| -> reference amplitude by a positive real factor: the phase is untouched. Where the
     # input's amplitude is 0 its phase is undefined; the reference amplitude goes in with phase 0.
     safe = amplitude > 0
-    factor = torch.where(safe, reference_amplitude / torch.where(safe, amplitude, torch.ones_like(amplitude)), 0.0)
-    swapped = torch.where(safe, spectrum * factor, reference_amplitude.to(spectrum.dtype))
-    spectrum = torch.where(mask, swapped, spectrum)
+    factor = target / torch.where(safe, amplitude, torch.ones_like(amplitude))
+    spectrum[inside] = torch.where(safe, values * factor, target.to(values.dtype))
     return torch.fft.ifftn(spectrum, dim=dims).real
 
 
