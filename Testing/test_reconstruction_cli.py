@@ -65,6 +65,9 @@ def test_undersampling_is_refused_on_undersampled_data(tmp_path, kfile):
         (dict(undersample="random", acceleration=0.5), "--acceleration: expected a number >= 1"),
         (dict(undersample="random", center_fraction=2.0), "--center-fraction: expected a fraction"),
         (dict(probes=0), "--probes: expected a positive number"),
+        (dict(regularization=float("inf")), "--regularization: expected a finite number >= 0, got inf"),
+        (dict(regularization=float("nan")), "--regularization: expected a finite number >= 0, got nan"),
+        (dict(regularization=-1.0), "--regularization: expected a finite number >= 0"),
     ],
 )
 def test_config_validation(kwargs, message):

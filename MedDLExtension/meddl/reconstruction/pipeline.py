@@ -95,8 +95,8 @@ class ReconstructionConfig:
             raise InputError(f"--center-fraction: expected a fraction in (0, 1), got {self.center_fraction}")
         if self.iterations is not None and self.iterations < 1:
             raise InputError(f"--iterations: expected a positive number, got {self.iterations}")
-        if self.regularization is not None and not self.regularization >= 0:
-            raise InputError(f"--regularization: expected a number >= 0, got {self.regularization}")
+        if self.regularization is not None and not 0 <= self.regularization < float("inf"):
+            raise InputError(f"--regularization: expected a finite number >= 0, got {self.regularization}")
         if self.probes < 1:
             raise InputError(f"--probes: expected a positive number, got {self.probes}")
         if self.slices is not None:
