@@ -57,6 +57,18 @@ def test_synthetic_fastmri_file_round_trip_with_geometry(tmp_path, rng):
     assert info["acceleration"] == pytest.approx(24 / mask.sum(), abs=1e-3)
 
 
+def test_a_header_without_field_of_view_gives_1_mm_and_says_so(tmp_path, rng, capsys):
+    k = _kspace(rng, (2, 4, 32, 24))
+    known = read_kspace(write_fastmri(tmp_path / "known.h5", k, fov_mm=(200.0, 150.0, 4.0)))
+    assert known.geometry_notice() is None
+    blank = read_kspace(write_fastmri(tmp_path / "blank.h5", k, fov_mm=(0.0, 0.0, 0.0)))
+    np.testing.assert_allclose(np.linalg.norm(blank.affine()[:3, :3], axis=0), [1.0, 1.0, 1.0])
+    assert "1 mm pixels assumed" in blank.geometry_notice() and "1 mm slice spacing" in blank.geometry_notice()
+    out = tmp_path / "r.nii.gz"
+    assert main(["reconstruct", str(tmp_path / "blank.h5"), "--method", "zero-filled", "-o", str(out)]) == 0
+    assert "notice: " in capsys.readouterr().out
+
+
 def test_single_coil_file_and_slice_selection(tmp_path, rng):
     k = _kspace(rng, (4, 16, 12))
     path = write_fastmri(tmp_path / "s.h5", k)

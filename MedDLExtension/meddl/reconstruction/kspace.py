@@ -189,8 +189,20 @@ class KSpaceData:
         """Mask, acceleration and centre fraction found in the data (or the file's mask)."""
         return detect_mask(self.kspace, self.mask, self.header.padding)
 
+    def geometry_notice(self) -> str | None:
+        """What :meth:`affine` had to assume because the header gives no field of view, or None."""
+        rm, rf = self.header.recon_matrix, self.header.recon_fov_mm
+        missing = []
+        if not (rm[0] and rf[0] > 0 and rm[1] and rf[1] > 0):
+            missing.append("no in-plane field of view (reconSpace fieldOfView_mm): 1 mm pixels assumed")
+        if not self.header.encoded_fov_mm[2] > 0 and self.slices > 1:
+            missing.append("no slice thickness (encodedSpace fieldOfView_mm z): 1 mm slice spacing assumed")
+        return "; ".join(missing) or None
+
     def affine(self) -> np.ndarray:
-        """4x4 voxel-to-RAS affine of the ``(image_shape..., S)`` output volume (see module doc)."""
+        """4x4 voxel-to-RAS affine of the ``(image_shape..., S)`` output volume (see module doc).
+
+        A field of view missing from the header (0) gives 1 mm spacing (:meth:`geometry_notice`)."""
         rm, rf = self.header.recon_matrix, self.header.recon_fov_mm
         dy = rf[0] / rm[0] if rm[0] and rf[0] > 0 else 1.0
         dx = rf[1] / rm[1] if rm[1] and rf[1] > 0 else 1.0

@@ -126,7 +126,9 @@ def _volume(stack: list[np.ndarray], data: KSpaceData, **meta: Any) -> Volume:
     arr = np.stack(stack, axis=-1).astype(np.float32)  # (..., h, w, S)
     if arr.ndim == 3:
         arr = arr[None]
-    return Volume(arr, data.affine(), Kind.INTENSITY, {"source": data.source, **meta})
+    notice = data.geometry_notice()
+    return Volume(arr, data.affine(), Kind.INTENSITY,
+                  {"source": data.source, **meta, **({"geometry_notice": notice} if notice else {})})
 
 
 def reconstruct(
