@@ -265,3 +265,16 @@ def test_log_offset_is_checked(offset):
         FourierConfig(domain="log", log_offset=offset)
     with pytest.raises(InputError, match=r"Fourier domain: expected one of intensity, log, got 'sqrt'"):
         FourierConfig(domain="sqrt")
+
+
+def test_fda_accepts_a_reference_amplitude_of_another_precision():
+    import torch
+    from meddl.adaptation.fourier import fda
+
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(1, 16, 18, generator=g)  # float32
+    amplitude = torch.fft.fftn(torch.rand(16, 18, generator=g, dtype=torch.float64)).abs()
+    out = fda(image, amplitude, 0.1)
+    ref = fda(image.double(), amplitude, 0.1)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.double(), ref, atol=1e-5)

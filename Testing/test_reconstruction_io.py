@@ -66,7 +66,7 @@ def test_a_header_without_field_of_view_gives_1_mm_and_says_so(tmp_path, rng, ca
     assert "1 mm pixels assumed" in blank.geometry_notice() and "1 mm slice spacing" in blank.geometry_notice()
     out = tmp_path / "r.nii.gz"
     assert main(["reconstruct", str(tmp_path / "blank.h5"), "--method", "zero-filled", "-o", str(out)]) == 0
-    assert "notice: " in capsys.readouterr().out
+    assert "notice: " in (out_text := capsys.readouterr().out) and "1 mm pixels assumed" in out_text
 
 
 def test_single_coil_file_and_slice_selection(tmp_path, rng):

@@ -1,6 +1,6 @@
 """Sample data built offline from what the package registries ship.
 
-Always available (inside PyPI wheels): nilearn's MNI152 2009c T1 template and its brain,
+Always available (inside PyPI wheels): nilearn's MNI152 2009a T1 template and its brain,
 grey- and white-matter masks; scikit-image's ``ihc.png`` (RGB immunohistochemistry); dipy's
 ``t1_coronal_slice.npy``. When the Debian packages are installed: Colin27 (``mricron-data``:
 ``ch2``, ``ch2bet``), the label atlases AAL, Harvard-Oxford cortical, JHU white matter and
@@ -161,7 +161,7 @@ _DEBIAN_FILES = {
 
 def _samples() -> dict[str, Sample]:
     items = [
-        Sample("mni152_t1", "MNI152 2009c T1 template, 2 mm (nilearn)", Kind.INTENSITY, "nilearn",
+        Sample("mni152_t1", "MNI152 2009a T1 template, 2 mm (nilearn)", Kind.INTENSITY, "nilearn",
                _nilearn("load_mni152_template", Kind.INTENSITY)),
         Sample("mni152_t1_1mm", "MNI152 2009a T1 template at its native 1 mm (nilearn)", Kind.INTENSITY, "nilearn",
                _nilearn("load_mni152_template", Kind.INTENSITY, resolution=1)),

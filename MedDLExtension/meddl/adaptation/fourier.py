@@ -202,7 +202,7 @@ def fda(image, reference_amplitude, beta: float, window: Window | str = Window.C
     # only the window's few frequencies change: work on those entries, not on full-size temporaries
     inside = low_frequency_window(image.shape[-ndim:], beta, window, device=image.device).expand(spectrum.shape)
     values = spectrum[inside]
-    target = reference_amplitude.expand(spectrum.shape)[inside]
+    target = reference_amplitude.to(device=spectrum.device, dtype=spectrum.real.dtype).expand(spectrum.shape)[inside]
     amplitude = values.abs()
     # |F| -> reference amplitude by a positive real factor: the phase is untouched. Where the
     # input's amplitude is 0 its phase is undefined; the reference amplitude goes in with phase 0.

@@ -189,12 +189,18 @@ def _working_copy(data: torch.Tensor, affine: np.ndarray, finest_mm: float) -> t
     factors = [f if n // f >= 2 else 1 for f, n in zip(factors, data.shape[2:], strict=True)]
     if max(factors) < 2:
         return data, affine
+    # replicate the last voxels up to whole blocks, so the copy reaches as far as the image
+    pad = [0, 0] * nd
+    for d, (f, n) in enumerate(zip(factors, data.shape[2:], strict=True)):
+        pad[2 * (nd - 1 - d) + 1] = (-n) % f
+    if any(pad):
+        data = torch.nn.functional.pad(data, pad, mode="replicate")
     pool = torch.nn.functional.avg_pool3d if nd == 3 else torch.nn.functional.avg_pool2d
     pooled = pool(data, kernel_size=factors, stride=factors)
-    out = np.array(affine, dtype=np.float64, copy=True)
+    out = np.array(affine, dtype=np.float64, copy=True)  # 4 x 4 (a 2D image's too)
     f = np.asarray(factors, dtype=np.float64)
-    out[:nd, nd if out.shape[0] == nd + 1 else 3] += out[:nd, :nd] @ ((f - 1.0) / 2.0)
-    out[:nd, :nd] = out[:nd, :nd] * f
+    out[:3, 3] += out[:3, :nd] @ ((f - 1.0) / 2.0)
+    out[:3, :nd] = out[:3, :nd] * f
     return pooled, out
 
 
