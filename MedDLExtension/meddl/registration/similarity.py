@@ -52,10 +52,9 @@ class _BoxFilter(torch.autograd.Function):
 
 
 def _box_sums(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """:func:`_box` for ``radius >= 1``, computed directly."""
     nd = x.dim() - 2
     k = 2 * radius + 1
-    if radius <= 0:
-        return x
     for d in range(nd):
         n = x.shape[2 + d]
         pad = [0, 0] * nd
