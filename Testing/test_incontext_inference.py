@@ -10,7 +10,7 @@ from meddl.cli import main
 from meddl.errors import InputError
 from meddl.incontext import SegmentConfig, segment
 from meddl.incontext.demo import painted_slices
-from meddl.incontext.inference import _Best, _label_reach, interpolation_prior, mix_prior
+from meddl.incontext.inference import _Best, _label_reach, align_context, interpolation_prior, mix_prior
 from meddl.volume import Kind, Volume, affine_from_geometry
 from test_incontext_network import trained_threshold
 from torch.nn import functional as F
@@ -220,11 +220,60 @@ def test_output_follows_the_target_grid(net, target_shape, context_shape):
     target = image(smooth_volume(target_shape, seed=2), [0.9] * len(target_shape))
     a = smooth_volume(context_shape, seed=4)
     ctx_img = image(a)
-    out = run(target, net, context=[(ctx_img, labels(a > 0.5, ctx_img))])
+    # the context is another random image, not the target's anatomy: no alignment (tested below)
+    out = run(target, net, context=[(ctx_img, labels(a > 0.5, ctx_img))], config=SegmentConfig(align="none"))
     assert out.spatial_shape == target_shape and out.channels == 1
     assert out.kind is Kind.LABEL and out.numpy().dtype == np.int16
     np.testing.assert_array_equal(out.affine, target.affine)
     assert dice(out.numpy()[0] > 0, smooth_volume(target_shape, seed=2) > 0.5) > 0.6
+
+
+def moved_copy(arr: np.ndarray, shift: tuple[int, ...]) -> np.ndarray:
+    """``arr`` translated by whole voxels, zeros coming in."""
+    out = np.zeros_like(arr)
+    src = tuple(slice(max(0, -s), n - max(0, s)) for s, n in zip(shift, arr.shape, strict=True))
+    dst = tuple(slice(max(0, s), n - max(0, -s)) for s, n in zip(shift, arr.shape, strict=True))
+    out[dst] = arr[src]
+    return out
+
+
+def blobs(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """A head-like test image: bright blobs of several sizes inside a dark background."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    img = np.where(sum(g**2 for g in grids) < 0.6, 0.3, 0.0)
+    for _ in range(5):
+        c, r = rng.uniform(-0.4, 0.4, len(shape)), rng.uniform(0.15, 0.3)
+        img = np.where(sum((g - ci) ** 2 for g, ci in zip(grids, c, strict=True)) < r**2, rng.uniform(0.6, 1.0), img)
+    return img.astype(np.float32)
+
+
+@pytest.mark.parametrize("shape, shift", [((36, 32, 20), (5, -4, 0)), ((48, 40), (6, -5))])
+def test_context_scans_are_aligned_onto_the_target_grid(shape, shift):
+    arr = blobs(shape, seed=3)
+    truth = arr > 0.5
+    target = image(arr, [2.0] * len(shape))
+    ctx = image(moved_copy(arr, shift), [2.0] * len(shape))
+    lab = labels(moved_copy(truth, shift), ctx)
+    assert dice(lab.numpy()[0] > 0, truth) < 0.75  # as given, the example's label is far off
+    img2, lab2, covered = align_context(target, ctx, lab, "affine")
+    assert img2.same_grid(target) and lab2.same_grid(target) and lab2.kind is Kind.LABEL
+    assert set(np.unique(lab2.numpy())) <= {0, 1}
+    assert dice(lab2.numpy()[0] > 0, truth) > 0.9
+    assert covered.shape == shape and covered.mean() < 1.0  # the shifted scan leaves a border uncovered
+    same = align_context(target, ctx, lab, "none")
+    assert same[0] is ctx and same[1] is lab and same[2].all()
+
+
+def test_slices_a_context_scan_does_not_reach_are_left_out_with_a_notice(net):
+    arr = blobs((24, 24, 16), seed=5)
+    target = image(arr)
+    part = image(arr[:, :, :6])  # the same anatomy, only its first 6 slices, on the same positions
+    part = Volume(part.data, target.affine, Kind.INTENSITY)
+    out = run(target, net, context=[(part, labels(arr[:, :, :6] > 0.5, part))],
+              config=SegmentConfig(axis=2, align="center"))
+    assert any("6 of 16 slices overlap the target" in n for n in out.meta["notices"])
+    assert out.spatial_shape == arr.shape
 
 
 def test_image_task_returns_an_image_in_the_target_scale(net):
@@ -288,6 +337,7 @@ def test_propagation_of_a_2d_image_is_refused(net):
     ({"labels": (0,)}, r"labels: expected positive"),
     ({"prior": 1.5}, r"prior: expected a weight between 0 and 1, got 1.5"),
     ({"selection": "random"}, r"selection: expected one of auto, nearest, bracket, similar, got 'random'"),
+    ({"align": "rigid"}, r"align: expected one of affine, center, none, got 'rigid'"),
 ])
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(InputError, match=message):
@@ -330,10 +380,22 @@ def test_command_propagates_and_writes_the_output(files, capsys):
     assert "segment (segmentation)" in capsys.readouterr().out
 
 
+def test_command_aligns_context_scans_unless_told_not_to(files, capsys):
+    for align in ("affine", "none"):
+        code = main(["segment", str(files / "t.nii.gz"), "-o", str(files / f"ctx-{align}.nii.gz"), "--context",
+                     str(files / "t.nii.gz"), str(files / "full.nii.gz"), "--align", align,
+                     "--weights", str(files / "incontext_brain2d.pt"), "--device", "cpu"])
+        assert code == 0, capsys.readouterr().err
+    aligned, as_is = (io.read(files / f"ctx-{a}.nii.gz", kind="label").numpy()[0] > 0 for a in ("affine", "none"))
+    assert aligned.shape == (20, 18, 12)
+    assert dice(aligned, as_is) > 0.95  # the target as its own example aligns onto itself
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--context", "t.nii.gz"], r"IMAGE LABEL pairs, got an odd number"),
     (["--context", "t.nii.gz", "painted.nii.gz", "--context-size", "0"], r"context size: expected 1 to 32"),
     (["--annotated", "missing.nii.gz"], r"missing.nii.gz"),
+    (["--context", "t.nii.gz", "full.nii.gz", "--align", "rigid"], r"--align: invalid choice: 'rigid'"),
 ])
 def test_command_bad_input_is_one_error_line(files, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(files)

@@ -26,6 +26,7 @@ from meddl import mrml  # noqa: E402
 from meddl.errors import Cancelled, InputError, MedDLError  # noqa: E402
 from meddl.runner import ProcessError, ProcessRunner  # noqa: E402
 from meddl.slicer_logic import (  # noqa: E402
+    IN_CONTEXT_ALIGN,
     IN_CONTEXT_TASKS,
     AdaptationLogic,
     InContextSegmentationLogic,
@@ -49,7 +50,8 @@ record = {"argv": argv, "inputs": {}}
 OUTPUT_FLAGS = {"-o", "--transform", "--jacobian", "--labels-out", "--uncertainty", "--zero-filled", "--phase",
                 "--coil-images", "--stains-out"}
 VALUE_FLAGS = {"--method", "--similarity", "--affine", "--device", "--progress", "--seed", "--undersample", "--acceleration",
-               "--center-fraction", "--beta", "--window", "--domain", "--task", "--moving-labels", "--annotated", "--prior"}
+               "--center-fraction", "--beta", "--window", "--domain", "--task", "--moving-labels", "--annotated", "--prior",
+               "--align"}
 outputs, options, positional, context = {}, {}, [], []
 i = 1
 while i < len(argv):
@@ -622,6 +624,11 @@ def test_context_examples_make_a_new_segmentation_by_default(scene, fake, rng):
     assert result.segmentation is not pair[1]
     names = {result.segmentation.GetSegmentation().GetSegment(i).GetName() for i in result.segment_ids}
     assert "liver (in-context)" in names
+    assert "--align" not in fake.record()["argv"]  # the command's default (affine) unless asked
+    InContextSegmentationLogic(runner=fake.runner).run(target, context=[pair], align="none")
+    assert _flag(fake.record()["argv"], "--align") == "none"
+    with pytest.raises(InputError, match=r"align: expected one of affine, center, none, got 'rigid'"):
+        InContextSegmentationLogic(runner=fake.runner).start(target, context=[pair], align="rigid")
 
 
 def test_image_task_takes_volume_pairs_and_gives_a_volume(scene, fake, rng):
@@ -640,6 +647,7 @@ def test_image_task_takes_volume_pairs_and_gives_a_volume(scene, fake, rng):
 def test_in_context_tasks_are_those_of_the_library():
     inference = pytest.importorskip("meddl.incontext.inference")
     assert list(IN_CONTEXT_TASKS) == [t.value for t in inference.Task]
+    assert IN_CONTEXT_ALIGN == inference.ALIGN_MODES
 
 
 @pytest.mark.parametrize("how, message", [

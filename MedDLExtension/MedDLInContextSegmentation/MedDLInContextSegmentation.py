@@ -8,7 +8,14 @@ from typing import Annotated, Union
 
 import slicer
 from meddl.errors import MedDLError
-from meddl.slicer_logic import IN_CONTEXT_TASKS, SEGMENTATION_TASK, InContextSegmentationLogic, SegmentOutput, choices
+from meddl.slicer_logic import (
+    IN_CONTEXT_ALIGN,
+    IN_CONTEXT_TASKS,
+    SEGMENTATION_TASK,
+    InContextSegmentationLogic,
+    SegmentOutput,
+    choices,
+)
 from MedDLCommon import DEVICES, MedDLModuleWidget
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
@@ -59,6 +66,7 @@ class MedDLInContextSegmentationParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     outputVolume: vtkMRMLScalarVolumeNode
     prior: float = 0.5
+    align: Annotated[str, Choice(list(IN_CONTEXT_ALIGN))] = IN_CONTEXT_ALIGN[0]
     device: Annotated[str, Choice(DEVICES)] = "auto"
 
 
@@ -136,6 +144,7 @@ class MedDLInContextSegmentationWidget(MedDLModuleWidget):
             segment_id=p.paintedSegmentId if painted else None,
             context=() if painted else self._contextPairs(),
             task=p.task, output_mode=p.outputMode, device=p.device, prior=p.prior if painted else None,
+            align=None if painted else p.align,
             output_segmentation=p.outputSegmentation, output_volume=p.outputVolume,
             progress=progress, log=log)
 

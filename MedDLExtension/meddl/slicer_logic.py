@@ -57,6 +57,7 @@ __all__ = [
     "FourierDomain",
     "SegmentOutput",
     "IN_CONTEXT_TASKS",
+    "IN_CONTEXT_ALIGN",
     "SEGMENTATION_TASK",
     "choices",
 ]
@@ -128,6 +129,8 @@ SEGMENTATION_TASK = "segmentation"
 #: the ``--task`` values of ``meddl segment`` (meddl.incontext's Task, kept here so that the Logic
 #: never imports torch in the Slicer process)
 IN_CONTEXT_TASKS = (SEGMENTATION_TASK, "denoise", "skullstrip", "bias", "inpaint", "superres", "image")
+#: the ``--align`` values of ``meddl segment`` (meddl.incontext's ALIGN_MODES, same reason)
+IN_CONTEXT_ALIGN = ("affine", "center", "none")
 
 
 class SegmentOutput(str, enum.Enum):
@@ -771,6 +774,7 @@ class InContextSegmentationLogic(MedDLLogic):
         output_segmentation: Any = None,
         output_volume: Any = None,
         prior: float | None = None,
+        align: str | None = None,
         device: str = "auto",
         seed: int | None = None,
         progress: ProgressCallback | None = None,
@@ -789,11 +793,17 @@ class InContextSegmentationLogic(MedDLLogic):
 
         ``prior``: with painted slices, the weight of the interpolation of the painted masks mixed
         with the network (``meddl segment --prior``; None: the command's default, 0.5).
+
+        ``align``: with context examples, how each example is brought onto the target's grid
+        (``meddl segment --align``: ``"affine"``, ``"center"`` or ``"none"``; None: the command's
+        default, affine).
         """
         if target is None:
             raise InputError("meddl segment: the target volume is not set")
         if prior is not None and not 0.0 <= float(prior) <= 1.0:
             raise InputError(f"prior: expected a weight between 0 and 1, got {prior}")
+        if align is not None and align not in IN_CONTEXT_ALIGN:
+            raise InputError(f"align: expected one of {', '.join(IN_CONTEXT_ALIGN)}, got '{align}'")
         context = [(v, s) for v, s in (context or []) if v is not None or s is not None]
         annotated = segmentation is not None
         if annotated == bool(context):
@@ -847,6 +857,8 @@ class InContextSegmentationLogic(MedDLLogic):
             args += ["--task", task]
             if prior is not None and annotated:
                 args += ["--prior", float(prior)]
+            if align is not None and not annotated:
+                args += ["--align", align]
             return [str(a) for a in args] + flags, segments
 
         workdir, (args, segments) = _prepare(self, build)

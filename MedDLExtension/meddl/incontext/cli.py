@@ -10,7 +10,7 @@ from __future__ import annotations
 from .. import cli
 from ..errors import InputError
 from ..volume import Kind
-from .inference import MAX_CONTEXT, SegmentConfig, Selection, Task
+from .inference import ALIGN_MODES, MAX_CONTEXT, SegmentConfig, Selection, Task
 
 __all__ = ["configure", "run"]
 
@@ -37,6 +37,10 @@ def configure(subparsers) -> None:
     p.add_argument("--prior", type=float, default=0.5,
                    help="propagation: weight of the interpolation of the painted slices mixed with the network "
                         "between painted slices (0 = network only, 1 = interpolation only); it fades beyond them")
+    p.add_argument("--align", choices=ALIGN_MODES, default="affine",
+                   help="--context: bring each context scan onto the target's grid first: affine (default: centre "
+                        "of mass, rigid, affine by mutual information), center (centres of mass) or none (use "
+                        "the scans as they are, slices matched by relative position)")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--finetune-steps", type=int, default=0, help="test-time fine-tuning steps on the context")
     p.add_argument("--weights", default=None, help="weights file (its JSON card beside it) instead of the bundled one")
@@ -52,7 +56,7 @@ def run(args, ctx) -> int:
     if args.context and len(args.context) % 2:
         raise cli.UsageError("meddl segment: --context takes IMAGE LABEL pairs, got an odd number of paths")
     config = SegmentConfig(task=args.task, axis=args.axis, context_size=args.context_size, selection=args.selection,
-                           prior=args.prior,
+                           prior=args.prior, align=args.align,
                            threshold=args.threshold, labels=tuple(args.labels) if args.labels else None,
                            finetune_steps=args.finetune_steps, weights=args.weights,
                            seed=args.seed if args.seed is not None else 0)

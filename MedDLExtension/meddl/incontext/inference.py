@@ -4,11 +4,13 @@
   axis are painted. Every unpainted slice is predicted with the painted slices nearest to it as
   context; painted slices are copied unchanged. Each label value is its own binary task, with the
   slices where that label is painted as its context.
-- **Multi-volume** (``context``): (image, label) pairs from other scans, roughly aligned with the
-  target (same orientation, similar field of view). For each target slice the context slices at
-  the nearest *relative* position along the axis are taken, alternating between the scans.
-  2D context pairs are used for every slice of a 3D target.
-- **2D**: a 2D target with 2D context pairs.
+- **Multi-volume** (``context``): (image, label) pairs from other scans. Each scan is first
+  brought onto the target's grid by an affine pre-alignment (``align``: centre of mass, rigid,
+  affine; Mattes MI, as the registration module does) and resampled there, its label
+  nearest-neighbour; slices the scan does not cover are dropped. For each target slice the context
+  slices at the nearest *relative* position along the axis are taken, alternating between the
+  scans. 2D context pairs are used for every slice of a 3D target (not aligned).
+- **2D**: a 2D target with 2D context pairs (aligned in 2D the same way).
 
 Slices are resized to the network's working size (``input_size`` in the model card), intensities
 scaled per volume to [0, 1] by the 99.9th percentile. Image tasks (denoising and others) take
@@ -32,9 +34,11 @@ from ..volume import Kind, Volume
 from .network import InContextNet, pad_channels
 
 __all__ = ["Task", "Selection", "SegmentConfig", "segment", "load_network", "interpolation_prior", "mix_prior",
-           "MAX_CONTEXT"]
+           "MAX_CONTEXT", "ALIGN_MODES", "align_context"]
 
 MAX_CONTEXT = 32
+#: how context scans are brought onto the target's grid (``SegmentConfig.align``)
+ALIGN_MODES = ("affine", "center", "none")
 
 
 class Task(str, enum.Enum):
@@ -81,6 +85,10 @@ class SegmentConfig:
             between painted slices.
         threshold: probability above which a voxel belongs to a segment.
         labels: label values to segment (default: every non-zero value in the context).
+        align: multi-volume / 2D mode: how each context scan is brought onto the target's grid
+            before its slices are used: ``affine`` (default: centre of mass, rigid, then affine by
+            mutual information), ``center`` (centres of mass only) or ``none`` (slices matched by
+            relative position, the scans taken as they are).
         finetune_steps: test-time fine-tuning steps on the context pairs (leave-one-out); 0: none.
         finetune_lr: its learning rate.
         weights: a weights file (its card beside it) instead of the bundled model.
@@ -95,6 +103,7 @@ class SegmentConfig:
     prior: float = 0.5
     threshold: float = 0.5
     labels: tuple[int, ...] | None = None
+    align: str = "affine"
     finetune_steps: int = 0
     finetune_lr: float = 1e-4
     weights: str | None = None
@@ -112,6 +121,8 @@ class SegmentConfig:
         except ValueError:
             raise InputError(f"selection: expected one of {', '.join(s.value for s in Selection)}, "
                              f"got '{self.selection}'") from None
+        if self.align not in ALIGN_MODES:
+            raise InputError(f"align: expected one of {', '.join(ALIGN_MODES)}, got '{self.align}'")
         if not 0.0 <= float(self.prior) <= 1.0:
             raise InputError(f"prior: expected a weight between 0 and 1, got {self.prior}")
         if self.axis is not None and self.axis not in (0, 1, 2):
@@ -426,6 +437,34 @@ def _to_work(arr: np.ndarray, axis: int | None, size: int, channels: int, scale:
     return pad_channels(_resize(s, (size, size)), channels, 1)
 
 
+def align_context(target: Volume, image: Volume, output: Volume, mode: str = "affine", seed: int = 0,
+                  reporter=None) -> tuple[Volume, Volume, np.ndarray]:
+    """One context pair brought onto ``target``'s grid: ``(image, output, covered)``.
+
+    ``mode``: ``affine`` / ``center`` (:func:`meddl.registration.affine.prealign` of the image's
+    first channel to the target's) or ``none`` (returned as is, every slice covered). The image is
+    resampled linearly, a label map nearest-neighbour (an image task's output linearly).
+    ``covered[i, ...]``: whether the voxel maps inside the context scan (a bool array on the
+    target's grid), so that slices the scan does not reach can be left out.
+    """
+    from ..registration.affine import apply_matrix, prealign
+
+    if mode == "none" or image.ndim != target.ndim:
+        return image, output, np.ones(image.spatial_shape, bool)
+    def first_channel(v: Volume) -> Volume:
+        return v.with_data(v.numpy()[:1].astype(np.float32), kind=Kind.INTENSITY)
+
+    working = 3.0 if target.ndim == 3 else None  # 2D slices are small: align them at full resolution
+    matrix = prealign(first_channel(target), first_channel(image), mode, seed=seed, reporter=reporter,
+                      working_mm=working)
+    grid = target.with_data(np.zeros((1, *target.spatial_shape), np.float32), kind=Kind.INTENSITY)
+    moved = apply_matrix(image, grid, matrix)
+    out = apply_matrix(output, grid, matrix, nearest=output.kind is Kind.LABEL)
+    ones = image.with_data(np.ones((1, *image.spatial_shape), np.float32), kind=Kind.INTENSITY)
+    covered = apply_matrix(ones, grid, matrix, nearest=True).numpy()[0] > 0.5
+    return moved, out, covered
+
+
 def segment(target: Volume, config: SegmentConfig | None = None,
             context: list[tuple[Volume, Volume]] | None = None, annotated: Volume | None = None,
             progress=None, cancel=None, network: InContextNet | None = None, size: int | None = None,
@@ -533,21 +572,49 @@ def segment(target: Volume, config: SegmentConfig | None = None,
                 raise InputError(f"context label {i}: expected a segmentation with at least one labelled voxel, "
                                  "got an empty label map")
         values = _values(np.concatenate([la.ravel() for la in label_arrays]), config.labels, "context labels")
+    if config.align != "none":
+        aligned, covered = [], []
+        for i, (img, lab) in enumerate(context, 1):
+            rep(0.0, f"aligning context scan {i} of {len(context)} to the target ({config.align})")
+            moved, out, cov = align_context(target, img, lab, config.align, config.seed, rep)
+            aligned.append((moved, out))
+            covered.append(cov)
+        if any(img.ndim != target.ndim for img, _ in context):
+            notices.append("2D context pairs are used as they are (not aligned to the 3D target)")
+        context = aligned
+        if config.is_mask:
+            label_arrays = [_integer_labels(lab, f"context label {i}") for i, (_, lab) in enumerate(context, 1)]
+    else:
+        covered = [np.ones(img.spatial_shape, bool) for img, _ in context]
     pool_img, pool_lab, pool_pos, pool_src = [], [], [], []
     for i, (img, lab) in enumerate(context):
         arr = img.numpy().astype(np.float32)
-        scale = _scale_of(arr)
         ax = axis if img.ndim == 3 else None
+        # slices of a 3D scan that reach the target after alignment (at least half of the slice inside
+        # it); a 2D example is kept whenever it overlaps the target at all
+        cover = _slices(covered[i][None], ax)
+        keep = cover.reshape(cover.shape[0], -1).mean(1) >= (0.5 if ax is not None else 1e-9)
+        if not keep.any():
+            notices.append(f"context scan {i + 1} does not overlap the target after alignment; left out")
+            continue
+        if not keep.all():
+            notices.append(f"context scan {i + 1}: {int(keep.sum())} of {len(keep)} slices overlap the target")
+        scale = _scale_of(arr[:, covered[i]] if covered[i].any() else arr)
         ci = _to_work(arr, ax, size, cin, scale, device)
         if config.is_mask:
             lo = torch.from_numpy(_slices(label_arrays[i][None], ax).astype(np.float32)).to(device)
         else:
             lo = torch.from_numpy(_slices(lab.numpy()[:1].astype(np.float32) / scale, ax).astype(np.float32)).to(device)
         m = ci.shape[0]
-        pool_img.append(ci)
-        pool_lab.append(lo)
-        pool_pos.append(np.arange(m) / max(m - 1, 1) if m > 1 else np.array([0.5]))
-        pool_src.append(np.full(m, i))
+        pos = np.arange(m) / max(m - 1, 1) if m > 1 else np.array([0.5])
+        sel = torch.from_numpy(np.nonzero(keep)[0]).to(device)
+        pool_img.append(ci[sel])
+        pool_lab.append(lo[sel])
+        pool_pos.append(pos[keep])
+        pool_src.append(np.full(int(keep.sum()), i))
+    if not pool_img:
+        raise InputError("context: no context scan overlaps the target after alignment; "
+                         "check the scans, or give --align none to use them as they are")
     images = torch.cat(pool_img)
     raw_out = pool_lab
     positions = np.concatenate(pool_pos)

@@ -15,7 +15,10 @@ three axes, resized to ``size x size``:
   super-resolution of MNI152 / Colin27 T1 slices.
 
 Targets and contexts are slices near each other along one axis (the propagation setting), under
-one random affine per task and a small random jitter per slice.
+one random affine per task and a small random jitter per slice. With ``scans > 0`` a share of the
+segmentation tasks imitates context from *other scans* (``meddl segment --context``, after its
+affine alignment): every pair is the same position (+-1 slice) under its own residual affine,
+smooth elastic warp, gamma and bias field, as different subjects' slices would differ.
 
 Held-out structures (:data:`HELD_OUT`: every fifth label of each atlas, and the white-matter
 mask) never appear as targets; validation and the benchmark use them.
@@ -272,20 +275,20 @@ class Batch:
     names: list[str]
 
 
-def _pick_indices(bank: SliceBank, n: int, g: torch.Generator) -> tuple[int, np.ndarray]:
+def _pick_indices(bank: SliceBank, n: int, g: torch.Generator, spread: int | None = None) -> tuple[int, np.ndarray]:
     axis = int(torch.randint(0, 3, (1,), generator=g))
     valid = bank.valid[axis]
     centre = int(valid[int(torch.randint(0, len(valid), (1,), generator=g))])
-    spread = int(torch.randint(1, 16, (1,), generator=g))
+    spread = spread if spread is not None else int(torch.randint(1, 16, (1,), generator=g))
     idx = centre + torch.randint(-spread, spread + 1, (n,), generator=g).numpy()
     idx = np.clip(idx, valid.min(), valid.max())
     return axis, idx
 
 
-def _mask_task(bank: SliceBank, n: int, g: torch.Generator, held_out: bool = False):
+def _mask_task(bank: SliceBank, n: int, g: torch.Generator, held_out: bool = False, spread: int | None = None):
     """(input (n, 1, S, S), mask (n, 1, S, S), name). ``held_out`` draws only held-out structures."""
     s = bank.size
-    axis, idx = _pick_indices(bank, n, g)
+    axis, idx = _pick_indices(bank, n, g, spread)
     lab_map = None
     r = float(torch.rand(1, generator=g))
     source = "shapes" if (r < 0.15 and not held_out) else None
@@ -381,15 +384,40 @@ def _augment_mask(mask: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor,
     return mask, ""
 
 
+def _as_other_scans(inp: torch.Tensor, out: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pair as another subject's scan after affine alignment: its own residual affine (rotation
+    +-0.08 rad, scale +-5 %, shift +-3 %), a smooth elastic warp (sd up to 0.035 of the half-width on a
+    5 x 5 grid), gamma 0.75-1.35 and a smooth multiplicative bias field."""
+    n, _, s, _ = inp.shape
+    theta = _random_affine(n, g, rot=0.08, scale=0.05, shift=0.03, shared=False)
+    grid = F.affine_grid(theta, [n, 1, s, s], align_corners=False)
+    amp = 0.035 * torch.rand(n, 1, 1, 1, generator=g)
+    disp = torch.cat([_smooth_field(n, s, g, coarse=5), _smooth_field(n, s, g, coarse=5)], 1) * amp
+    both = F.grid_sample(torch.cat([inp, out], 1), grid + disp.permute(0, 2, 3, 1), mode="bilinear",
+                         padding_mode="zeros", align_corners=False)
+    gamma = 0.75 + 0.6 * torch.rand(n, 1, 1, 1, generator=g)
+    bias = torch.exp(0.15 * _smooth_field(n, s, g, coarse=3))
+    img = (both[:, :1].clamp(0, 1) ** gamma * bias).clamp(0, 1)
+    return img, (both[:, 1:] > 0.5).float()
+
+
 def sample_task(bank: SliceBank, n: int, g: torch.Generator, mask_fraction: float = 0.75,
-                held_out: bool = False, augment: bool = True):
-    """One task of ``n`` aligned pairs: ``(inputs (n, 2, S, S), outputs (n, 1, S, S), is_mask, name)``."""
+                held_out: bool = False, augment: bool = True, scans: float = 0.0):
+    """One task of ``n`` aligned pairs: ``(inputs (n, 2, S, S), outputs (n, 1, S, S), is_mask, name)``.
+
+    ``scans``: probability that a segmentation task imitates context from other scans (every pair
+    at the same position, +-1 slice, each under its own warp and intensity changes).
+    """
     for _ in range(20):
         if held_out or torch.rand(1, generator=g).item() < mask_fraction:
-            got = _mask_task(bank, n, g, held_out)
+            other = scans > 0 and torch.rand(1, generator=g).item() < scans
+            got = _mask_task(bank, n, g, held_out, spread=1 if other else None)
             if got is None:
                 continue
             inp, out, name = got
+            if other:
+                inp, out = _as_other_scans(inp, out, g)
+                name += " scans"
             is_mask = True
             if augment:
                 out, how = _augment_mask(out, g)
@@ -429,7 +457,10 @@ def sample_batch(bank: SliceBank, batch: int, context: int, g: torch.Generator, 
                  [i[3] for i in items])
 
 
-def validation_tasks(bank: SliceBank, count: int = 24, context: int = 4, seed: int = 1234) -> list[Batch]:
-    """Fixed held-out segmentation tasks (held-out structures, real MNI152 T1 inputs, no augmentation)."""
+def validation_tasks(bank: SliceBank, count: int = 24, context: int = 4, seed: int = 1234,
+                     scans: bool = False) -> list[Batch]:
+    """Fixed held-out segmentation tasks (held-out structures, real MNI152 T1 inputs, no augmentation);
+    ``scans``: every task in the other-scans form (see :func:`sample_task`)."""
     g = torch.Generator().manual_seed(seed)
-    return [sample_batch(bank, 1, context, g, held_out=True, augment=False) for _ in range(count)]
+    return [sample_batch(bank, 1, context, g, held_out=True, augment=False, scans=1.0 if scans else 0.0)
+            for _ in range(count)]

@@ -106,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", default="/tmp/incontext_bank96.npz", help="cache of the slice bank")
     p.add_argument("--state", default=None, help="optimiser state file (default: /tmp/NAME.optim.pt)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scans", type=float, default=0.0,
+                   help="share of segmentation tasks whose context imitates other scans (same position, each "
+                        "pair with its own warp and intensities) instead of nearby slices of one scan")
     return p
 
 
@@ -138,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     bank = tasks.build_bank(args.size, args.bank)
     val = tasks.validation_tasks(bank, 24, context=4)
     val1 = tasks.validation_tasks(bank, 24, context=1)
+    scans1 = tasks.validation_tasks(bank, 24, context=1, scans=True)
+    scans8 = tasks.validation_tasks(bank, 24, context=8, scans=True)
     start = history["steps"]
     g = torch.Generator().manual_seed(args.seed * 1000003 + start)
     t0 = time.time()
@@ -148,17 +153,19 @@ def main(argv: list[str] | None = None) -> int:
 
     def sample(step: int):
         ctx = int(torch.randint(1, args.max_context + 1, (1,), generator=g))
-        return tasks.sample_batch(bank, args.batch, ctx, g)
+        return tasks.sample_batch(bank, args.batch, ctx, g, scans=args.scans)
 
     def save(step: int, running: float) -> None:
         d4, d1 = evaluate_dice(net, val), evaluate_dice(net, val1)
+        s1, s8 = evaluate_dice(net, scans1), evaluate_dice(net, scans8)
         net.train()
         elapsed = history["seconds"] + (time.time() - t0)
         training = {**history, "steps": step, "seconds": round(elapsed, 1), "size": args.size,
-                    "batch": args.batch, "max_context": args.max_context, "lr": args.lr}
+                    "batch": args.batch, "max_context": args.max_context, "lr": args.lr, "scans": args.scans}
         loss = None if math.isnan(running) else round(running, 4)  # unknown after an interrupt
         metrics = {"train_loss_ema": loss, "val_dice_heldout_context4": round(d4, 4),
-                   "val_dice_heldout_context1": round(d1, 4)}
+                   "val_dice_heldout_context1": round(d1, 4), "val_dice_heldout_scans_context1": round(s1, 4),
+                   "val_dice_heldout_scans_context8": round(s8, 4)}
         models.save_model(
             net, out, args.name, arguments,
             training_data={
@@ -171,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                 "held_out_rule": "every fifth non-zero label of each atlas (3rd, 8th, ...) and the MNI152 "
                                  "white-matter mask: never a training target",
             },
-            command=f"python -m meddl.incontext.train --resume --minutes {args.minutes:g} --lr {args.lr:g}",
+            command=f"python -m meddl.incontext.train --resume --minutes {args.minutes:g} --lr {args.lr:g}"
+                    + (f" --scans {args.scans:g}" if args.scans else ""),
             metrics=metrics,
             training=training,
             input_size=args.size,
@@ -192,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return time.time() - t0 > budget
 
     history.setdefault("runs", []).append({"start_step": start, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                           "lr": args.lr, "threads": args.threads})
+                                           "lr": args.lr, "threads": args.threads, "scans": args.scans})
     try:
         step, running = fit(net, sample, args.steps, optimizer=opt, log=log, stop=stop, start_step=start)
     except KeyboardInterrupt:

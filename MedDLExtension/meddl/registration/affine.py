@@ -16,7 +16,7 @@ from ..errors import InputError
 from ..io import _sitk, to_sitk
 from ..volume import Volume
 
-__all__ = ["AffineMode", "prealign", "overlap_fraction", "sitk_to_ras_matrix"]
+__all__ = ["AffineMode", "prealign", "overlap_fraction", "sitk_to_ras_matrix", "apply_matrix"]
 
 _FLIP = np.diag([-1.0, -1.0, 1.0])
 
@@ -61,10 +61,12 @@ def overlap_fraction(fixed: Volume, moving: Volume, matrix: np.ndarray | None = 
     return float(np.prod(inter) / max(np.prod((hi_f - lo_f)[:nd]), 1e-12))
 
 
-def _shrunk(vol: Volume, target_mm: float):
-    """A float32 SimpleITK image, block-averaged towards ``target_mm`` voxels (speed)."""
+def _shrunk(vol: Volume, target_mm: float | None):
+    """A float32 SimpleITK image, block-averaged towards ``target_mm`` voxels (speed; None: as is)."""
     sitk = _sitk()
     image = sitk.Cast(to_sitk(vol.with_data(vol.numpy().astype(np.float32))), sitk.sitkFloat32)
+    if target_mm is None:
+        return image
     # never below 16 voxels along an axis (ITK's smoothing needs at least 4 at the coarse level)
     factors = [max(1, min(int(round(target_mm / s)), n // 16)) for s, n in zip(image.GetSpacing(), image.GetSize(),
                                                                                strict=True)]
@@ -74,22 +76,24 @@ def _shrunk(vol: Volume, target_mm: float):
 
 
 def prealign(fixed: Volume, moving: Volume, mode: AffineMode | str = AffineMode.AFFINE, seed: int = 0,
-             iterations: int = 100, reporter=None) -> np.ndarray:
+             iterations: int = 100, reporter=None, working_mm: float | None = 3.0) -> np.ndarray:
     """The 4x4 RAS matrix mapping fixed points to moving points.
 
     Args:
         fixed, moving: scalar intensity volumes ``(1, I, J[, K])`` (any grids, same dimension).
         mode: ``none``, ``center`` (centre of mass) or ``affine`` (centre of mass, rigid, affine).
-        seed: seed of the metric's random voxel sampling (reproducible results).
+        seed: seed of the metric's random voxel sampling (reproducible results: the same seed gives
+            the same matrix).
         iterations: optimiser iterations per resolution level.
+        working_mm: the images are block-averaged towards this spacing first (None: full resolution).
     """
     mode = AffineMode(mode)
     nd = fixed.ndim
     if mode is AffineMode.NONE:
         return np.eye(4)
     sitk = _sitk()
-    f_img = _shrunk(fixed, 3.0)
-    m_img = _shrunk(moving, 3.0)
+    f_img = _shrunk(fixed, working_mm)
+    m_img = _shrunk(moving, working_mm)
     f_img = sitk.Cast(f_img - float(np.min(sitk.GetArrayViewFromImage(f_img))), sitk.sitkFloat32)
     m_img = sitk.Cast(m_img - float(np.min(sitk.GetArrayViewFromImage(m_img))), sitk.sitkFloat32)
     try:
@@ -105,7 +109,8 @@ def prealign(fixed: Volume, moving: Volume, mode: AffineMode | str = AffineMode.
         reg = sitk.ImageRegistrationMethod()
         reg.SetMetricAsMattesMutualInformation(32)
         reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentage(0.25, seed)
+        # SimpleITK's seed 0 is sitkWallClock (a new sample every run): shift ours so every seed is fixed
+        reg.SetMetricSamplingPercentage(0.25, int(seed) + 1)
         reg.SetInterpolator(sitk.sitkLinear)
         reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=its,
                                                      relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
@@ -153,3 +158,31 @@ def _as_affine(tx, nd: int):
     out.SetCenter(tx.GetCenter())
     out.SetTranslation(tx.GetTranslation())
     return out
+
+
+def apply_matrix(moving: Volume, reference: Volume, matrix: np.ndarray, nearest: bool = False,
+                 default_value: float = 0.0) -> Volume:
+    """``moving`` resampled onto ``reference``'s grid through ``matrix`` (from :func:`prealign`):
+    ``out(p) = moving(matrix @ p)``, linear (or nearest-neighbour) interpolation; every channel.
+
+    Same dimension required; the output keeps ``moving``'s kind, dtype and meta.
+    """
+    if moving.ndim != reference.ndim:
+        raise InputError(f"resample: expected a {reference.ndim}D image like the reference, got {moving.ndim}D")
+    sitk = _sitk()
+    nd = reference.ndim
+    flip = np.eye(4)
+    flip[:3, :3] = _FLIP
+    lps = flip @ np.asarray(matrix, dtype=np.float64) @ flip
+    transform = sitk.AffineTransform(nd)
+    transform.SetMatrix([float(v) for v in lps[:nd, :nd].ravel()])
+    transform.SetTranslation([float(v) for v in lps[:nd, 3]])
+    grid = to_sitk(reference.with_data(np.zeros((1, *reference.spatial_shape), np.float32)))
+    data = moving.numpy()
+    out = np.empty((data.shape[0], *reference.spatial_shape), dtype=data.dtype)
+    interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+    for c in range(data.shape[0]):
+        image = to_sitk(moving.with_data(data[c : c + 1].astype(np.float32), kind="intensity"))
+        res = sitk.GetArrayFromImage(sitk.Resample(image, grid, transform, interp, float(default_value)))
+        out[c] = res.transpose(tuple(range(nd))[::-1]).astype(data.dtype)
+    return Volume(out, reference.affine, moving.kind, dict(moving.meta))
