@@ -132,3 +132,20 @@ def test_training_resumes_with_the_new_learning_rate(tmp_path):
     assert "--resume" in card["command"] and "--lr 0.0002" in card["command"]
     saved = torch.load(tmp_path / "optim.pt", weights_only=True)
     assert saved["step"] == 5 and all(g["lr"] == 2e-4 for g in saved["optimizer"]["param_groups"])
+
+
+def test_other_scan_pairs_each_get_their_own_warp_and_intensities():
+    from meddl.incontext.tasks import _as_other_scans
+
+    g = torch.Generator().manual_seed(0)
+    base = _smooth(1, 48, g)
+    inp = base.expand(6, 1, 48, 48).clone()  # six copies of one slice, as a task of one position
+    mask = (inp > 0.5).float()
+    img, out = _as_other_scans(inp, mask, g)
+    assert img.shape == inp.shape and out.shape == mask.shape
+    assert set(torch.unique(out).tolist()) <= {0.0, 1.0} and 0.0 <= float(img.min()) and float(img.max()) <= 1.0
+    diffs = [float((out[i] != out[j]).float().mean()) for i in range(6) for j in range(i + 1, 6)]
+    assert min(diffs) > 0.002  # every pair moved differently
+    assert max(diffs) < 0.3  # but stays the same structure
+    # the mask follows its image: the warped image is still bright where the warped mask is set
+    assert float(img[out > 0].mean()) > float(img[out == 0].mean()) + 0.1
