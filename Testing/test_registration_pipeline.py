@@ -90,9 +90,10 @@ def test_affine_prealignment_is_reproducible_for_a_seed():
     # SimpleITK's sampling seed 0 means "the wall clock": every meddl seed, 0 included, must be fixed
     img = phantom()
     moving, _ = shifted(img, [4.0, -3.0, 2.0])
-    runs = [prealign(img, moving, "affine", seed=0) for _ in range(3)]
-    for m in runs[1:]:
-        np.testing.assert_allclose(m, runs[0], atol=1e-9)
+    for seed in (0, -1):
+        runs = [prealign(img, moving, "affine", seed=seed) for _ in range(3)]
+        for m in runs[1:]:
+            np.testing.assert_allclose(m, runs[0], atol=1e-9)
 
 
 @pytest.mark.parametrize("nd", [2, 3])
@@ -111,6 +112,10 @@ def test_apply_matrix_resamples_like_simpleitk_and_keeps_labels_integer(nd):
     assert set(np.unique(moved.numpy())) <= {0, 5}
     with pytest.raises(InputError, match=r"resample: expected a 3D image like the reference, got 2D"):
         apply_matrix(phantom(2), phantom(3), matrix)
+    ints = img.with_data(np.round(img.numpy() * 100).astype(np.int16))
+    np.testing.assert_array_equal(apply_matrix(ints, img, matrix).numpy(),
+                                  np.rint(transforms.warp(ints.with_data(ints.numpy().astype(np.float32)),
+                                                          field).numpy()).astype(np.int16))
 
 
 @pytest.fixture(scope="module")

@@ -438,31 +438,35 @@ def _to_work(arr: np.ndarray, axis: int | None, size: int, channels: int, scale:
 
 
 def align_context(target: Volume, image: Volume, output: Volume, mode: str = "affine", seed: int = 0,
-                  reporter=None) -> tuple[Volume, Volume, np.ndarray]:
+                  reporter=None, nearest: bool | None = None) -> tuple[Volume, Volume, np.ndarray]:
     """One context pair brought onto ``target``'s grid: ``(image, output, covered)``.
 
     ``mode``: ``affine`` / ``center`` (:func:`meddl.registration.affine.prealign` of the image's
-    first channel to the target's) or ``none`` (returned as is, every slice covered). The image is
-    resampled linearly, a label map nearest-neighbour (an image task's output linearly).
-    ``covered[i, ...]``: whether the voxel maps inside the context scan (a bool array on the
-    target's grid), so that slices the scan does not reach can be left out.
+    first channel to the target's) or ``none`` (returned as is, every voxel covered). The image is
+    resampled linearly (float32; outside the scan, each channel's minimum), the output
+    nearest-neighbour when ``nearest`` (default: when it is a label map), else linearly.
+    ``covered``: whether each voxel of the target's grid maps inside the context scan, so that
+    slices the scan does not reach can be left out.
     """
     from ..registration.affine import apply_matrix, prealign
 
     if mode == "none" or image.ndim != target.ndim:
         return image, output, np.ones(image.spatial_shape, bool)
+
     def first_channel(v: Volume) -> Volume:
         return v.with_data(v.numpy()[:1].astype(np.float32), kind=Kind.INTENSITY)
 
     working = 3.0 if target.ndim == 3 else None  # 2D slices are small: align them at full resolution
     matrix = prealign(first_channel(target), first_channel(image), mode, seed=seed, reporter=reporter,
-                      working_mm=working)
-    grid = target.with_data(np.zeros((1, *target.spatial_shape), np.float32), kind=Kind.INTENSITY)
-    moved = apply_matrix(image, grid, matrix)
-    out = apply_matrix(output, grid, matrix, nearest=output.kind is Kind.LABEL)
-    ones = image.with_data(np.ones((1, *image.spatial_shape), np.float32), kind=Kind.INTENSITY)
-    covered = apply_matrix(ones, grid, matrix, nearest=True).numpy()[0] > 0.5
-    return moved, out, covered
+                      working_mm=working, option="--align")
+    arr = image.numpy().astype(np.float32)
+    moved = apply_matrix(image.with_data(arr), target, matrix, default_value=float("nan")).numpy()
+    covered = np.isfinite(moved[0])
+    lowest = arr.reshape(arr.shape[0], -1).min(1)
+    moved = np.where(np.isfinite(moved), moved, lowest.reshape(-1, *[1] * target.ndim)).astype(np.float32)
+    nearest = output.kind is Kind.LABEL if nearest is None else nearest
+    out = apply_matrix(output, target, matrix, nearest=nearest)
+    return Volume(moved, target.affine, image.kind, dict(image.meta)), out, covered
 
 
 def segment(target: Volume, config: SegmentConfig | None = None,
@@ -576,7 +580,10 @@ def segment(target: Volume, config: SegmentConfig | None = None,
         aligned, covered = [], []
         for i, (img, lab) in enumerate(context, 1):
             rep(0.0, f"aligning context scan {i} of {len(context)} to the target ({config.align})")
-            moved, out, cov = align_context(target, img, lab, config.align, config.seed, rep)
+            try:
+                moved, out, cov = align_context(target, img, lab, config.align, config.seed, rep, config.is_mask)
+            except InputError as exc:
+                raise InputError(f"context scan {i}: {exc}") from None
             aligned.append((moved, out))
             covered.append(cov)
         if any(img.ndim != target.ndim for img, _ in context):
@@ -587,18 +594,25 @@ def segment(target: Volume, config: SegmentConfig | None = None,
     else:
         covered = [np.ones(img.spatial_shape, bool) for img, _ in context]
     pool_img, pool_lab, pool_pos, pool_src = [], [], [], []
+    uncovered = np.ones(n, bool)  # target slices no aligned 3D scan reaches
     for i, (img, lab) in enumerate(context):
         arr = img.numpy().astype(np.float32)
         ax = axis if img.ndim == 3 else None
-        # slices of a 3D scan that reach the target after alignment (at least half of the slice inside
-        # it); a 2D example is kept whenever it overlaps the target at all
+        # slices of a 3D scan that reach the target after alignment: at least half as much of the slice
+        # covered as in the scan's best-covered slice (a scan cropped around an organ covers little of
+        # every slice); a 2D example is kept whenever it overlaps the target at all
         cover = _slices(covered[i][None], ax)
-        keep = cover.reshape(cover.shape[0], -1).mean(1) >= (0.5 if ax is not None else 1e-9)
+        frac = cover.reshape(cover.shape[0], -1).mean(1)
+        keep = (frac >= 0.5 * frac.max()) & (frac > 0)
         if not keep.any():
             notices.append(f"context scan {i + 1} does not overlap the target after alignment; left out")
             continue
         if not keep.all():
-            notices.append(f"context scan {i + 1}: {int(keep.sum())} of {len(keep)} slices overlap the target")
+            where = np.nonzero(keep)[0]
+            notices.append(f"context scan {i + 1} covers {len(where)} of the target's {len(keep)} slices "
+                           f"({where.min()}-{where.max()})")
+        if config.align != "none" and ax is not None:  # aligned: the scan's slices are the target's
+            uncovered &= ~keep
         scale = _scale_of(arr[:, covered[i]] if covered[i].any() else arr)
         ci = _to_work(arr, ax, size, cin, scale, device)
         if config.is_mask:
@@ -615,6 +629,10 @@ def segment(target: Volume, config: SegmentConfig | None = None,
     if not pool_img:
         raise InputError("context: no context scan overlaps the target after alignment; "
                          "check the scans, or give --align none to use them as they are")
+    if config.align != "none" and 0 < uncovered.sum() < n and all(img.ndim == 3 for img, _ in context):
+        where = np.nonzero(uncovered)[0]
+        notices.append(f"{len(where)} target slice(s) ({where.min()}-{where.max()}) lie outside every context "
+                       "scan; they take the nearest covered slices as context")
     images = torch.cat(pool_img)
     raw_out = pool_lab
     positions = np.concatenate(pool_pos)

@@ -76,7 +76,8 @@ def _shrunk(vol: Volume, target_mm: float | None):
 
 
 def prealign(fixed: Volume, moving: Volume, mode: AffineMode | str = AffineMode.AFFINE, seed: int = 0,
-             iterations: int = 100, reporter=None, working_mm: float | None = 3.0) -> np.ndarray:
+             iterations: int = 100, reporter=None, working_mm: float | None = 3.0,
+             option: str = "--affine") -> np.ndarray:
     """The 4x4 RAS matrix mapping fixed points to moving points.
 
     Args:
@@ -86,6 +87,7 @@ def prealign(fixed: Volume, moving: Volume, mode: AffineMode | str = AffineMode.
             the same matrix).
         iterations: optimiser iterations per resolution level.
         working_mm: the images are block-averaged towards this spacing first (None: full resolution).
+        option: the command-line option named in the error messages' advice.
     """
     mode = AffineMode(mode)
     nd = fixed.ndim
@@ -110,7 +112,7 @@ def prealign(fixed: Volume, moving: Volume, mode: AffineMode | str = AffineMode.
         reg.SetMetricAsMattesMutualInformation(32)
         reg.SetMetricSamplingStrategy(reg.RANDOM)
         # SimpleITK's seed 0 is sitkWallClock (a new sample every run): shift ours so every seed is fixed
-        reg.SetMetricSamplingPercentage(0.25, int(seed) + 1)
+        reg.SetMetricSamplingPercentage(0.25, int(seed) % (2**32 - 1) + 1)
         reg.SetInterpolator(sitk.sitkLinear)
         reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=its,
                                                      relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
@@ -131,7 +133,7 @@ def prealign(fixed: Volume, moving: Volume, mode: AffineMode | str = AffineMode.
             detail = re.sub(r"\(0x[0-9a-f]+\)", "", str(exc).strip().splitlines()[-1])[:200]
             raise InputError(
                 f"affine pre-alignment failed: {detail}; the images may not overlap "
-                "or be nearly constant. Try --affine center or none"
+                f"or be nearly constant. Try {option} center or none"
             ) from exc
 
     rigid = _unwrap(run(init, 1.0, iterations))
@@ -139,7 +141,7 @@ def prealign(fixed: Volume, moving: Volume, mode: AffineMode | str = AffineMode.
     final = _unwrap(run(affine, 1.0, iterations))
     matrix = sitk_to_ras_matrix(_as_affine(final, nd), nd)
     if not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix[:nd, :nd])) < 0.2:
-        raise InputError("affine pre-alignment diverged (degenerate matrix); try --affine center or none")
+        raise InputError(f"affine pre-alignment diverged (degenerate matrix); try {option} center or none")
     return matrix
 
 
@@ -165,10 +167,15 @@ def apply_matrix(moving: Volume, reference: Volume, matrix: np.ndarray, nearest:
     """``moving`` resampled onto ``reference``'s grid through ``matrix`` (from :func:`prealign`):
     ``out(p) = moving(matrix @ p)``, linear (or nearest-neighbour) interpolation; every channel.
 
-    Same dimension required; the output keeps ``moving``'s kind, dtype and meta.
+    Same dimension required; the output keeps ``moving``'s kind, dtype (integers rounded) and meta.
+    ``default_value`` fills points outside ``moving`` (NaN is allowed for a float output).
     """
     if moving.ndim != reference.ndim:
         raise InputError(f"resample: expected a {reference.ndim}D image like the reference, got {moving.ndim}D")
+    data = moving.numpy()
+    if np.iscomplexobj(data):
+        raise InputError("resample: expected a real image, got complex data; resample its real and imaginary "
+                         "parts separately")
     sitk = _sitk()
     nd = reference.ndim
     flip = np.eye(4)
@@ -177,12 +184,12 @@ def apply_matrix(moving: Volume, reference: Volume, matrix: np.ndarray, nearest:
     transform = sitk.AffineTransform(nd)
     transform.SetMatrix([float(v) for v in lps[:nd, :nd].ravel()])
     transform.SetTranslation([float(v) for v in lps[:nd, 3]])
-    grid = to_sitk(reference.with_data(np.zeros((1, *reference.spatial_shape), np.float32)))
-    data = moving.numpy()
+    grid = to_sitk(reference.with_data(np.zeros((1, *reference.spatial_shape), np.float32), kind="intensity"))
     out = np.empty((data.shape[0], *reference.spatial_shape), dtype=data.dtype)
     interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
     for c in range(data.shape[0]):
         image = to_sitk(moving.with_data(data[c : c + 1].astype(np.float32), kind="intensity"))
         res = sitk.GetArrayFromImage(sitk.Resample(image, grid, transform, interp, float(default_value)))
-        out[c] = res.transpose(tuple(range(nd))[::-1]).astype(data.dtype)
+        res = res.transpose(tuple(range(nd))[::-1])
+        out[c] = np.rint(res) if np.issubdtype(data.dtype, np.integer) and not nearest else res
     return Volume(out, reference.affine, moving.kind, dict(moving.meta))
