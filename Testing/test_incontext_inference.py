@@ -12,7 +12,15 @@ from meddl.cli import main
 from meddl.errors import InputError
 from meddl.incontext import SegmentConfig, segment
 from meddl.incontext.demo import painted_slices
-from meddl.incontext.inference import _Best, _label_reach, align_context, interpolation_prior, mix_prior
+from meddl.incontext.inference import (
+    _Best,
+    _label_reach,
+    align_context,
+    augment_context,
+    context_warps,
+    interpolation_prior,
+    mix_prior,
+)
 from meddl.volume import Kind, Volume, affine_from_geometry
 from test_incontext_network import trained_threshold
 from torch.nn import functional as F
@@ -293,6 +301,37 @@ def test_aligned_examples_keep_their_labels_and_fill_outside_with_the_image_mini
     assert outside.size and np.all(outside == arr.min() + 0.0)  # ... and not 0 (soft tissue in HU)
 
 
+def test_context_warps_are_small_fixed_by_the_seed_and_keep_masks_binary():
+    a, b, c = context_warps(5, 32, seed=0), context_warps(5, 32, seed=0), context_warps(5, 32, seed=1)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+    identity = F.affine_grid(torch.eye(2, 3)[None], [1, 1, 32, 32], align_corners=False)
+    assert 0.005 < float((a - identity).abs().max()) < 0.2  # a few pixels at most, but not nothing
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 2, 32, 32, generator=g)
+    masks = (torch.rand(2, 3, 1, 32, 32, generator=g) > 0.5).float()
+    ci, co = augment_context(images, masks, a)
+    assert ci.shape == (2, 18, 2, 32, 32) and co.shape == (2, 18, 1, 32, 32)
+    torch.testing.assert_close(ci[:, :3], images)  # the given pairs come first, unchanged
+    assert set(torch.unique(co).tolist()) <= {0.0, 1.0}
+    # reordering the given pairs reorders the copies with them: the same set of pairs
+    order = torch.tensor([2, 0, 1])
+    ci2, _ = augment_context(images[:, order], masks[:, order], a)
+    torch.testing.assert_close(ci2.sum((2, 3, 4)).sort(1)[0], ci.sum((2, 3, 4)).sort(1)[0])
+
+
+def test_few_examples_get_deformed_copies_unless_told_not_to(net):
+    arr = smooth_volume((40, 36), seed=2)
+    target = image(arr)
+    ex = image(smooth_volume((40, 36), seed=3))
+    pair = [(ex, labels(ex.numpy()[0] > 0.5, ex))]
+    out = run(target, net, context=pair, config=SegmentConfig(align="none"))
+    assert any("deformed copies up to at least 16" in n for n in out.meta["notices"])
+    plain = run(target, net, context=pair, config=SegmentConfig(align="none", augment=0))
+    assert not any("deformed copies" in n for n in plain.meta["notices"])
+    assert dice(out.numpy()[0] > 0, arr > 0.5) > 0.6 and dice(plain.numpy()[0] > 0, arr > 0.5) > 0.6
+
+
 def test_image_task_returns_an_image_in_the_target_scale(net):
     arr = smooth_volume((16, 16, 8), seed=9) * 500
     target = image(arr)
@@ -355,6 +394,7 @@ def test_propagation_of_a_2d_image_is_refused(net):
     ({"prior": 1.5}, r"prior: expected a weight between 0 and 1, got 1.5"),
     ({"selection": "random"}, r"selection: expected one of auto, nearest, bracket, similar, got 'random'"),
     ({"align": "rigid"}, r"align: expected one of affine, center, none, got 'rigid'"),
+    ({"augment": 40}, r"augment: expected 0 to 32 context slices, got 40"),
 ])
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(InputError, match=message):

@@ -24,7 +24,7 @@ the same held-out structures and target positions, but every context pair comes 
 affine, smooth elastic warp, gamma, bias field and noise; the target is such a scan too. There is
 one labelled brain among the allowed data, so the other subjects are synthetic. Methods: the
 library's multi-volume path (:func:`meddl.incontext.segment` with 2D context pairs, each first
-aligned to the target by the affine pre-alignment), the U-Net from scratch, affine + demons
+aligned to the target by the affine pre-alignment, fewer than 16 completed with deformed copies), the U-Net from scratch, affine + demons
 registration from the most similar context scan, the same from every context scan with a majority
 vote (multi-atlas), and the most similar scan's label.
 
@@ -389,7 +389,7 @@ def write_report(args, card, tasks, mean, rows, speed, median_time, images, size
         "+-4 %), a smooth elastic warp (5 x 5 control grid, sd 0.03 of the half-width), gamma 0.8-1.25, a smooth "
         "bias field and 2 % noise (`synthetic_scan`). In-context: `meddl.incontext.segment` with the K pairs as "
         "`context` (what `meddl segment --context` runs: each context scan affinely aligned to the target first, "
-        "`--align affine`). Registration: the same affine alignment, then demons, from the most similar scan "
+        "`--align affine`; fewer than 16 context pairs are completed with slightly deformed copies, `--augment 16`). Registration: the same affine alignment, then demons, from the most similar scan "
         "(NCC); majority vote: the same from every context scan, voxels labelled by more than half of them.",
         "",
         "| context scans | **in-context (library)** | U-Net from scratch | registration (most similar) | "

@@ -41,6 +41,9 @@ def configure(subparsers) -> None:
                    help="--context: bring each context scan onto the target's grid first: affine (default: centre "
                         "of mass, rigid, affine by mutual information), center (centres of mass) or none (use "
                         "the scans as they are, slices matched by relative position)")
+    p.add_argument("--augment", type=int, default=16,
+                   help="--context segmentation: when a target slice gets fewer context slices than this, add "
+                        "slightly deformed copies of them up to this many (0: none)")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--finetune-steps", type=int, default=0, help="test-time fine-tuning steps on the context")
     p.add_argument("--weights", default=None, help="weights file (its JSON card beside it) instead of the bundled one")
@@ -56,7 +59,7 @@ def run(args, ctx) -> int:
     if args.context and len(args.context) % 2:
         raise cli.UsageError("meddl segment: --context takes IMAGE LABEL pairs, got an odd number of paths")
     config = SegmentConfig(task=args.task, axis=args.axis, context_size=args.context_size, selection=args.selection,
-                           prior=args.prior, align=args.align,
+                           prior=args.prior, align=args.align, augment=args.augment,
                            threshold=args.threshold, labels=tuple(args.labels) if args.labels else None,
                            finetune_steps=args.finetune_steps, weights=args.weights,
                            seed=args.seed if args.seed is not None else 0)

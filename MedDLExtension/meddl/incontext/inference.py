@@ -34,7 +34,7 @@ from ..volume import Kind, Volume
 from .network import InContextNet, pad_channels
 
 __all__ = ["Task", "Selection", "SegmentConfig", "segment", "load_network", "interpolation_prior", "mix_prior",
-           "MAX_CONTEXT", "ALIGN_MODES", "align_context"]
+           "MAX_CONTEXT", "ALIGN_MODES", "align_context", "augment_context", "context_warps"]
 
 MAX_CONTEXT = 32
 #: how context scans are brought onto the target's grid (``SegmentConfig.align``)
@@ -89,6 +89,10 @@ class SegmentConfig:
             before its slices are used: ``affine`` (default: centre of mass, rigid, then affine by
             mutual information), ``center`` (centres of mass only) or ``none`` (slices matched by
             relative position, the scans taken as they are).
+        augment: multi-volume / 2D segmentation: when a target slice gets fewer context slices than
+            this, randomly deformed copies of them (the same few small warps for every slice:
+            rotation up to 0.06 rad, scale 4 %, shift 2 %, a smooth elastic field) are added until
+            there are at least this many; 0: none. Not used in propagation mode.
         finetune_steps: test-time fine-tuning steps on the context pairs (leave-one-out); 0: none.
         finetune_lr: its learning rate.
         weights: a weights file (its card beside it) instead of the bundled model.
@@ -104,6 +108,7 @@ class SegmentConfig:
     threshold: float = 0.5
     labels: tuple[int, ...] | None = None
     align: str = "affine"
+    augment: int = 16
     finetune_steps: int = 0
     finetune_lr: float = 1e-4
     weights: str | None = None
@@ -131,6 +136,8 @@ class SegmentConfig:
             raise InputError(f"context size: expected 1 to {MAX_CONTEXT}, got {self.context_size}")
         if not 0.0 < self.threshold < 1.0:
             raise InputError(f"threshold: expected a probability in (0, 1), got {self.threshold}")
+        if not 0 <= int(self.augment) <= MAX_CONTEXT:
+            raise InputError(f"augment: expected 0 to {MAX_CONTEXT} context slices, got {self.augment}")
         if self.finetune_steps < 0:
             raise InputError(f"fine-tuning steps: expected 0 or more, got {self.finetune_steps}")
         if self.batch < 1 or self.memory_mb <= 0:
@@ -383,11 +390,53 @@ def _finetune(net: InContextNet, pool: _Pool, is_mask: bool, steps: int, lr: flo
     return tuned
 
 
+def context_warps(copies: int, size: int, seed: int, device=None) -> torch.Tensor:
+    """``copies`` small random deformations as sampling grids ``(copies, S, S, 2)`` (see
+    ``SegmentConfig.augment``), the same for a given seed."""
+    g = torch.Generator().manual_seed(int(seed) + 7919)
+
+    def u(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=g) * 2 - 1
+
+    a, scale, shift = 0.06 * u(copies), 1 + 0.04 * u(copies, 2), 0.02 * u(copies, 2)
+    theta = torch.stack([torch.stack([a.cos() * scale[:, 0], -a.sin() * scale[:, 1], shift[:, 0]], 1),
+                         torch.stack([a.sin() * scale[:, 0], a.cos() * scale[:, 1], shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, [copies, 1, size, size], align_corners=False)
+    coarse = 0.015 * torch.randn(copies, 2, 5, 5, generator=g)
+    grid = grid + F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    return grid.to(device)
+
+
+def augment_context(images: torch.Tensor, outputs: torch.Tensor, grids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context ``(B, k, C, S, S)`` / masks ``(B, k, 1, S, S)`` plus each slice under every warp of
+    ``grids`` (masks thresholded again): ``k * (1 + len(grids))`` pairs, in an order that follows
+    the given one, so the set (hence the network's answer) does not depend on it."""
+    b, k, c, s, _ = images.shape
+    m = grids.shape[0]
+    both = torch.cat([images, outputs], 2).reshape(b * k, c + 1, s, s)
+    warped = F.grid_sample(both.repeat_interleave(m, 0), grids.repeat(b * k, 1, 1, 1), mode="bilinear",
+                           padding_mode="zeros", align_corners=False).reshape(b, k * m, c + 1, s, s)
+    return (torch.cat([images, warped[:, :, :c]], 1),
+            torch.cat([outputs, (warped[:, :, c:] > 0.5).to(outputs.dtype)], 1))
+
+
 @torch.no_grad()
 def _predict(net: InContextNet, targets: torch.Tensor, where: np.ndarray, pool: _Pool, k: int,
-             config: SegmentConfig, rep: Reporter) -> torch.Tensor:
-    """Raw outputs ``(n, 1, S, S)`` for target slices ``(n, Cin, S, S)``."""
+             config: SegmentConfig, rep: Reporter, augment_to: int = 0) -> torch.Tensor:
+    """Raw outputs ``(n, 1, S, S)`` for target slices ``(n, Cin, S, S)``; contexts of fewer than
+    ``augment_to`` slices get deformed copies (:func:`augment_context`)."""
     out = torch.empty(targets.shape[0], 1, *targets.shape[2:], device=targets.device)
+    grids: dict[int, torch.Tensor] = {}
+
+    def forward(t, ci, co):
+        kk = ci.shape[1]
+        if kk < augment_to:
+            copies = -(-(augment_to - kk) // kk)
+            if copies not in grids:
+                grids[copies] = context_warps(copies, ci.shape[-1], config.seed, ci.device)
+            ci, co = augment_context(ci, co, grids[copies])
+        return net(t, ci, co)
+
     n = targets.shape[0]
     for start in range(0, n, config.batch):
         rep(start / n, f"slice {start + 1}/{n}")
@@ -396,11 +445,11 @@ def _predict(net: InContextNet, targets: torch.Tensor, where: np.ndarray, pool: 
                          config.selection) for i in range(start, stop)]
         if len({len(p) for p in picks}) == 1:
             idx = torch.as_tensor(np.stack(picks), device=targets.device)
-            out[start:stop] = net(targets[start:stop], pool.images[idx], pool.outputs[idx])
+            out[start:stop] = forward(targets[start:stop], pool.images[idx], pool.outputs[idx])
         else:  # e.g. bracketing: one context slice at the ends, two elsewhere
             for i, p in zip(range(start, stop), picks, strict=True):
                 idx = torch.as_tensor(p[None], device=targets.device)
-                out[i:i + 1] = net(targets[i:i + 1], pool.images[idx], pool.outputs[idx])
+                out[i:i + 1] = forward(targets[i:i + 1], pool.images[idx], pool.outputs[idx])
     return out
 
 
@@ -691,7 +740,13 @@ def _run(net: InContextNet, targets: torch.Tensor, where: np.ndarray, pool: _Poo
     if config.finetune_steps:
         net = _finetune(net, pool, is_mask, config.finetune_steps, config.finetune_lr, config.seed, rep.stage(0, 0.5))
         rep = rep.stage(0.5, 1.0)
-    raw = _predict(net, targets, where, pool, k, config, rep)
+    augment_to = 0
+    if is_mask and config.augment > k and auto is not Selection.BRACKET:  # multi-volume / 2D segmentation
+        augment_to = min(config.augment, _budget(config.augment, size, net, config.batch, config.memory_mb))
+        if augment_to > k and "deformed copies" not in " ".join(notices):
+            notices.append(f"context: {k} slice(s) per target slice, with deformed copies up to at least "
+                           f"{augment_to} (--augment)")
+    raw = _predict(net, targets, where, pool, k, config, rep, augment_to)
     raw = _resize(raw, out_shape)
     out = torch.sigmoid(raw) if is_mask else raw
     return out[:, 0].cpu().numpy()
