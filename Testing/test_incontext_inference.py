@@ -15,6 +15,7 @@ from meddl.incontext.demo import painted_slices
 from meddl.incontext.inference import (
     _Best,
     _label_reach,
+    _mix_votes,
     align_context,
     augment_context,
     context_warps,
@@ -301,6 +302,18 @@ def test_aligned_examples_keep_their_labels_and_fill_outside_with_the_image_mini
     assert outside.size and np.all(outside == arr.min() + 0.0)  # ... and not 0 (soft tissue in HU)
 
 
+def test_atlas_prior_mixes_the_mean_of_the_examples_reaching_each_slice():
+    net = np.full((3, 2, 2), 0.2, np.float32)
+    a = np.array([[[1, 0], [0, 0]]] * 3)
+    b = np.array([[[1, 1], [0, 0]]] * 3)
+    keep_a, keep_b = np.array([True, True, False]), np.array([True, False, False])
+    out = _mix_votes(net, [(keep_a, a), (keep_b, b)], 1, 0.5)
+    np.testing.assert_allclose(out[0], 0.5 * 0.2 + 0.5 * np.array([[1.0, 0.5], [0.0, 0.0]]))  # both examples
+    np.testing.assert_allclose(out[1], 0.5 * 0.2 + 0.5 * np.array([[1.0, 0.0], [0.0, 0.0]]))  # only a
+    np.testing.assert_allclose(out[2], 0.2)  # no example reaches slice 2: the network alone
+    np.testing.assert_allclose(_mix_votes(net, [(keep_a, a)], 1, 0.0), net)
+
+
 def test_context_warps_are_small_fixed_by_the_seed_and_keep_masks_binary():
     a, b, c = context_warps(5, 32, seed=0), context_warps(5, 32, seed=0), context_warps(5, 32, seed=1)
     torch.testing.assert_close(a, b)
@@ -326,7 +339,8 @@ def test_few_examples_get_deformed_copies_unless_told_not_to(net):
     ex = image(smooth_volume((40, 36), seed=3))
     pair = [(ex, labels(ex.numpy()[0] > 0.5, ex))]
     out = run(target, net, context=pair, config=SegmentConfig(align="none"))
-    assert any("deformed copies up to at least 16" in n for n in out.meta["notices"])
+    assert any("fewer than 16 slices per target slice are completed with deformed copies" in n
+               for n in out.meta["notices"])
     plain = run(target, net, context=pair, config=SegmentConfig(align="none", augment=0))
     assert not any("deformed copies" in n for n in plain.meta["notices"])
     assert dice(out.numpy()[0] > 0, arr > 0.5) > 0.6 and dice(plain.numpy()[0] > 0, arr > 0.5) > 0.6
@@ -395,6 +409,7 @@ def test_propagation_of_a_2d_image_is_refused(net):
     ({"selection": "random"}, r"selection: expected one of auto, nearest, bracket, similar, got 'random'"),
     ({"align": "rigid"}, r"align: expected one of affine, center, none, got 'rigid'"),
     ({"augment": 40}, r"augment: expected 0 to 32 context slices, got 40"),
+    ({"atlas_prior": -0.1}, r"atlas prior: expected a weight between 0 and 1, got -0.1"),
 ])
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(InputError, match=message):

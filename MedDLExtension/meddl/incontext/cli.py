@@ -41,6 +41,9 @@ def configure(subparsers) -> None:
                    help="--context: bring each context scan onto the target's grid first: affine (default: centre "
                         "of mass, rigid, affine by mutual information), center (centres of mass) or none (use "
                         "the scans as they are, slices matched by relative position)")
+    p.add_argument("--atlas-prior", type=float, default=0.25,
+                   help="--context segmentation: weight of the aligned examples' own labels (their mean, a "
+                        "multi-atlas vote) mixed with the network's answer (0 = network only, 1 = vote only)")
     p.add_argument("--augment", type=int, default=16,
                    help="--context segmentation: when a target slice gets fewer context slices than this, add "
                         "slightly deformed copies of them up to this many (0: none)")
@@ -60,6 +63,7 @@ def run(args, ctx) -> int:
         raise cli.UsageError("meddl segment: --context takes IMAGE LABEL pairs, got an odd number of paths")
     config = SegmentConfig(task=args.task, axis=args.axis, context_size=args.context_size, selection=args.selection,
                            prior=args.prior, align=args.align, augment=args.augment,
+                           atlas_prior=args.atlas_prior,
                            threshold=args.threshold, labels=tuple(args.labels) if args.labels else None,
                            finetune_steps=args.finetune_steps, weights=args.weights,
                            seed=args.seed if args.seed is not None else 0)
