@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     command = (
         f"python -m meddl.reconstruction.train --steps {args.steps} --batch {args.batch} "
         f"--crop {args.crop} --seed {args.seed} --mni-mm {args.mni_mm}"
+        + (f" --lr {args.lr:g}" if args.lr != 1e-3 else "")
     )
     # a resumed run may change the schedule or crop: the card lists every phase
     phases.append(f"from step {step}: {command}")
