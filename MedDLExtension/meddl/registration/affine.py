@@ -110,9 +110,12 @@ def prealign(fixed: Volume, moving: Volume, mode: AffineMode | str = AffineMode.
     def run(transform, scales_shift: float, its: int):
         reg = sitk.ImageRegistrationMethod()
         reg.SetMetricAsMattesMutualInformation(32)
-        reg.SetMetricSamplingStrategy(reg.RANDOM)
-        # SimpleITK's seed 0 is sitkWallClock (a new sample every run): shift ours so every seed is fixed
-        reg.SetMetricSamplingPercentage(0.25, int(seed) % (2**32 - 1) + 1)
+        if f_img.GetNumberOfPixels() > 200_000:
+            reg.SetMetricSamplingStrategy(reg.RANDOM)
+            # SimpleITK's seed 0 is sitkWallClock (a new sample every run): shift ours so every seed is fixed
+            reg.SetMetricSamplingPercentage(0.25, int(seed) % (2**32 - 1) + 1)
+        else:  # a small image: every voxel (a quarter of a few thousand is too few for a stable histogram)
+            reg.SetMetricSamplingStrategy(reg.NONE)
         reg.SetInterpolator(sitk.sitkLinear)
         reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=its,
                                                      relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
