@@ -112,6 +112,13 @@ def unet_from_scratch(images: torch.Tensor, masks: torch.Tensor, target: torch.T
         return (torch.sigmoid(net.eval()(target[None])) > 0.5)[0, 0].numpy()
 
 
+def slice_volume(a: np.ndarray, label: bool = False):
+    """A 2D slice as a meddl Volume (1 mm pixels): float32 intensities, or int16 labels."""
+    from meddl.volume import Kind, Volume
+
+    return Volume(a[None].astype(np.int16 if label else np.float32), np.eye(4), Kind.LABEL if label else Kind.INTENSITY)
+
+
 def register_propagate(moving: np.ndarray, moving_label: np.ndarray, fixed: np.ndarray,
                        affine: bool = False) -> np.ndarray:
     """Demons from ``moving`` to ``fixed``, the label warped; ``affine``: the pair is first aligned by
@@ -120,12 +127,9 @@ def register_propagate(moving: np.ndarray, moving_label: np.ndarray, fixed: np.n
 
     if affine:
         from meddl.incontext.inference import align_context
-        from meddl.volume import Kind, Volume
 
-        vol = lambda a, kind: Volume(a[None], np.eye(4), kind)  # noqa: E731
-        img, lab, _ = align_context(vol(fixed.astype(np.float32), Kind.INTENSITY),
-                                    vol(moving.astype(np.float32), Kind.INTENSITY),
-                                    vol(moving_label.astype(np.int16), Kind.LABEL), "affine")
+        img, lab, _ = align_context(slice_volume(fixed), slice_volume(moving), slice_volume(moving_label, label=True),
+                                    "affine")
         moving, moving_label = img.numpy()[0], lab.numpy()[0]
 
     f = sitk.GetImageFromArray(fixed.astype(np.float32))
@@ -172,14 +176,9 @@ def in_context_from_scans(net, size: int, target: np.ndarray, images: list[np.nd
                           labels: list[np.ndarray]) -> np.ndarray:
     """The library's multi-volume path (``meddl segment --context``) on 2D slices."""
     from meddl.incontext import SegmentConfig, segment
-    from meddl.volume import Kind, Volume
 
-    def vol(a, kind):
-        return Volume(a[None].astype(np.float32 if kind is Kind.INTENSITY else np.int16), np.eye(4), kind)
-
-    ctx = [(vol(i, Kind.INTENSITY), vol(m.astype(np.int16), Kind.LABEL)) for i, m in zip(images, labels, strict=True)]
-    out = segment(vol(target, Kind.INTENSITY), SegmentConfig(context_size=len(images)), context=ctx,
-                  network=net, size=size)
+    ctx = [(slice_volume(i), slice_volume(m, label=True)) for i, m in zip(images, labels, strict=True)]
+    out = segment(slice_volume(target), SegmentConfig(context_size=len(images)), context=ctx, network=net, size=size)
     return out.numpy()[0] > 0
 
 
