@@ -276,6 +276,32 @@ def test_context_scans_are_aligned_onto_the_target_grid(shape, shift):
     assert same[0] is ctx and same[1] is lab and same[2].all()
 
 
+def bent_copy(arr: np.ndarray, amplitude: float) -> np.ndarray:
+    """``arr`` under a smooth non-affine warp (a sine bend of ``amplitude`` voxels along axis 0)."""
+    from scipy import ndimage
+
+    i, j = np.meshgrid(*[np.arange(n, dtype=float) for n in arr.shape], indexing="ij")
+    bend = amplitude * np.sin(np.pi * j / (arr.shape[1] - 1))
+    order = 0 if arr.dtype == bool else 1
+    return ndimage.map_coordinates(arr.astype(np.float32), [i + bend, j], order=order, mode="constant") \
+        .astype(arr.dtype)
+
+
+def test_deformable_alignment_undoes_a_bend_that_the_affine_cannot():
+    arr = blobs((64, 64), seed=4)
+    truth = arr > 0.5
+    target = image(arr, [2.0, 2.0])
+    ctx = image(bent_copy(arr, 8.0) ** 1.3, [2.0, 2.0])  # another contrast too
+    lab = labels(bent_copy(truth, 8.0), ctx)
+    _, affine_lab, _ = align_context(target, ctx, lab, "affine")
+    img, warped, covered = align_context(target, ctx, lab, "deformable")
+    assert img.same_grid(target) and warped.same_grid(target) and warped.kind is Kind.LABEL
+    assert set(np.unique(warped.numpy())) <= {0, 1}  # nearest-neighbour labels
+    assert covered.dtype == bool and covered.shape == (64, 64)
+    before, after = dice(affine_lab.numpy()[0] > 0, truth), dice(warped.numpy()[0] > 0, truth)
+    assert after > 0.98 and 1 - after < (1 - before) / 3, (before, after)  # affine: 0.964, deformable: 0.997
+
+
 def test_slices_a_context_scan_does_not_reach_are_left_out_with_a_notice(net):
     arr = blobs((24, 24, 16), seed=5)
     target = image(arr)
@@ -407,7 +433,7 @@ def test_propagation_of_a_2d_image_is_refused(net):
     ({"labels": (0,)}, r"labels: expected positive"),
     ({"prior": 1.5}, r"prior: expected a weight between 0 and 1, got 1.5"),
     ({"selection": "random"}, r"selection: expected one of auto, nearest, bracket, similar, got 'random'"),
-    ({"align": "rigid"}, r"align: expected one of affine, center, none, got 'rigid'"),
+    ({"align": "rigid"}, r"align: expected one of affine, center, deformable, none, got 'rigid'"),
     ({"augment": 40}, r"augment: expected 0 to 32 context slices, got 40"),
     ({"atlas_prior": -0.1}, r"atlas prior: expected a weight between 0 and 1, got -0.1"),
 ])
@@ -453,14 +479,16 @@ def test_command_propagates_and_writes_the_output(files, capsys):
 
 
 def test_command_aligns_context_scans_unless_told_not_to(files, capsys):
-    for align in ("affine", "none"):
+    for align in ("affine", "deformable", "none"):
         code = main(["segment", str(files / "t.nii.gz"), "-o", str(files / f"ctx-{align}.nii.gz"), "--context",
                      str(files / "t.nii.gz"), str(files / "full.nii.gz"), "--align", align,
                      "--weights", str(files / "incontext_brain2d.pt"), "--device", "cpu"])
         assert code == 0, capsys.readouterr().err
-    aligned, as_is = (io.read(files / f"ctx-{a}.nii.gz", kind="label").numpy()[0] > 0 for a in ("affine", "none"))
-    assert aligned.shape == (20, 18, 12)
-    assert dice(aligned, as_is) > 0.95  # the target as its own example aligns onto itself
+    aligned, deformed, as_is = (io.read(files / f"ctx-{a}.nii.gz", kind="label").numpy()[0] > 0
+                                for a in ("affine", "deformable", "none"))
+    assert aligned.shape == deformed.shape == (20, 18, 12)
+    # the target as its own example aligns onto itself
+    assert dice(aligned, as_is) > 0.95 and dice(deformed, as_is) > 0.95
 
 
 @pytest.mark.parametrize("extra, message", [

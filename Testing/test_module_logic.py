@@ -627,7 +627,7 @@ def test_context_examples_make_a_new_segmentation_by_default(scene, fake, rng):
     assert "--align" not in fake.record()["argv"]  # the command's default (affine) unless asked
     InContextSegmentationLogic(runner=fake.runner).run(target, context=[pair], align="none")
     assert _flag(fake.record()["argv"], "--align") == "none"
-    with pytest.raises(InputError, match=r"align: expected one of affine, center, none, got 'rigid'"):
+    with pytest.raises(InputError, match=r"align: expected one of affine, center, deformable, none, got 'rigid'"):
         InContextSegmentationLogic(runner=fake.runner).start(target, context=[pair], align="rigid")
 
 

@@ -130,7 +130,7 @@ SEGMENTATION_TASK = "segmentation"
 #: never imports torch in the Slicer process)
 IN_CONTEXT_TASKS = (SEGMENTATION_TASK, "denoise", "skullstrip", "bias", "inpaint", "superres", "image")
 #: the ``--align`` values of ``meddl segment`` (meddl.incontext's ALIGN_MODES, same reason)
-IN_CONTEXT_ALIGN = ("affine", "center", "none")
+IN_CONTEXT_ALIGN = ("affine", "center", "deformable", "none")
 
 
 class SegmentOutput(str, enum.Enum):

@@ -39,8 +39,9 @@ def configure(subparsers) -> None:
                         "between painted slices (0 = network only, 1 = interpolation only); it fades beyond them")
     p.add_argument("--align", choices=ALIGN_MODES, default="affine",
                    help="--context: bring each context scan onto the target's grid first: affine (default: centre "
-                        "of mass, rigid, affine by mutual information), center (centres of mass) or none (use "
-                        "the scans as they are, slices matched by relative position)")
+                        "of mass, rigid, affine by mutual information), deformable (the affine, then a "
+                        "deformable registration per example: slower, a little more accurate), center (centres "
+                        "of mass) or none (use the scans as they are, slices matched by relative position)")
     p.add_argument("--atlas-prior", type=float, default=0.25,
                    help="--context segmentation: weight of the aligned examples' own labels (their mean, a "
                         "multi-atlas vote) mixed with the network's answer (0 = network only, 1 = vote only)")
