@@ -129,3 +129,23 @@ def test_training_without_a_saved_state_continues_from_the_bundled_weights(tmp_p
     assert card["step"] == step + 1
     assert card["phases"][-1].startswith(f"from step {step}:")
     assert (src / f"{MODEL_NAME}.json").read_text() != (tmp_path / "models" / f"{MODEL_NAME}.json").read_text()
+
+
+def test_training_slices_travel_as_a_pool_file_and_workers_simulate_batches(tmp_path, monkeypatch):
+    import argparse
+
+    from meddl.reconstruction import train
+
+    rng = np.random.default_rng(3)
+    slices = [rng.uniform(size=(150, 140)).astype(np.float32), rng.uniform(size=(120, 160)).astype(np.float32)]
+    monkeypatch.setattr(train, "training_slices", lambda mni_mm: slices)
+    path = tmp_path / "pool.npz"
+    built = train._pool(str(path), 1)
+    assert path.is_file() and built is slices
+    monkeypatch.setattr(train, "training_slices", lambda mni_mm: pytest.fail("the pool file was not used"))
+    read = train._pool(str(path), 1)
+    assert len(read) == 2 and all(np.array_equal(a, b) for a, b in zip(slices, read, strict=True))
+    args = argparse.Namespace(batch=2, crop=64, seed=0, workers=1, device="cpu")
+    k, m, t = next(train._parallel_batches(read, args, step=7))
+    assert k.shape[0] == 2 and k.shape[2:] == (64, 64) and m.shape == (2, 1, 64, 64) and t.shape == (2, 64, 64)
+    assert (k.abs() * (~m)).max() == 0

@@ -271,6 +271,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _budget(phases: list[str], last: int) -> str:
+    """Slices seen on the CPU and on a GPU, from the model card's phases ("from step N: COMMAND")."""
+    import re
+
+    spans = []
+    for text in phases:
+        found = re.match(r"from step (\d+): (.*)", text)
+        if found:
+            batch = re.search(r"--batch (\d+)", found.group(2))
+            spans.append((int(found.group(1)), int(batch.group(1)) if batch else 2, "--device cuda" in found.group(2)))
+    seen = {False: [0, 0], True: [0, 0]}  # on a GPU -> [steps, slices]
+    for (start, batch, gpu), nxt in zip(spans, [s[0] for s in spans[1:]] + [last], strict=True):
+        seen[gpu][0] += max(nxt - start, 0)
+        seen[gpu][1] += max(nxt - start, 0) * batch
+    text = (f"{seen[False][0]} logged steps on this shared 2-core CPU (batch 2; 1-2 torch threads, often beside "
+            f"other training jobs; the first {spans[0][0] if spans else 0} steps predate the phase log)")
+    if seen[True][0]:
+        text += f" and {seen[True][0]} steps of batch 8 on a lent NVIDIA H200 GPU ({seen[True][1]} slices)"
+    return text + f", about {seen[False][1] + seen[True][1] + 2 * (spans[0][0] if spans else last)} simulated slices in all"
+
+
 def _gpu_name(device: str) -> str:
     try:
         return torch.cuda.get_device_name(torch.device(device))
@@ -375,10 +396,9 @@ def write_report(
             "",
             "## Training budget behind these VarNet numbers",
             "",
-            f"The bundled VarNet was trained for {card.extra.get('step')} steps of batch 2 on this shared "
-            "2-core CPU (1-2 torch threads, often beside other training jobs; no GPU was available), i.e. "
-            f"about {2 * int(card.extra.get('step') or 0)} simulated slices seen, versus ~10^6 slice-steps on GPUs "
-            "for the published E2E-VarNet. Training phases: "
+            f"The bundled VarNet was trained for {card.extra.get('step')} steps: "
+            + _budget(card.extra.get("phases", []), int(card.extra.get("step") or 0))
+            + ", versus ~10^6 slice-steps on GPUs for the published E2E-VarNet. Training phases: "
             + "; ".join(card.extra.get("phases", [card.command]))
             + ". The training is resumable: rerunning the last command (with a larger `--steps`) continues "
             "from the saved optimiser state in `~/.cache/meddl/train/reconstruction_varnet/state.pt` (elsewhere "

@@ -129,6 +129,38 @@ def make_batch(
     )
 
 
+def _pool(path: str | None, mni_mm: int) -> list[np.ndarray]:
+    """The training slices, from ``path`` (.npz) when it exists; built (and written there) otherwise."""
+    if path is not None and Path(path).is_file():
+        with np.load(path) as z:
+            return [z[f"s{i}"] for i in range(len(z.files))]
+    pool = training_slices(mni_mm)
+    if path is not None:
+        np.savez_compressed(path, **{f"s{i}": s for i, s in enumerate(pool)})
+    return pool
+
+
+class _Batches(torch.utils.data.IterableDataset):
+    """Endless simulated batches; each worker draws from its own seed (seed, first step, worker)."""
+
+    def __init__(self, pool: list[np.ndarray], batch: int, crop: int, seed: int, step: int) -> None:
+        self.pool, self.batch, self.crop, self.seed, self.step = pool, batch, crop, seed, step
+
+    def __iter__(self):
+        torch.set_num_threads(1)
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, self.step, info.id if info else 0])
+        while True:
+            yield make_batch(self.pool, rng, self.batch, self.crop)
+
+
+def _parallel_batches(pool: list[np.ndarray], args, step: int):
+    loader = torch.utils.data.DataLoader(_Batches(pool, args.batch, args.crop, args.seed, step), batch_size=None,
+                                         num_workers=args.workers, pin_memory=args.device.startswith("cuda"),
+                                         prefetch_factor=4, persistent_workers=True)
+    return iter(loader)
+
+
 def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -169,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-minutes", type=float, default=None, help="stop (after saving) after this long")
     p.add_argument("--from-scratch", action="store_true",
                    help="without a saved training state, start from random weights instead of the bundled ones")
+    p.add_argument("--device", default="cpu", help="torch device of the network (cpu, cuda, cuda:N)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes simulating batches in parallel (0: in the training process, the batches then "
+                        "follow the saved random state exactly)")
+    p.add_argument("--pool", default=None,
+                   help="an .npz of the training slices: read it when it exists, else build the slices from the "
+                        "sample data and write it (to train on a machine without the sample data)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -186,16 +225,17 @@ def main(argv: list[str] | None = None) -> int:
         log.write(line + "\n")
         log.flush()
 
-    pool = training_slices(args.mni_mm)
+    pool = _pool(args.pool, args.mni_mm)
     say(f"{len(pool)} training slices")
-    net = VarNet(**ARCH)
+    device = torch.device(args.device)
+    net = VarNet(**ARCH).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     step, history, phases = 0, [], []
     rng = np.random.default_rng(args.seed)
     if state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         net.load_state_dict(state["net"])
-        opt.load_state_dict(state["opt"])
+        opt.load_state_dict(state["opt"])  # Adam's moments follow the parameters' device
         step, history = state["step"], state["history"]
         phases = state.get("phases", [])
         rng.bit_generator.state = state["rng"]
@@ -215,13 +255,16 @@ def main(argv: list[str] | None = None) -> int:
     val = []
     for acc in (4.0, 8.0):
         for _ in range(3):
-            val.append((f"{int(acc)}x", make_batch(pool, val_rng, 2, args.crop, (acc,), transpose_p=0.0)))
+            k, m, t = make_batch(pool, val_rng, 2, args.crop, (acc,), transpose_p=0.0)
+            val.append((f"{int(acc)}x", (k.to(device), m.to(device), t.to(device))))
     n_params = sum(p.numel() for p in net.parameters())
     say(f"VarNet {ARCH}: {n_params} parameters")
     command = (
         f"python -m meddl.reconstruction.train --steps {args.steps} --batch {args.batch} "
         f"--crop {args.crop} --seed {args.seed} --mni-mm {args.mni_mm}"
         + (f" --lr {args.lr:g}" if args.lr != 1e-3 else "")
+        + (f" --device {args.device}" if args.device != "cpu" else "")
+        + (f" --workers {args.workers}" if args.workers else "")
     )
     # a resumed run may change the schedule or crop: the card lists every phase
     phases.append(f"from step {step}: {command}")
@@ -230,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = state_path.with_suffix(".tmp")
         torch.save(
             {
-                "net": net.state_dict(),
+                "net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                 "opt": opt.state_dict(),
                 "step": step,
                 "history": history,
@@ -271,8 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     last_save = time.time()
     started = time.time()
     running = []
+    batches = _parallel_batches(pool, args, step) if args.workers > 0 else None
     while step < args.steps:
-        k, m, t = make_batch(pool, rng, args.batch, args.crop)
+        k, m, t = next(batches) if batches is not None else make_batch(pool, rng, args.batch, args.crop)
+        k, m, t = k.to(device, non_blocking=True), m.to(device, non_blocking=True), t.to(device, non_blocking=True)
         for g in opt.param_groups:
             g["lr"] = _lr(step, args.steps, args.lr)
         out = net(k, m)
