@@ -51,7 +51,7 @@ OUTPUT_FLAGS = {"-o", "--transform", "--jacobian", "--labels-out", "--uncertaint
                 "--coil-images", "--stains-out"}
 VALUE_FLAGS = {"--method", "--similarity", "--affine", "--device", "--progress", "--seed", "--undersample", "--acceleration",
                "--center-fraction", "--beta", "--window", "--domain", "--task", "--moving-labels", "--annotated", "--prior",
-               "--align"}
+               "--align", "--atlas-prior"}
 outputs, options, positional, context = {}, {}, [], []
 i = 1
 while i < len(argv):
@@ -629,6 +629,12 @@ def test_context_examples_make_a_new_segmentation_by_default(scene, fake, rng):
     assert _flag(fake.record()["argv"], "--align") == "none"
     with pytest.raises(InputError, match=r"align: expected one of affine, center, deformable, none, got 'rigid'"):
         InContextSegmentationLogic(runner=fake.runner).start(target, context=[pair], align="rigid")
+    assert "--atlas-prior" not in fake.record()["argv"]
+    InContextSegmentationLogic(runner=fake.runner).run(target, context=[pair], align="deformable", atlas_prior=0.6)
+    argv = fake.record()["argv"]
+    assert _flag(argv, "--align") == "deformable" and float(_flag(argv, "--atlas-prior")) == 0.6
+    with pytest.raises(InputError, match=r"atlas prior: expected a weight between 0 and 1, got 1.5"):
+        InContextSegmentationLogic(runner=fake.runner).start(target, context=[pair], atlas_prior=1.5)
 
 
 def test_image_task_takes_volume_pairs_and_gives_a_volume(scene, fake, rng):

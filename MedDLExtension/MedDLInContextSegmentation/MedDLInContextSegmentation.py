@@ -67,6 +67,7 @@ class MedDLInContextSegmentationParameterNode:
     outputVolume: vtkMRMLScalarVolumeNode
     prior: float = 0.5
     align: Annotated[str, Choice(list(IN_CONTEXT_ALIGN))] = IN_CONTEXT_ALIGN[0]
+    atlasPrior: float = 0.25
     device: Annotated[str, Choice(DEVICES)] = "auto"
 
 
@@ -144,7 +145,7 @@ class MedDLInContextSegmentationWidget(MedDLModuleWidget):
             segment_id=p.paintedSegmentId if painted else None,
             context=() if painted else self._contextPairs(),
             task=p.task, output_mode=p.outputMode, device=p.device, prior=p.prior if painted else None,
-            align=None if painted else p.align,
+            align=None if painted else p.align, atlas_prior=None if painted else p.atlasPrior,
             output_segmentation=p.outputSegmentation, output_volume=p.outputVolume,
             progress=progress, log=log)
 

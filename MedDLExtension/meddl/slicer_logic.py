@@ -775,6 +775,7 @@ class InContextSegmentationLogic(MedDLLogic):
         output_volume: Any = None,
         prior: float | None = None,
         align: str | None = None,
+        atlas_prior: float | None = None,
         device: str = "auto",
         seed: int | None = None,
         progress: ProgressCallback | None = None,
@@ -795,8 +796,12 @@ class InContextSegmentationLogic(MedDLLogic):
         with the network (``meddl segment --prior``; None: the command's default, 0.5).
 
         ``align``: with context examples, how each example is brought onto the target's grid
-        (``meddl segment --align``: ``"affine"``, ``"center"`` or ``"none"``; None: the command's
-        default, affine).
+        (``meddl segment --align``: ``"affine"``, ``"center"``, ``"deformable"`` or ``"none"``;
+        None: the command's default, affine).
+
+        ``atlas_prior``: with context examples of a segmentation task, the weight of the aligned
+        examples' own labels mixed with the network (``meddl segment --atlas-prior``; None: the
+        command's default, 0.25).
         """
         if target is None:
             raise InputError("meddl segment: the target volume is not set")
@@ -804,6 +809,8 @@ class InContextSegmentationLogic(MedDLLogic):
             raise InputError(f"prior: expected a weight between 0 and 1, got {prior}")
         if align is not None and align not in IN_CONTEXT_ALIGN:
             raise InputError(f"align: expected one of {', '.join(IN_CONTEXT_ALIGN)}, got '{align}'")
+        if atlas_prior is not None and not 0.0 <= float(atlas_prior) <= 1.0:
+            raise InputError(f"atlas prior: expected a weight between 0 and 1, got {atlas_prior}")
         context = [(v, s) for v, s in (context or []) if v is not None or s is not None]
         annotated = segmentation is not None
         if annotated == bool(context):
@@ -859,6 +866,8 @@ class InContextSegmentationLogic(MedDLLogic):
                 args += ["--prior", float(prior)]
             if align is not None and not annotated:
                 args += ["--align", align]
+            if atlas_prior is not None and not annotated and not image_task:
+                args += ["--atlas-prior", float(atlas_prior)]
             return [str(a) for a in args] + flags, segments
 
         workdir, (args, segments) = _prepare(self, build)
