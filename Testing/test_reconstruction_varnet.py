@@ -139,13 +139,16 @@ def test_training_slices_travel_as_a_pool_file_and_workers_simulate_batches(tmp_
     rng = np.random.default_rng(3)
     slices = [rng.uniform(size=(150, 140)).astype(np.float32), rng.uniform(size=(120, 160)).astype(np.float32)]
     monkeypatch.setattr(train, "training_slices", lambda mni_mm: slices)
-    path = tmp_path / "pool.npz"
+    path = tmp_path / "pool"  # numpy writes pool.npz: the next run must find it under the name given
     built = train._pool(str(path), 1)
-    assert path.is_file() and built is slices
+    assert (tmp_path / "pool.npz").is_file() and built is slices
     monkeypatch.setattr(train, "training_slices", lambda mni_mm: pytest.fail("the pool file was not used"))
     read = train._pool(str(path), 1)
     assert len(read) == 2 and all(np.array_equal(a, b) for a, b in zip(slices, read, strict=True))
     args = argparse.Namespace(batch=2, crop=64, seed=0, workers=1, device="cpu")
-    k, m, t = next(train._parallel_batches(read, args, step=7))
+    batches = train._parallel_batches(read, args, step=7)
+    k, m, t = next(batches)
+    del batches  # the worker is persistent: the iterator stops it when it goes
+    __import__("gc").collect()
     assert k.shape[0] == 2 and k.shape[2:] == (64, 64) and m.shape == (2, 1, 64, 64) and t.shape == (2, 64, 64)
     assert (k.abs() * (~m)).max() == 0

@@ -216,8 +216,11 @@ def report(rows: list[dict], forward: dict[str, float], device: str, out: Path) 
                      f"{r['agreement']} | {q} |")
     lines += ["", "In-context network forward pass, 128 x 128 target, 16 context slices (median of 5 after a "
               "warm-up): " + ", ".join(f"{d}: {s * 1000:.1f} ms" for d, s in forward.items()), ""]
+    from _notes import kept_notes  # benchmarks/ is on sys.path when run as a script
+
+    notes = kept_notes(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
+    out.write_text("\n".join(lines) + ("\n" + notes if notes else ""))
     print(f"wrote {out}")
 
 
@@ -232,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "prepare":
         prepare(args.folder)
         return 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out.with_suffix(".log"), "w") as log:
+    args.work.mkdir(parents=True, exist_ok=True)
+    with open(args.work / "device_check.log", "w") as log:  # every command's output
         rows = run(args.folder, args.device, args.work, log)
     forward = incontext_forward(args.device)
     report(rows, forward, args.device, args.out)

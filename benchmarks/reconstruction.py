@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _budget(phases: list[str], last: int) -> str:
-    """Slices seen on the CPU and on a GPU, from the model card's phases ("from step N: COMMAND")."""
+    """Steps and slices seen on the CPU and on a GPU, from the model card's phases ("from step N: COMMAND")."""
     import re
 
     spans = []
@@ -280,16 +280,18 @@ def _budget(phases: list[str], last: int) -> str:
         found = re.match(r"from step (\d+): (.*)", text)
         if found:
             batch = re.search(r"--batch (\d+)", found.group(2))
-            spans.append((int(found.group(1)), int(batch.group(1)) if batch else 2, "--device cuda" in found.group(2)))
-    seen = {False: [0, 0], True: [0, 0]}  # on a GPU -> [steps, slices]
-    for (start, batch, gpu), nxt in zip(spans, [s[0] for s in spans[1:]] + [last], strict=True):
-        seen[gpu][0] += max(nxt - start, 0)
-        seen[gpu][1] += max(nxt - start, 0) * batch
-    text = (f"{seen[False][0]} logged steps on this shared 2-core CPU (batch 2; 1-2 torch threads, often beside "
-            f"other training jobs; the first {spans[0][0] if spans else 0} steps predate the phase log)")
-    if seen[True][0]:
-        text += f" and {seen[True][0]} steps of batch 8 on a lent NVIDIA H200 GPU ({seen[True][1]} slices)"
-    return text + f", about {seen[False][1] + seen[True][1] + 2 * (spans[0][0] if spans else last)} simulated slices in all"
+            device = re.search(r"--device (\S+)", found.group(2))
+            spans.append((int(found.group(1)), int(batch.group(1)) if batch else 2,
+                          device.group(1) if device else "cpu"))
+    seen: dict[tuple[str, int], int] = {}  # (device, batch) -> steps
+    for (start, batch, device), nxt in zip(spans, [s[0] for s in spans[1:]] + [last], strict=True):
+        seen[(device, batch)] = seen.get((device, batch), 0) + max(nxt - start, 0)
+    parts = [f"{n} steps of batch {b} on " + ("the CPU" if d == "cpu" else f"`{d}`") for (d, b), n in seen.items()]
+    slices = sum(n * b for (_, b), n in seen.items())
+    before = spans[0][0] if spans else last
+    if before:
+        parts.insert(0, f"{before} early steps that predate the phase log")
+    return ", ".join(parts) + f" ({slices} logged simulated slices)"
 
 
 def _gpu_name(device: str) -> str:
@@ -398,7 +400,8 @@ def write_report(
             "",
             f"The bundled VarNet was trained for {card.extra.get('step')} steps: "
             + _budget(card.extra.get("phases", []), int(card.extra.get("step") or 0))
-            + ", versus ~10^6 slice-steps on GPUs for the published E2E-VarNet. Training phases: "
+            + ", mostly on this shared 2-core CPU (1-2 torch threads, often beside other training jobs), versus "
+            "~10^6 slice-steps on GPUs for the published E2E-VarNet. Training phases: "
             + "; ".join(card.extra.get("phases", [card.command]))
             + ". The training is resumable: rerunning the last command (with a larger `--steps`) continues "
             "from the saved optimiser state in `~/.cache/meddl/train/reconstruction_varnet/state.pt` (elsewhere "

@@ -131,6 +131,8 @@ def make_batch(
 
 def _pool(path: str | None, mni_mm: int) -> list[np.ndarray]:
     """The training slices, from ``path`` (.npz) when it exists; built (and written there) otherwise."""
+    if path is not None and not str(path).endswith(".npz"):
+        path = f"{path}.npz"  # numpy adds the suffix when it writes
     if path is not None and Path(path).is_file():
         with np.load(path) as z:
             return [z[f"s{i}"] for i in range(len(z.files))]
@@ -159,6 +161,17 @@ def _parallel_batches(pool: list[np.ndarray], args, step: int):
                                          num_workers=args.workers, pin_memory=args.device.startswith("cuda"),
                                          prefetch_factor=4, persistent_workers=True)
     return iter(loader)
+
+
+def _to_cpu(tree):
+    """Tensors of a (nested) state dict on the CPU, so that a state saved on a GPU loads anywhere."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return tree
 
 
 def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
@@ -274,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.save(
             {
                 "net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                "opt": opt.state_dict(),
+                "opt": _to_cpu(opt.state_dict()),
                 "step": step,
                 "history": history,
                 "phases": phases,
