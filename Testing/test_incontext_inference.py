@@ -546,3 +546,17 @@ def test_bundled_model_propagates_the_demo_structure(tmp_path):
     assert [i.role for i in items] == ["segmentation", "segmentation"]
     out = io.read(items[1].path, kind="label")
     assert out.spatial_shape == (99, 117, 95) and out.numpy().any()
+
+
+def test_an_alignment_failure_names_the_scan_and_the_way_out(net, monkeypatch):
+    from meddl.incontext import inference
+
+    def fails(*args, **kwargs):
+        raise InputError("fixed image: expected at least 4 voxels along each axis, got (40, 3)")
+
+    monkeypatch.setattr(inference, "align_context", fails)
+    arr = blobs((40, 36), seed=1)
+    target = image(arr)
+    with pytest.raises(InputError, match=r"^context scan 1: fixed image: expected at least 4 voxels .*"
+                                         r"\(--align none uses the scans as they are\)$"):
+        run(target, net, context=[(target, labels(arr > 0.5, target))], config=SegmentConfig(align="deformable"))

@@ -702,7 +702,8 @@ def segment(target: Volume, config: SegmentConfig | None = None,
                 moved, out, cov = align_context(target, img, lab, config.align, config.seed, rep, config.is_mask,
                                                 device=device)
             except InputError as exc:
-                raise InputError(f"context scan {i}: {exc}") from None
+                advice = "" if "--align" in str(exc) else " (--align none uses the scans as they are)"
+                raise InputError(f"context scan {i}: {exc}{advice}") from None
             aligned.append((moved, out))
             covered.append(cov)
         if any(img.ndim != target.ndim for img, _ in context):
