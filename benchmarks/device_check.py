@@ -140,6 +140,10 @@ def run(folder: Path, device: str, work: Path, log) -> list[dict]:
          lambda d, o: ["segment", str(folder / "fixed.nii.gz"), "--context", str(folder / "moving.nii.gz"),
                        str(folder / "moving_mask.nii.gz"), "-o", str(o), "--device", d],
          lambda o: f"Dice {_dice(io.read(o).numpy()[0], fixed_mask):.3f}"),
+        ("segment --context (another scan, deformable)", "label",
+         lambda d, o: ["segment", str(folder / "fixed.nii.gz"), "--context", str(folder / "moving.nii.gz"),
+                       str(folder / "moving_mask.nii.gz"), "--align", "deformable", "-o", str(o), "--device", d],
+         lambda o: f"Dice {_dice(io.read(o).numpy()[0], fixed_mask):.3f}"),
     ]
     rows = []
     for name, kind, command, quality in jobs:
