@@ -78,6 +78,16 @@ def test_known_translation_is_recovered_below_a_voxel():
     assert result.summary["folding_percent"] == 0.0
 
 
+def test_a_given_initial_matrix_replaces_the_prealignment_and_is_in_the_displacement():
+    img = phantom()
+    moving, truth = shifted(img, [3.0, -2.5, 2.0])
+    matrix = np.eye(4)
+    matrix[:3, 3] = truth.numpy()[:, 0, 0, 0]  # the exact answer: fixed point p -> moving point p - t
+    result = register(img, moving, RegistrationConfig(**{**FAST, "iterations": 0}), initial_matrix=matrix)
+    np.testing.assert_allclose(result.affine_matrix, matrix)
+    np.testing.assert_allclose(result.displacement.numpy(), truth.numpy(), atol=1e-3)
+
+
 def test_affine_prealignment_recovers_translation():
     img = phantom()
     moving, _ = shifted(img, [4.0, -3.0, 2.0])

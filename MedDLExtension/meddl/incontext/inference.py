@@ -534,56 +534,34 @@ def align_context(target: Volume, image: Volume, output: Volume, mode: str = "af
         return v.with_data(v.numpy()[:1].astype(np.float32), kind=Kind.INTENSITY)
 
     working = 3.0 if target.ndim == 3 else None  # 2D slices are small: align them at full resolution
-    matrix = prealign(first_channel(target), first_channel(image), "affine" if mode == "deformable" else mode,
-                      seed=seed, reporter=reporter, working_mm=working, option="--align")
-    if mode == "deformable":
-        return _align_deformable(target, image, output, matrix, seed, reporter, nearest, device)
+    fixed, moving = first_channel(target), first_channel(image)
+    matrix = prealign(fixed, moving, "affine" if mode == "deformable" else mode, seed=seed, reporter=reporter,
+                      working_mm=working, option="--align")
+    if mode != "deformable":
+        def resample(vol: Volume, nearest: bool, default: float) -> Volume:
+            return apply_matrix(vol, target, matrix, nearest=nearest, default_value=default)
+    else:
+        from ..registration.pipeline import RegistrationConfig, register
+        from ..transforms import warp
+
+        # the registration network is 3D and trained on brains: instance optimisation serves any example;
+        # it starts from this affine, and its displacement includes it (one resampling from the original)
+        config = RegistrationConfig(method="optimisation", similarity="lncc", inverse=False, seed=seed,
+                                    device=str(device))
+        # the registration's messages and cancel checks, at the caller's current fraction
+        quiet = reporter.stage(0.0, 0.0) if isinstance(reporter, Reporter) else reporter
+        field = register(fixed, moving, config, progress=quiet, initial_matrix=matrix).displacement
+
+        def resample(vol: Volume, nearest: bool, default: float) -> Volume:
+            return warp(vol, field, "nearest" if nearest else "linear", default_value=default)
+
     arr = image.numpy().astype(np.float32)
-    moved = apply_matrix(image.with_data(arr), target, matrix, default_value=float("nan")).numpy()
+    moved = resample(image.with_data(arr), False, float("nan")).numpy()
     covered = np.isfinite(moved[0])
     lowest = arr.reshape(arr.shape[0], -1).min(1)
     moved = np.where(np.isfinite(moved), moved, lowest.reshape(-1, *[1] * target.ndim)).astype(np.float32)
     nearest = output.kind is Kind.LABEL if nearest is None else nearest
-    out = apply_matrix(output, target, matrix, nearest=nearest)
-    return Volume(moved, target.affine, image.kind, dict(image.meta)), out, covered
-
-
-def _align_deformable(target: Volume, image: Volume, output: Volume, matrix: np.ndarray, seed: int, reporter,
-                      nearest: bool | None, device) -> tuple[Volume, Volume, np.ndarray]:
-    """``align_context``'s ``deformable`` mode, after the affine ``matrix`` (target point -> example point).
-
-    The example's first channel, affinely resampled onto the target's grid, is registered to the
-    target (no second affine); the field ``u`` and the matrix are composed, ``p -> M (p + u(p))``, so
-    the example's image and output are each resampled once, from the original.
-    """
-    from ..registration.affine import apply_matrix
-    from ..registration.pipeline import RegistrationConfig, register
-    from ..transforms import warp
-
-    first = image.with_data(image.numpy()[:1].astype(np.float32), kind=Kind.INTENSITY)
-    moving = apply_matrix(first, target, matrix, default_value=float(first.numpy().min()))
-    fixed = target.with_data(target.numpy()[:1].astype(np.float32), kind=Kind.INTENSITY)
-    # the registration network is 3D and trained on brains: instance optimisation serves any example
-    config = RegistrationConfig(method="optimisation", similarity="lncc", affine="none", inverse=False, seed=seed,
-                                device=str(device))
-    # the registration's messages and cancel checks, at the caller's current fraction
-    quiet = reporter.stage(0.0, 0.0) if isinstance(reporter, Reporter) else reporter
-    u = register(fixed, moving, config, progress=quiet).displacement.numpy().astype(np.float64)
-    nd = target.ndim
-    ijk = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in target.spatial_shape], indexing="ij")
-    a, m = np.asarray(target.affine, np.float64), np.asarray(matrix, np.float64)
-    points = [sum(a[r, c] * ijk[c] for c in range(nd)) + a[r, 3] for r in range(3)]  # target grid, RAS mm
-    shifted = [points[r] + (u[r] if r < nd else 0.0) for r in range(3)]
-    mapped = [sum(m[r, c] * shifted[c] for c in range(3)) + m[r, 3] for r in range(nd)]
-    field = Volume(np.stack([mapped[r] - points[r] for r in range(nd)]).astype(np.float32), target.affine,
-                   Kind.DISPLACEMENT)
-    arr = image.numpy().astype(np.float32)
-    moved = warp(image.with_data(arr), field, "linear", default_value=float("nan")).numpy()
-    covered = np.isfinite(moved[0])
-    lowest = arr.reshape(arr.shape[0], -1).min(1)
-    moved = np.where(np.isfinite(moved), moved, lowest.reshape(-1, *[1] * target.ndim)).astype(np.float32)
-    nearest = output.kind is Kind.LABEL if nearest is None else nearest
-    out = warp(output, field, "nearest" if nearest else "linear")
+    out = resample(output, nearest, 0.0)
     return Volume(moved, target.affine, image.kind, dict(image.meta)), out, covered
 
 

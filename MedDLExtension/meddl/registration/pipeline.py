@@ -366,6 +366,7 @@ def register(
     progress: ProgressCallback | Reporter | None = None,
     cancel: CancelToken | None = None,
     moving_labels: Volume | None = None,
+    initial_matrix: np.ndarray | None = None,
 ) -> RegistrationResult:
     """Deformable, diffeomorphic registration of ``moving`` onto ``fixed``.
 
@@ -376,6 +377,8 @@ def register(
         progress: callback ``(fraction, message)`` or a :class:`~meddl.progress.Reporter`.
         cancel: token; a cancel stops at the next step with :class:`~meddl.errors.Cancelled`.
         moving_labels: a label map on the moving grid, warped nearest-neighbour.
+        initial_matrix: a pre-alignment the caller already has (4x4 RAS, fixed point -> moving
+            point), used instead of ``config.affine``'s; the displacement includes it.
 
     Returns:
         :class:`RegistrationResult` (warped image, displacement, Jacobian, inverse, labels, summary).
@@ -400,7 +403,7 @@ def register(
             raise InputError("method network: the registration network is 3D; use --method optimisation for 2D images")
         method = Method.OPTIMISATION
         notes.append("2D pair: the 3D network was skipped (optimisation only)")
-    if config.affine is AffineMode.NONE and overlap_fraction(fixed, moving) <= 0.0:
+    if initial_matrix is None and config.affine is AffineMode.NONE and overlap_fraction(fixed, moving) <= 0.0:
         raise InputError(
             "fixed and moving images: their fields of view do not overlap in physical space; "
             "use --affine center or affine to bring them together"
@@ -420,7 +423,10 @@ def register(
     rep(0.0, "affine pre-alignment")
     timings: dict[str, float] = {}
     tick = time.perf_counter()
-    matrix = prealign(fixed, moving, config.affine, seed=config.seed, reporter=rep)
+    if initial_matrix is None:
+        matrix = prealign(fixed, moving, config.affine, seed=config.seed, reporter=rep)
+    else:
+        matrix = np.asarray(initial_matrix, dtype=np.float64)
     timings["affine"] = time.perf_counter() - tick
     rep(0.15, "preparing")
     fixed_t, fixed_aff = _working_copy(torch.from_numpy(_normalise(fixed))[None, None].to(device), fixed.affine,
