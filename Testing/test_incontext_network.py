@@ -125,11 +125,12 @@ def test_training_resumes_with_the_new_learning_rate(tmp_path):
     common = ["--out", str(tmp_path), "--size", "32", "--features", "4,8", "--batch", "2", "--max-context", "2",
               "--bank", str(tmp_path / "bank.npz"), "--state", str(tmp_path / "optim.pt"), "--save-minutes", "100"]
     assert main([*common, "--steps", "3", "--lr", "1e-3"]) == 0
-    assert main([*common, "--steps", "2", "--lr", "2e-4", "--resume"]) == 0
+    assert main([*common, "--steps", "2", "--lr", "2e-4", "--resume", "--copies", "1", "--copies-to", "3"]) == 0
     card = json.loads((tmp_path / "incontext_brain2d.json").read_text())
     assert card["training"]["steps"] == 5
     assert [r["lr"] for r in card["training"]["runs"]] == [1e-3, 2e-4]
-    assert "--resume" in card["command"] and "--lr 0.0002" in card["command"]
+    assert "--resume" in card["command"] and "--lr 0.0002 --copies 1 --copies-to 3" in card["command"]
+    assert "val_dice_heldout_scans_context1_copies16" in card["metrics"]
     saved = torch.load(tmp_path / "optim.pt", weights_only=True)
     assert saved["step"] == 5 and all(g["lr"] == 2e-4 for g in saved["optimizer"]["param_groups"])
 
@@ -149,3 +150,25 @@ def test_other_scan_pairs_each_get_their_own_warp_and_intensities():
     assert max(diffs) < 0.3  # but stays the same structure
     # the mask follows its image: the warped image is still bright where the warped mask is set
     assert float(img[out > 0].mean()) > float(img[out == 0].mean()) + 0.1
+
+
+def test_copies_complete_a_small_context_as_inference_does():
+    from meddl.incontext.inference import augment_context, context_warps
+    from meddl.incontext.tasks import with_copies
+
+    g = torch.Generator().manual_seed(3)
+    imgs = _smooth(4, 32, g)
+    inp = torch.cat([imgs, torch.zeros_like(imgs)], 1).reshape(2, 2, 2, 32, 32)
+    out = torch.cat([(imgs[:2] > 0.5).float(), imgs[2:]]).reshape(2, 2, 1, 32, 32)  # a mask task, an image task
+    batch = Batch(inp[:, 0], inp[:, 1:], out[:, 1:], out[:, 0], torch.tensor([True, False]), ["m", "i"])
+    seed_gen = torch.Generator().manual_seed(5)
+    done = with_copies(batch, 6, seed_gen)
+    assert done.context_in.shape == (2, 6, 2, 32, 32) and done.context_out.shape == (2, 6, 1, 32, 32)
+    assert torch.equal(done.context_in[:, :1], batch.context_in) and torch.equal(done.target, batch.target)
+    assert set(torch.unique(done.context_out[0]).tolist()) <= {0.0, 1.0}  # mask copies stay binary
+    assert len(torch.unique(done.context_out[1])) > 10  # image copies are warped, not thresholded
+    # the mask item's copies are exactly inference's augment_context under the same warps
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(5)))
+    ci, co = augment_context(batch.context_in[:1], batch.context_out[:1], context_warps(5, 32, seed))
+    assert torch.allclose(done.context_in[:1], ci) and torch.equal(done.context_out[:1], co)
+    assert with_copies(done, 6, seed_gen) is done  # a context already that large is left alone

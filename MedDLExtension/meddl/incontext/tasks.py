@@ -36,7 +36,7 @@ import torch
 from torch.nn import functional as F
 
 __all__ = ["ATLASES", "HELD_OUT", "SliceBank", "Batch", "held_out_labels", "training_labels",
-           "build_bank", "sample_batch", "validation_tasks"]
+           "build_bank", "sample_batch", "with_copies", "validation_tasks"]
 
 ATLASES = ("aal", "harvard_oxford_cortical", "jhu_white_matter", "natbrainlab")
 #: per atlas, the label values used as held-out structures (never a training target)
@@ -457,10 +457,34 @@ def sample_batch(bank: SliceBank, batch: int, context: int, g: torch.Generator, 
                  [i[3] for i in items])
 
 
+def with_copies(batch: Batch, total: int, g: torch.Generator) -> Batch:
+    """``batch`` with its context completed to ``total`` pairs by deformed copies, as inference does
+    for a context smaller than ``SegmentConfig.augment`` (``meddl.incontext.inference.augment_context``
+    with ``context_warps`` of a seed drawn from ``g``); image-task outputs are warped, not thresholded."""
+    from .inference import context_warps
+
+    b, k, c, s, _ = batch.context_in.shape
+    if k >= total:
+        return batch
+    copies = -(-(total - k) // k)
+    grids = context_warps(copies, s, int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+    both = torch.cat([batch.context_in, batch.context_out], 2).reshape(b * k, c + 1, s, s)
+    warped = F.grid_sample(both.repeat_interleave(copies, 0), grids.repeat(b * k, 1, 1, 1), mode="bilinear",
+                           padding_mode="zeros", align_corners=False).reshape(b, k * copies, c + 1, s, s)
+    outs = warped[:, :, c:]
+    outs = torch.where(batch.is_mask.view(b, 1, 1, 1, 1), (outs > 0.5).to(outs.dtype), outs)
+    return Batch(batch.target, torch.cat([batch.context_in, warped[:, :, :c]], 1),
+                 torch.cat([batch.context_out, outs], 1), batch.truth, batch.is_mask, batch.names)
+
+
 def validation_tasks(bank: SliceBank, count: int = 24, context: int = 4, seed: int = 1234,
-                     scans: bool = False) -> list[Batch]:
+                     scans: bool = False, copies_to: int = 0) -> list[Batch]:
     """Fixed held-out segmentation tasks (held-out structures, real MNI152 T1 inputs, no augmentation);
-    ``scans``: every task in the other-scans form (see :func:`sample_task`)."""
+    ``scans``: every task in the other-scans form (see :func:`sample_task`); ``copies_to``: contexts
+    completed with deformed copies as inference completes them (:func:`with_copies`, fixed warps)."""
     g = torch.Generator().manual_seed(seed)
-    return [sample_batch(bank, 1, context, g, held_out=True, augment=False, scans=1.0 if scans else 0.0)
-            for _ in range(count)]
+    tasks = [sample_batch(bank, 1, context, g, held_out=True, augment=False, scans=1.0 if scans else 0.0)
+             for _ in range(count)]
+    if copies_to:
+        tasks = [with_copies(t, copies_to, g) for t in tasks]
+    return tasks

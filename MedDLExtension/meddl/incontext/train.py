@@ -109,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scans", type=float, default=0.0,
                    help="share of segmentation tasks whose context imitates other scans (same position, each "
                         "pair with its own warp and intensities) instead of nearby slices of one scan")
+    p.add_argument("--copies", type=float, default=0.0,
+                   help="share of batches drawn with 1 to 3 context pairs completed to --copies-to by deformed "
+                        "copies, as `meddl segment` completes a small context (SegmentConfig.augment)")
+    p.add_argument("--copies-to", type=int, default=16)
     return p
 
 
@@ -143,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     val1 = tasks.validation_tasks(bank, 24, context=1)
     scans1 = tasks.validation_tasks(bank, 24, context=1, scans=True)
     scans8 = tasks.validation_tasks(bank, 24, context=8, scans=True)
+    scans1c = tasks.validation_tasks(bank, 24, context=1, scans=True, copies_to=16)
     start = history["steps"]
     g = torch.Generator().manual_seed(args.seed * 1000003 + start)
     t0 = time.time()
@@ -152,20 +157,26 @@ def main(argv: list[str] | None = None) -> int:
     log_every = 20
 
     def sample(step: int):
+        if args.copies and torch.rand(1, generator=g).item() < args.copies:
+            ctx = int(torch.randint(1, 4, (1,), generator=g))
+            return tasks.with_copies(tasks.sample_batch(bank, args.batch, ctx, g, scans=args.scans),
+                                     args.copies_to, g)
         ctx = int(torch.randint(1, args.max_context + 1, (1,), generator=g))
         return tasks.sample_batch(bank, args.batch, ctx, g, scans=args.scans)
 
     def save(step: int, running: float) -> None:
         d4, d1 = evaluate_dice(net, val), evaluate_dice(net, val1)
-        s1, s8 = evaluate_dice(net, scans1), evaluate_dice(net, scans8)
+        s1, s8, s1c = evaluate_dice(net, scans1), evaluate_dice(net, scans8), evaluate_dice(net, scans1c)
         net.train()
         elapsed = history["seconds"] + (time.time() - t0)
         training = {**history, "steps": step, "seconds": round(elapsed, 1), "size": args.size,
-                    "batch": args.batch, "max_context": args.max_context, "lr": args.lr, "scans": args.scans}
+                    "batch": args.batch, "max_context": args.max_context, "lr": args.lr, "scans": args.scans,
+                    "copies": args.copies}
         loss = None if math.isnan(running) else round(running, 4)  # unknown after an interrupt
         metrics = {"train_loss_ema": loss, "val_dice_heldout_context4": round(d4, 4),
                    "val_dice_heldout_context1": round(d1, 4), "val_dice_heldout_scans_context1": round(s1, 4),
-                   "val_dice_heldout_scans_context8": round(s8, 4)}
+                   "val_dice_heldout_scans_context8": round(s8, 4),
+                   "val_dice_heldout_scans_context1_copies16": round(s1c, 4)}
         models.save_model(
             net, out, args.name, arguments,
             training_data={
@@ -179,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "white-matter mask: never a training target",
             },
             command=f"python -m meddl.incontext.train --resume --minutes {args.minutes:g} --lr {args.lr:g}"
-                    + (f" --scans {args.scans:g}" if args.scans else ""),
+                    + (f" --scans {args.scans:g}" if args.scans else "")
+                    + (f" --copies {args.copies:g} --copies-to {args.copies_to}" if args.copies else ""),
             metrics=metrics,
             training=training,
             input_size=args.size,
@@ -200,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         return time.time() - t0 > budget
 
     history.setdefault("runs", []).append({"start_step": start, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                           "lr": args.lr, "threads": args.threads, "scans": args.scans})
+                                           "lr": args.lr, "threads": args.threads, "scans": args.scans,
+                                           "copies": args.copies})
     try:
         step, running = fit(net, sample, args.steps, optimizer=opt, log=log, stop=stop, start_step=start)
     except KeyboardInterrupt:
