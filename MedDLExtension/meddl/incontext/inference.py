@@ -430,17 +430,21 @@ def context_warps(copies: int, size: int, seed: int, device=None) -> torch.Tenso
     return grid.to(device)
 
 
-def augment_context(images: torch.Tensor, outputs: torch.Tensor, grids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Context ``(B, k, C, S, S)`` / masks ``(B, k, 1, S, S)`` plus each slice under every warp of
-    ``grids`` (masks thresholded again): ``k * (1 + len(grids))`` pairs, in an order that follows
-    the given one, so the set (hence the network's answer) does not depend on it."""
+def augment_context(images: torch.Tensor, outputs: torch.Tensor, grids: torch.Tensor,
+                    binary: bool | torch.Tensor = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context ``(B, k, C, S, S)`` / outputs ``(B, k, 1, S, S)`` plus each slice under every warp of
+    ``grids``: ``k * (1 + len(grids))`` pairs, in an order that follows the given one, so the set
+    (hence the network's answer) does not depend on it. Warped outputs are thresholded again where
+    ``binary`` (a bool, or one per item ``(B,)``: masks yes, image-task outputs no)."""
     b, k, c, s, _ = images.shape
     m = grids.shape[0]
     both = torch.cat([images, outputs], 2).reshape(b * k, c + 1, s, s)
     warped = F.grid_sample(both.repeat_interleave(m, 0), grids.repeat(b * k, 1, 1, 1), mode="bilinear",
                            padding_mode="zeros", align_corners=False).reshape(b, k * m, c + 1, s, s)
-    return (torch.cat([images, warped[:, :, :c]], 1),
-            torch.cat([outputs, (warped[:, :, c:] > 0.5).to(outputs.dtype)], 1))
+    outs = warped[:, :, c:]
+    binary = torch.as_tensor(binary, device=outs.device).reshape(-1, 1, 1, 1, 1)
+    outs = torch.where(binary, (outs > 0.5).to(outputs.dtype), outs)
+    return torch.cat([images, warped[:, :, :c]], 1), torch.cat([outputs, outs], 1)
 
 
 @torch.no_grad()

@@ -461,20 +461,14 @@ def with_copies(batch: Batch, total: int, g: torch.Generator) -> Batch:
     """``batch`` with its context completed to ``total`` pairs by deformed copies, as inference does
     for a context smaller than ``SegmentConfig.augment`` (``meddl.incontext.inference.augment_context``
     with ``context_warps`` of a seed drawn from ``g``); image-task outputs are warped, not thresholded."""
-    from .inference import context_warps
+    from .inference import augment_context, context_warps
 
-    b, k, c, s, _ = batch.context_in.shape
+    k, s = batch.context_in.shape[1], batch.context_in.shape[-1]
     if k >= total:
         return batch
-    copies = -(-(total - k) // k)
-    grids = context_warps(copies, s, int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-    both = torch.cat([batch.context_in, batch.context_out], 2).reshape(b * k, c + 1, s, s)
-    warped = F.grid_sample(both.repeat_interleave(copies, 0), grids.repeat(b * k, 1, 1, 1), mode="bilinear",
-                           padding_mode="zeros", align_corners=False).reshape(b, k * copies, c + 1, s, s)
-    outs = warped[:, :, c:]
-    outs = torch.where(batch.is_mask.view(b, 1, 1, 1, 1), (outs > 0.5).to(outs.dtype), outs)
-    return Batch(batch.target, torch.cat([batch.context_in, warped[:, :, :c]], 1),
-                 torch.cat([batch.context_out, outs], 1), batch.truth, batch.is_mask, batch.names)
+    grids = context_warps(-(-(total - k) // k), s, int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+    ci, co = augment_context(batch.context_in, batch.context_out, grids, binary=batch.is_mask)
+    return Batch(batch.target, ci, co, batch.truth, batch.is_mask, batch.names)
 
 
 def validation_tasks(bank: SliceBank, count: int = 24, context: int = 4, seed: int = 1234,
