@@ -560,3 +560,33 @@ def test_an_alignment_failure_names_the_scan_and_the_way_out(net, monkeypatch):
     with pytest.raises(InputError, match=r"^context scan 1: fixed image: expected at least 4 voxels .*"
                                          r"\(--align none uses the scans as they are\)$"):
         run(target, net, context=[(target, labels(arr > 0.5, target))], config=SegmentConfig(align="deformable"))
+
+
+def test_the_painting_axis_is_found_by_count_of_painted_slices_with_gaps(net):
+    from meddl.incontext.inference import _pick_axis
+
+    arr = smooth_volume((64, 64, 20), seed=2)
+    target = image(arr)
+    partial = np.zeros(arr.shape, np.int16)
+    partial[20:26, 30:36, [4, 10, 16]] = 1  # a small square on 3 of 20 slices: 6 rows cross it
+    out = run(target, net, annotated=labels(partial, target))
+    assert out.meta["axis"] == 2 and out.meta["filled_slices"] == 17
+    many = np.zeros(arr.shape, np.int16)
+    many[20:26, 30:36, ::2] = 1  # 10 painted slices, every other one; still fewer rows, but no gaps there
+    assert _pick_axis(target, SegmentConfig(), many) == 2
+    one = np.zeros(arr.shape, np.int16)
+    one[20:26, 30:36, 7] = 1  # one painted slice: no axis has gaps, the fewest slices wins
+    assert _pick_axis(target, SegmentConfig(), one) == 2
+
+
+def test_a_painted_slice_without_the_label_stops_the_label_between_painted_slices(net):
+    arr = smooth_volume((20, 20, 13), seed=4)
+    target = image(arr)
+    partial = np.zeros(arr.shape, np.int16)
+    partial[5:15, 5:15, [2, 10]] = 1  # label 1 painted on slices 2 and 10
+    partial[0:3, 0:3, 6] = 2  # slice 6 painted, with label 2 only: label 1 has ended there
+    out = run(target, net, annotated=labels(partial, target), config=SegmentConfig(axis=2, prior=1.0, labels=(1,)))
+    result = out.numpy()[0]
+    # full shape interpolation between 2 (square) and 6 (empty): a quarter of the square at 5, three at 3
+    assert (result[:, :, [5, 7]] == 1).sum() == 0
+    assert (result[5:15, 5:15, [3, 9]] == 1).all()
