@@ -590,3 +590,23 @@ def test_a_painted_slice_without_the_label_stops_the_label_between_painted_slice
     # full shape interpolation between 2 (square) and 6 (empty): a quarter of the square at 5, three at 3
     assert (result[:, :, [5, 7]] == 1).sum() == 0
     assert (result[5:15, 5:15, [3, 9]] == 1).all()
+
+
+def test_labels_on_another_grid_of_the_same_size_are_refused(net):
+    arr = smooth_volume((16, 16, 8), 1)
+    target = image(arr)
+    moved = Volume((arr > 0.5)[None].astype(np.int16), affine_from_geometry([1.0] * 3, [9.0, 3.0, 3.0]), Kind.LABEL)
+    with pytest.raises(InputError, match=r"annotated: expected the target's grid, got the same size at another"):
+        run(target, net, annotated=moved)
+    img = image(smooth_volume((16, 16, 8), 2))
+    with pytest.raises(InputError, match=r"context pair 1: expected the label on its image's grid"):
+        run(target, net, context=[(img, moved)])
+
+
+def test_label_values_beyond_int16_come_back_unchanged(net):
+    arr = smooth_volume((20, 20, 12), seed=5)
+    target = image(arr)
+    partial = np.zeros(arr.shape, np.int32)
+    partial[:, :, [3, 8]] = np.where(arr[:, :, [3, 8]] > 0.5, 40000, 0)
+    out = run(target, net, annotated=target.with_data(partial[None], kind=Kind.LABEL)).numpy()[0]
+    assert set(np.unique(out)) == {0, 40000} and np.array_equal(out[:, :, [3, 8]], partial[:, :, [3, 8]])

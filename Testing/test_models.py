@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
+import numpy as np
 import pytest
 import torch
 from meddl import models
@@ -116,3 +118,29 @@ def test_bundled_cards_match_their_weights():
 def test_plain_pickle_is_what_we_avoid():
     """Sanity check of the exploit object itself: ordinary pickle would execute it."""
     assert pickle.dumps(_Exploit(), protocol=2)
+
+
+def test_weights_of_another_kind_of_network_are_refused_by_name(saved):
+    _, _, folder = saved
+    net, _ = models.load_model("tiny", folder / "tiny.pt", architecture="meddl.nets.unet:UNet")
+    with pytest.raises(ModelError, match=r"tiny.pt: holds a 'tiny' model \(UNet\), expected InContextNet weights for 'x'"):
+        models.load_model("x", folder / "tiny.pt", architecture="meddl.incontext.network:InContextNet")
+
+
+def test_segment_with_the_weights_of_another_capability_is_one_error_line(tmp_path, capsys):
+    from meddl import io
+    from meddl.cli import main
+    from meddl.volume import Kind, Volume
+
+    img = Volume(np.random.default_rng(0).random((1, 16, 16, 8)).astype(np.float32), np.eye(4))
+    lab = img.with_data((img.data > 0.5).astype(np.int16), kind=Kind.LABEL)
+    lab.data[..., 1:7] = 0
+    io.write(img, tmp_path / "t.nii.gz")
+    io.write(lab, tmp_path / "l.nii.gz")
+    varnet = models.models_dir() / "reconstruction_varnet.pt"
+    code = main(["segment", str(tmp_path / "t.nii.gz"), "--annotated", str(tmp_path / "l.nii.gz"),
+                 "--weights", str(varnet), "--out", str(tmp_path / "o.nii.gz")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert re.match(r"error: model file .*reconstruction_varnet.pt: holds a 'reconstruction_varnet' model \(VarNet\), "
+                    r"expected InContextNet weights", err[0])

@@ -687,3 +687,32 @@ def test_logic_module_imports_no_gui():
                                        env={**os.environ, "PYTHONPATH": str(Path(mrml.__file__).parent.parent)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_context_examples_are_matched_by_segment_name_not_order(scene, fake, rng):
+    from meddl import io
+
+    target = _volume_node(scene, rng.normal(size=(1, 8, 7, 5)).astype(np.float32), "target")
+    first = _segmentation(scene, name="ex0 seg")  # liver 1, spleen 2
+    labels = np.zeros((1, 8, 7, 5), np.uint8)
+    labels[0, 2:4, 2:4, 1:3] = 1  # this example numbers spleen 1, liver 2, and adds a kidney
+    labels[0, 5:7, 4:6, 2:4] = 2
+    labels[0, 0:2, 0:2, 0:2] = 3
+    second = mrml.labels_to_segmentation_node(
+        Volume(labels, _affine(), Kind.LABEL), scene,
+        [mrml.SegmentInfo(1, "spleen", (0.2, 0.2, 0.8)), mrml.SegmentInfo(2, "liver", (0.8, 0.2, 0.2)),
+         mrml.SegmentInfo(3, "kidney", (0.2, 0.8, 0.2))], name="ex1 seg")
+    pairs = [(_volume_node(scene, rng.normal(size=(1, 8, 7, 5)).astype(np.float32), f"ex{i}"), seg)
+             for i, seg in enumerate((first, second))]
+    logic = InContextSegmentationLogic(runner=fake.runner, keep_files=True)
+    result = logic.run(target, context=pairs)
+    argv = fake.record()["argv"]
+    start = argv.index("--context") + 1
+    a = io.read(argv[start + 1], kind="label").numpy()[0]
+    b = io.read(argv[start + 3], kind="label").numpy()[0]
+    liver, spleen = int(a[2, 2, 1]), int(a[5, 4, 2])
+    assert (liver, spleen) == (1, 2)
+    assert int(b[2, 2, 1]) == spleen and int(b[5, 4, 2]) == liver  # the second example renumbered by name
+    assert int(b[0, 0, 0]) == 3  # a name the first example lacks takes a free value
+    names = {result.segmentation.GetSegmentation().GetSegment(i).GetName() for i in result.segment_ids}
+    assert {"liver (in-context)", "spleen (in-context)"} <= names

@@ -138,10 +138,18 @@ def _build(card: ModelCard):
     return cls(**card.arguments)
 
 
-def load_model(name: str, path: str | os.PathLike | None = None, device: object = "cpu"):
-    """Build the network named in the card and load its verified weights; returns ``(module, card)``."""
+def load_model(name: str, path: str | os.PathLike | None = None, device: object = "cpu",
+               architecture: str | None = None):
+    """Build the network named in the card and load its verified weights; returns ``(module, card)``.
+
+    ``architecture`` (``"module:Class"``): the kind of network the caller can use; a card of another
+    (e.g. the weights of another capability given by mistake) is refused before anything is built.
+    """
     weights, card_path = find_model(name, path)
     card = ModelCard.read(card_path)
+    if architecture is not None and card.architecture != architecture:
+        raise ModelError(f"model file {weights}: holds a '{card.name}' model ({card.architecture.split(':')[-1]}), "
+                         f"expected {architecture.split(':')[-1]} weights for '{name}'")
     state = load_state_dict(weights, card)
     net = _build(card)
     try:

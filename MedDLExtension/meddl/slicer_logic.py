@@ -323,14 +323,20 @@ class MedDLLogic:
         return path
 
     def _write_labels(self, node: Any, path: Path, role: str, reference: Any = None,
-                      segment_ids: Sequence[str] | None = None) -> list:
+                      segment_ids: Sequence[str] | None = None, known: list | None = None) -> list:
+        """Export ``node`` to a label map at ``path``; its segments. With ``known`` (the segments of
+        earlier examples), segments are matched by name: a name seen before gets that label value,
+        a new one the next free value, and the union is returned."""
         from . import io
 
         labels, segments = self._mrml().segmentation_node_to_labels(node, reference=reference, segment_ids=segment_ids)
         if not segments:
             raise InputError(f"meddl {self.command}: the {role} '{node.GetName()}' has no segments to use")
+        segments = list(segments)
+        if known is not None:
+            labels, segments = _match_segments_by_name(labels, segments, known)
         io.write(labels, path, compress=False)
-        return list(segments)
+        return segments
 
     @staticmethod
     def _flags(device: Any, seed: int | None) -> list[str]:
@@ -357,6 +363,35 @@ class MedDLLogic:
 
 def _wanted(target: Any) -> bool:
     return target is not None and target is not False
+
+
+def _match_segments_by_name(labels: Any, found: list, known: list) -> tuple[Any, list]:
+    """``labels`` (a label Volume with segments ``found``) renumbered so that a segment named like
+    one of ``known`` takes its value and a new name the smallest value not yet used; returns the
+    renumbered labels and ``known`` plus the new segments (examples exported one by one number
+    their untagged segments in their own order, so liver can be 1 in one and 2 in the next)."""
+    import dataclasses
+
+    import numpy as np
+
+    union = list(known)
+    value_of = {s.name: s.label for s in union}
+    used = {s.label for s in union}
+    mapping: dict[int, int] = {}
+    for seg in found:
+        if seg.name not in value_of:
+            new = seg.label if seg.label not in used else min(set(range(1, len(used) + 2)) - used)
+            value_of[seg.name] = new
+            used.add(new)
+            union.append(dataclasses.replace(seg, label=new))
+        mapping[seg.label] = value_of[seg.name]
+    if all(old == new for old, new in mapping.items()):
+        return labels, union
+    arr = labels.numpy()[0]
+    out = np.zeros(arr.shape, np.int32)
+    for old, new in mapping.items():
+        out[arr == old] = new
+    return labels.with_data(out[None]), union
 
 
 def _existing(target: Any) -> Any:
@@ -785,7 +820,9 @@ class InContextSegmentationLogic(MedDLLogic):
 
         Give either ``segmentation`` with ``segment_id`` (a segment painted on a few slices of
         the target) or ``context``: ``(volume node, segmentation node or label map node)`` example
-        pairs; for an image task, ``(volume node, output volume node)`` pairs.
+        pairs; for an image task, ``(volume node, output volume node)`` pairs. Segments of different
+        example segmentations are the same structure when they have the same name (whatever their
+        order); label map examples are taken by value.
 
         ``output_mode``: ``"new segment"`` adds the result to ``output_segmentation`` (default: the
         painted segmentation, or a new segmentation node); ``"replace segment"`` replaces the
@@ -855,8 +892,8 @@ class InContextSegmentationLogic(MedDLLogic):
                         if image_task:
                             raise InputError(f"context example {i + 1}: task '{task}' expected an output volume, "
                                              f"got the segmentation '{example.GetName()}'")
-                        found = self._write_labels(example, path, f"context segmentation {i + 1}", reference=vol)
-                        segments = segments or found
+                        segments = self._write_labels(example, path, f"context segmentation {i + 1}", reference=vol,
+                                                      known=segments)
                     else:
                         self._write_volume(example, path, f"context output {i + 1}",
                                            kind=None if image_task else "label")

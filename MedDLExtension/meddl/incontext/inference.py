@@ -14,7 +14,8 @@
 - **2D**: a 2D target with 2D context pairs (aligned in 2D the same way).
 
 Slices are resized to the network's working size (``input_size`` in the model card), intensities
-scaled per volume to [0, 1] by the 99.9th percentile. Image tasks (denoising and others) take
+divided per volume by the 99.9th percentile of their absolute values (so a non-negative MR scan
+lies in about [0, 1]; negative values such as CT's air stay negative). Image tasks (denoising and others) take
 image outputs in the context and return an intensity volume in the target's scale.
 """
 
@@ -176,7 +177,8 @@ def load_network(weights: str | None = None, device: torch.device | str = "cpu")
 
     key = f"{weights}|{device}"
     if key not in _CACHE:
-        net, card = models.load_model(DEFAULT_NAME, weights, device=device)
+        net, card = models.load_model(DEFAULT_NAME, weights, device=device,
+                                       architecture="meddl.incontext.network:InContextNet")
         _CACHE[key] = (net, int(card.extra.get("input_size", 96)))
     return _CACHE[key]
 
@@ -224,6 +226,11 @@ def _integer_labels(vol: Volume, role: str) -> np.ndarray:
     if np.any(arr < 0):
         raise InputError(f"{role}: expected non-negative labels, got a minimum of {arr.min()}")
     return arr.astype(np.int64)
+
+
+def _label_dtype(labels: np.ndarray) -> type:
+    """int16 (what Slicer's label maps use) unless a label value needs more."""
+    return np.int16 if labels.size == 0 or int(labels.max()) <= np.iinfo(np.int16).max else np.int32
 
 
 @dataclass
@@ -622,6 +629,9 @@ def segment(target: Volume, config: SegmentConfig | None = None,
         if annotated.spatial_shape != target.spatial_shape:
             raise InputError(f"annotated: expected the target's size {target.spatial_shape}, "
                              f"got {annotated.spatial_shape}")
+        if not annotated.same_grid(target, atol=1e-3):
+            raise InputError("annotated: expected the target's grid, got the same size at another position or "
+                             "orientation; resample the label map onto the target first")
         labels_arr = _integer_labels(annotated, "annotated")
         if not labels_arr.any():
             raise InputError("annotated: expected at least one painted slice, got an empty label map; "
@@ -658,7 +668,7 @@ def segment(target: Volume, config: SegmentConfig | None = None,
                     p = mix_prior(p, masks, marks, near, config.prior)
                 best.update(p, v, reach)
             result[todo] = best.labels(config.threshold)
-        data = np.moveaxis(result, 0, axis)[None].astype(np.int16)
+        data = np.moveaxis(result, 0, axis)[None].astype(_label_dtype(result))
         rep(1.0, "done")
         return Volume(data, target.affine, Kind.LABEL,
                       {"task": "segmentation", "mode": "propagation", "axis": axis, "notices": notices,
@@ -671,6 +681,9 @@ def segment(target: Volume, config: SegmentConfig | None = None,
         if img.spatial_shape != lab.spatial_shape:
             raise InputError(f"context pair {i}: expected the label to have the image's size {img.spatial_shape}, "
                              f"got {lab.spatial_shape}")
+        if not lab.same_grid(img, atol=1e-3):
+            raise InputError(f"context pair {i}: expected the label on its image's grid, got the same size at another "
+                             "position or orientation; resample the label onto its image first")
         if img.channels != target.channels:
             raise InputError(f"context pair {i}: expected {target.channels} channel(s) like the target, "
                              f"got {img.channels}")
@@ -773,7 +786,7 @@ def segment(target: Volume, config: SegmentConfig | None = None,
                 p = _mix_votes(p, voters, v, config.atlas_prior)
             best.update(p, v)
         result = best.labels(config.threshold)
-        data = _unslice(result[:, None], axis, target.ndim).astype(np.int16)
+        data = _unslice(result[:, None], axis, target.ndim).astype(_label_dtype(result))
         kind = Kind.LABEL
     else:
         outs = torch.cat([_resize(o, (size, size)) for o in raw_out])

@@ -20,8 +20,9 @@ segmentation tasks imitates context from *other scans* (``meddl segment --contex
 affine alignment): every pair is the same position (+-1 slice) under its own residual affine,
 smooth elastic warp, gamma and bias field, as different subjects' slices would differ.
 
-Held-out structures (:data:`HELD_OUT`: every fifth label of each atlas, and the white-matter
-mask) never appear as targets; validation and the benchmark use them.
+Held-out structures (``SliceBank.held_out``, from :func:`held_out_labels`: every fifth label of
+each atlas) never appear as targets, nor does the MNI152 white-matter mask; validation and the
+benchmark use the held-out atlas labels.
 """
 
 from __future__ import annotations
@@ -35,12 +36,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-__all__ = ["ATLASES", "HELD_OUT", "SliceBank", "Batch", "held_out_labels", "training_labels",
+__all__ = ["ATLASES", "SliceBank", "Batch", "held_out_labels", "training_labels",
            "build_bank", "sample_batch", "with_copies", "validation_tasks"]
 
 ATLASES = ("aal", "harvard_oxford_cortical", "jhu_white_matter", "natbrainlab")
-#: per atlas, the label values used as held-out structures (never a training target)
-HELD_OUT: dict[str, list[int]] = {}
 
 
 def held_out_labels(values: np.ndarray) -> list[int]:
@@ -297,8 +296,6 @@ def _mask_task(bank: SliceBank, n: int, g: torch.Generator, held_out: bool = Fal
             source = ATLASES[int(torch.randint(0, len(ATLASES), (1,), generator=g))]
         else:
             source = "mni152_gm_mask" if torch.rand(1, generator=g).item() < 0.5 else "mni152_brain_mask"
-            if held_out:
-                source = "mni152_wm_mask"
     if source == "shapes":
         lab_map = _shapes(n, s, g)
         present = torch.unique(lab_map[0]).tolist()

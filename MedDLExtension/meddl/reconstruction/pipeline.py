@@ -201,7 +201,8 @@ def reconstruct(
     if method is Method.VARNET:
         from .. import models
 
-        net, card = models.load_model(MODEL_NAME, config.weights, device)
+        net, card = models.load_model(MODEL_NAME, config.weights, device,
+                                       architecture="meddl.reconstruction.varnet:VarNet")
         card_info = {"model": card.name, "model_sha256": card.sha256[:12]}
     iters = config.iterations or classical.DEFAULT_ITERATIONS.get(method.value, 0)
     lam = classical.DEFAULT_LAMBDA.get(method.value, 0.0) if config.regularization is None else config.regularization

@@ -256,7 +256,8 @@ def _similarity(config: RegistrationConfig, device) -> Any:
         return MindLoss()
     from ..models import load_model
 
-    net, _ = load_model(DEEPSIM_MODEL, config.deepsim_weights, device=device)
+    net, _ = load_model(DEEPSIM_MODEL, config.deepsim_weights, device=device,
+                       architecture="meddl.registration.network:SegmentationNet")
     return DeepSimLoss(net)
 
 
@@ -314,7 +315,8 @@ def _network_velocity(fixed_t, fixed_aff, moving_t, moving_aff, matrix, fixed: V
                       reporter) -> tuple[torch.Tensor, Grid, dict]:
     from ..models import load_model
 
-    net, card = load_model(REGISTRATION_MODEL, config.weights, device=device)
+    net, card = load_model(REGISTRATION_MODEL, config.weights, device=device,
+                           architecture="meddl.registration.network:VelocityNet")
     spacing = float(card.extra.get("spacing_mm", config.network_spacing_mm))
     grid = make_grid(fixed, spacing, divisor=net.divisor, max_size=config.max_grid)
     if min(grid.shape) < 2 * net.divisor:  # the deepest level would hold a single voxel
