@@ -610,3 +610,11 @@ def test_label_values_beyond_int16_come_back_unchanged(net):
     partial[:, :, [3, 8]] = np.where(arr[:, :, [3, 8]] > 0.5, 40000, 0)
     out = run(target, net, annotated=target.with_data(partial[None], kind=Kind.LABEL)).numpy()[0]
     assert set(np.unique(out)) == {0, 40000} and np.array_equal(out[:, :, [3, 8]], partial[:, :, [3, 8]])
+
+
+def test_bracketing_is_refused_for_context_scans_which_share_positions(net):
+    target = image(smooth_volume((16, 16, 8), 1))
+    img = image(smooth_volume((16, 16, 8), 2))
+    lab = labels(img.numpy()[0] > 0.5, img)
+    with pytest.raises(InputError, match=r"selection 'bracket': expected painted slices .* use nearest or similar"):
+        run(target, net, context=[(img, lab)], config=SegmentConfig(selection="bracket"))

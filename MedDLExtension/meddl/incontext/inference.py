@@ -77,8 +77,8 @@ class SegmentConfig:
         context_size: context slices per target slice, 1-32; fewer when fewer exist. More than
             the memory budget allows is subsampled with a notice. ``bracket`` uses at most 2.
         selection: ``auto`` (default: ``bracket`` in propagation mode, ``nearest`` otherwise),
-            ``nearest`` (position), ``bracket`` (the nearest on each side) or ``similar``
-            (appearance).
+            ``nearest`` (position), ``bracket`` (the nearest painted slice on each side;
+            propagation only) or ``similar`` (appearance).
         prior: propagation mode only: weight of the slice-interpolation prior (the painted
             labels of the two bracketing slices, linearly interpolated by distance) mixed with the
             network's probability, ``p = (1 - prior) * network + prior * interpolation``, between
@@ -677,6 +677,9 @@ def segment(target: Volume, config: SegmentConfig | None = None,
     # multi-volume / 2D
     if not context:
         raise InputError("context: expected at least one (image, label) pair, got none")
+    if config.selection is Selection.BRACKET:
+        raise InputError("selection 'bracket': expected painted slices (--annotated) to bracket the target; "
+                         "with context scans, which share positions, use nearest or similar")
     for i, (img, lab) in enumerate(context, 1):
         if img.spatial_shape != lab.spatial_shape:
             raise InputError(f"context pair {i}: expected the label to have the image's size {img.spatial_shape}, "
