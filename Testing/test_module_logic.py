@@ -442,6 +442,8 @@ def test_reconstruction_outputs_and_coil_sequence(scene, fake, kspace_file):
     assert argv[:2] == ["reconstruct", str(kspace_file)]
     assert _flag(argv, "--method") == "cg-sense" and _flag(argv, "--undersample") == "equispaced"
     assert _flag(argv, "--acceleration") == "4" and _flag(argv, "--center-fraction") == "0.08"
+    ReconstructionLogic(runner=fake.runner).run(kspace_file, scene=scene, undersampling="equispaced", acceleration=8)
+    assert "--center-fraction" not in fake.record()["argv"]  # the command's own 0.32 / R (0.04 at 8x)
     assert {"--uncertainty", "--zero-filled", "--phase", "--coil-images"} <= set(argv)
     assert result.reconstruction.GetName() == "file1000001 cg-sense"
     np.testing.assert_allclose(mrml.node_to_volume(result.reconstruction).numpy(), 7.0)

@@ -47,14 +47,29 @@ def test_synthetic_fastmri_file_round_trip_with_geometry(tmp_path, rng):
     np.testing.assert_array_equal(data.target, target)
     assert data.image_shape == (16, 24)
     assert data.attrs["acquisition"] == "CORPD_FBK"
+    with h5py.File(path, "r+") as f:  # an array-valued attribute is left out, not fatal
+        f.attrs["window"] = np.array([1, 2, 3])
+    assert "window" not in read_kspace(path).attrs
     affine = data.affine()
-    # pixel spacing = recon FOV / recon matrix (readout 100/16, phase 150/24), slice = encoded z FOV
+    # pixel spacing = recon FOV / recon matrix (readout 100/16, phase 150/24), slice = the z FOV
     np.testing.assert_allclose(np.linalg.norm(affine[:3, :3], axis=0), [6.25, 6.25, 4.0])
     centre = affine @ np.array([7.5, 11.5, 1.0, 1.0])
     np.testing.assert_allclose(centre[:3], 0.0, atol=1e-9)
     info = data.info()
     assert info["coils"] == 4 and info["slices"] == 3
     assert info["acceleration"] == pytest.approx(24 / mask.sum(), abs=1e-3)
+
+
+def test_slice_spacing_is_the_recon_thickness_not_the_oversampled_encoded_one(tmp_path, rng):
+    k = _kspace(rng, (2, 4, 32, 24))
+    path = write_fastmri(tmp_path / "knee.h5", k, fov_mm=(200.0, 150.0, 4.0))
+    # as fastMRI's knee headers: encoded z 4.5 mm (slice oversampling), recon z 3 mm (the thickness)
+    hdr = Header((32, 24, 1), (200.0, 150.0, 4.5), (32, 24, 1), (200.0, 150.0, 3.0), (0, 23, 12), 2, 4)
+    with h5py.File(path, "r+") as f:
+        del f["ismrmrd_header"]
+        f.create_dataset("ismrmrd_header", data=header_xml(hdr).encode())
+    data = read_kspace(path)
+    assert np.linalg.norm(data.affine()[:3, 2]) == pytest.approx(3.0) and data.geometry_notice() is None
 
 
 def test_a_header_without_field_of_view_gives_1_mm_and_says_so(tmp_path, rng, capsys):
@@ -92,6 +107,39 @@ def test_ismrmrd_file_written_with_the_package_reads_back(tmp_path, rng):
     assert data.kspace.shape == (2, 3, 16, 12)  # readout oversampling removed
     np.testing.assert_allclose(data.kspace, k, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(data.affine()[:3, :3], axis=0), [10.0, 10.0, 5.0])
+
+
+def _ismrmrd_with(path: Path, nz: int = 1, counter: str | None = None) -> Path:
+    """A tiny 2-coil ISMRMRD file; ``nz`` partitions, or line 3 with ``counter`` = 1."""
+    import ismrmrd
+    from meddl.reconstruction.kspace import Header, header_xml
+
+    c, h, w = 2, 16, 12
+    hdr = Header((h, w, nz), (100.0, 100.0, 10.0), (h, w, nz), (100.0, 100.0, 10.0), (0, w - 1, w // 2), 1, c)
+    d = ismrmrd.Dataset(str(path), "dataset", create_if_needed=True)
+    d.write_xml_header(header_xml(hdr).encode())
+    for kz in range(nz):
+        for ky in range(w):
+            a = ismrmrd.Acquisition.from_array(np.full((c, h), 1 - 2 * kz + 0.1j, np.complex64), center_sample=h // 2)
+            a.idx.kspace_encode_step_1 = ky
+            a.idx.kspace_encode_step_2 = kz
+            if counter and ky == 3:
+                setattr(a.idx, counter, 1)
+            d.append_acquisition(a)
+    d.close()
+    return path
+
+
+@pytest.mark.parametrize("nz, counter, message", [
+    (2, None, r"a 3D Cartesian acquisition \(encoded matrix z = 2\); only 2D"),
+    (1, "contrast", r"acquisition 3 has contrast 1; several partitions, contrasts \(echoes\)"),
+    (1, "set", r"acquisition 3 has set 1;"),
+])
+def test_ismrmrd_data_that_would_be_averaged_into_one_image_is_refused(tmp_path, nz, counter, message):
+    pytest.importorskip("ismrmrd")
+    with pytest.raises(InputError, match=message):
+        read_kspace(_ismrmrd_with(tmp_path / "raw.h5", nz, counter))
+    assert read_kspace(_ismrmrd_with(tmp_path / "plain.h5")).kspace.shape == (1, 2, 16, 12)
 
 
 # -- bad input -------------------------------------------------------------------------------

@@ -65,6 +65,13 @@ def test_equispaced_mask_fraction_and_centre(acc, width):
     assert detect_mask(np.ones((1, 4, width)) * mask).center_fraction >= (block.stop - block.start) / width
 
 
+@pytest.mark.parametrize("width, acc, cf", [(368, 4, 0.25), (100, 2, 0.5)])
+def test_a_centre_block_of_exactly_w_over_r_lines_is_the_whole_equispaced_mask(width, acc, cf):
+    mask = equispaced_mask(width, acc, cf, np.random.default_rng(0))
+    block = center_block(width, int(round(width * cf)))
+    assert mask[block].all() and mask.sum() == width // acc
+
+
 @pytest.mark.parametrize("acc", [4, 8])
 def test_random_mask_fraction_and_centre_over_many_draws(acc):
     rng = np.random.default_rng(1)

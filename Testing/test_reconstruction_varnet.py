@@ -65,6 +65,17 @@ def test_acs_mask_is_the_centre_block_of_a_column_mask():
     assert acs[:, 8:13].all() and acs.sum() == 16 * 5
 
 
+def test_acs_mask_finds_a_centre_block_one_column_left_of_the_middle_as_the_pipeline_does():
+    from meddl.reconstruction.coils import calibration_block
+
+    mask = torch.zeros(32, dtype=torch.bool)
+    mask[9:16] = True  # the block ends at W // 2 - 1, which the pipeline accepts as calibration
+    mask[[0, 5, 20, 25, 30]] = True
+    assert calibration_block(mask.numpy()) == slice(9, 16)
+    acs = acs_mask(mask.view(1, 1, 1, 32), (8, 32))[0, 0]
+    assert acs[:, 9:16].all() and acs.sum() == 8 * 7
+
+
 def test_training_batches_are_consistent():
     from meddl.reconstruction.train import make_batch
 

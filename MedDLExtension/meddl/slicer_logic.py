@@ -543,7 +543,7 @@ class ReconstructionLogic(MedDLLogic):
         method: str = ReconstructionMethod.VARNET,
         undersampling: str | None = None,
         acceleration: float = 4.0,
-        center_fraction: float = 0.08,
+        center_fraction: float | None = None,
         device: str = "auto",
         seed: int | None = None,
         reconstruction: Any = True,
@@ -558,7 +558,8 @@ class ReconstructionLogic(MedDLLogic):
         """Start reconstructing ``kspace_path``.
 
         ``undersampling`` (``"equispaced"``/``"random"``) retrospectively undersamples fully
-        sampled data by ``acceleration``, keeping ``center_fraction`` of the central lines.
+        sampled data by ``acceleration``, keeping ``center_fraction`` of the central lines (None:
+        the command's default, fastMRI's 0.32 / acceleration).
         ``zero_filled``, ``phase`` and ``coil_images`` need the command's ``--zero-filled``,
         ``--phase`` (radians) and ``--coil-images`` outputs (the latter a multi-channel image,
         one channel per coil).
@@ -575,14 +576,15 @@ class ReconstructionLogic(MedDLLogic):
             undersampling = _option(Undersampling, undersampling, "undersampling")
             if not acceleration or float(acceleration) < 1:
                 raise InputError(f"acceleration: expected a factor >= 1, got {acceleration}")
-            if not 0 < float(center_fraction) < 1:
+            if center_fraction is not None and not 0 < float(center_fraction) < 1:
                 raise InputError(f"centre fraction: expected a value between 0 and 1, got {center_fraction}")
 
         def build(d: Path) -> list[str]:
             args: list[Any] = ["reconstruct", path, "-o", d / f"reconstruction{_EXT}", "--method", method]
             if undersampling:
-                args += ["--undersample", undersampling, "--acceleration", f"{float(acceleration):g}",
-                         "--center-fraction", f"{float(center_fraction):g}"]
+                args += ["--undersample", undersampling, "--acceleration", f"{float(acceleration):g}"]
+                if center_fraction is not None:
+                    args += ["--center-fraction", f"{float(center_fraction):g}"]
             if _wanted(uncertainty):
                 args += ["--uncertainty", d / f"uncertainty{_EXT}"]
             if _wanted(zero_filled):

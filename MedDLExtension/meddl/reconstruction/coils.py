@@ -35,9 +35,9 @@ def sense_combine(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
 
 def calibration_block(mask: np.ndarray, what: str = "k-space") -> slice:
     """The fully sampled centre columns of a 1-D column mask ``(W,)``; refuse too few."""
-    from .masks import _centre_run
+    from .masks import centre_run
 
-    block = _centre_run(np.asarray(mask, dtype=bool).reshape(-1))
+    block = centre_run(np.asarray(mask, dtype=bool).reshape(-1))
     n = block.stop - block.start
     if n < MIN_CALIBRATION_LINES:
         raise InputError(

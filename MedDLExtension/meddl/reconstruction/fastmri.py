@@ -79,9 +79,10 @@ def read_fastmri(path: str | os.PathLike, slices: tuple[int, ...] | None = None)
                 f"cannot read '{path}': corrupt or truncated HDF5 data ({str(exc).splitlines()[0][:160]}); "
                 "copy it again"
             ) from exc
-        attrs = {
+        attrs = {  # scalar attributes (fastMRI's acquisition, max, norm, patient_id); arrays are not kept
             k: (v.decode() if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v)
             for k, v in f.attrs.items()
+            if isinstance(v, (bytes, str)) or np.size(v) == 1
         }
     finally:
         f.close()

@@ -3,8 +3,9 @@
 Acquisitions are placed into Cartesian k-space by their encoding counters: slice
 ``idx.slice``, phase-encoding column ``idx.kspace_encode_step_1`` shifted so the header's
 ``kspace_encoding_step_1`` centre lands at ``W // 2`` (fastMRI's padding rule); repeated lines
-(averages, repetitions) are averaged. Noise, navigator and phase-correction acquisitions are
-skipped. Readout oversampling (encoded field of view larger than the recon one along x) is
+(averages, repetitions, segments, integrated calibration lines) are averaged. Noise, navigator and
+phase-correction acquisitions are skipped. 3D Cartesian encoding (a second phase-encoding
+direction) and several contrasts, cardiac phases or sets in one file are refused, not mixed. Readout oversampling (encoded field of view larger than the recon one along x) is
 removed by cropping the centre of the inverse FFT along the readout.
 """
 
@@ -29,6 +30,10 @@ def _package():
             "ISMRMRD files: the package 'ismrmrd' is needed; install it with pip install ismrmrd"
         ) from exc
     return ismrmrd
+
+
+#: encoding counters whose non-zero values mean data that must not be averaged into one 2D k-space
+_SEPARATE = ("kspace_encode_step_2", "contrast", "phase", "set")
 
 
 def _remove_oversampling(k: np.ndarray, keep: int) -> np.ndarray:
@@ -66,6 +71,11 @@ def read_ismrmrd(
         except (LookupError, OSError):
             raise InputError(f"'{path}': expected acquisitions in '{dataset}/data' (raw k-space), got none") from None
         enc_x, enc_y = header.encoded_matrix[:2]
+        if header.encoded_matrix[2] > 1:
+            raise InputError(
+                f"'{path}': a 3D Cartesian acquisition (encoded matrix z = {header.encoded_matrix[2]}); only 2D "
+                "(multi-slice) k-space is read, reconstruct 3D data with BART or the ISMRMRD tools"
+            )
         offset = enc_y // 2 - header.step1_limits[2] if header.step1_limits else 0
         skip = [
             getattr(ismrmrd, f)
@@ -95,6 +105,13 @@ def read_ismrmrd(
                 coils = data.shape[0]
             elif data.shape[0] != coils:
                 raise InputError(f"'{path}': acquisitions have {coils} and {data.shape[0]} coils; expected one count")
+            extra = {name: int(getattr(acq.idx, name)) for name in _SEPARATE}
+            if any(extra.values()):
+                what = ", ".join(f"{k} {v}" for k, v in extra.items() if v)
+                raise InputError(
+                    f"'{path}': acquisition {a} has {what}; several partitions, contrasts (echoes), cardiac "
+                    "phases or sets are not merged into one image here, split the file by them first"
+                )
             ky = int(acq.idx.kspace_encode_step_1) + offset
             if not 0 <= ky < enc_y:
                 raise InputError(

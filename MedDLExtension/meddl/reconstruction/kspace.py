@@ -8,8 +8,9 @@ reference image. :func:`read_kspace` picks the reader from the file's content.
 Geometry: fastMRI and ISMRMRD headers give the field of view and matrix but no patient position,
 so images are placed centred on the origin with rows (readout) along P->A reversed (posterior
 downwards on screen, as fastMRI shows them), columns along L and slices along S. Pixel spacing
-is ``reconSpace fieldOfView_mm / reconSpace matrixSize``; the slice spacing is the encoded
-field of view along z (the slice thickness).
+is ``reconSpace fieldOfView_mm / reconSpace matrixSize``; the slice spacing is the recon field of
+view along z (the slice thickness: fastMRI's knee headers give 3 mm there and 4.5 mm, slice
+oversampling included, in the encoded one), else the encoded one.
 """
 
 from __future__ import annotations
@@ -195,9 +196,17 @@ class KSpaceData:
         missing = []
         if not (rm[0] and rf[0] > 0 and rm[1] and rf[1] > 0):
             missing.append("no in-plane field of view (reconSpace fieldOfView_mm): 1 mm pixels assumed")
-        if not self.header.encoded_fov_mm[2] > 0 and self.slices > 1:
-            missing.append("no slice thickness (encodedSpace fieldOfView_mm z): 1 mm slice spacing assumed")
+        if not self._slice_mm() > 0 and self.slices > 1:
+            missing.append("no slice thickness (reconSpace or encodedSpace fieldOfView_mm z): 1 mm slice spacing "
+                           "assumed")
         return "; ".join(missing) or None
+
+    def _slice_mm(self) -> float:
+        """Slice thickness from the header: the recon field of view along z, else the encoded one (0: none)."""
+        for fov in (self.header.recon_fov_mm[2], self.header.encoded_fov_mm[2]):
+            if fov > 0:
+                return float(fov)
+        return 0.0
 
     def affine(self) -> np.ndarray:
         """4x4 voxel-to-RAS affine of the ``(image_shape..., S)`` output volume (see module doc).
@@ -206,7 +215,7 @@ class KSpaceData:
         rm, rf = self.header.recon_matrix, self.header.recon_fov_mm
         dy = rf[0] / rm[0] if rm[0] and rf[0] > 0 else 1.0
         dx = rf[1] / rm[1] if rm[1] and rf[1] > 0 else 1.0
-        dz = self.header.encoded_fov_mm[2] if self.header.encoded_fov_mm[2] > 0 else 1.0
+        dz = self._slice_mm() or 1.0
         spacing = np.array([dy, dx, dz])
         direction = np.array([[0.0, -1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # columns: i->P, j->L, k->S
         shape = np.array([*self.image_shape, self.slices], dtype=np.float64)

@@ -58,7 +58,8 @@ def _check(width: int, acceleration: float, center_fraction: float) -> int:
     if num_low * acceleration > width + 1e-9:
         raise InputError(
             f"mask: expected at most {width / acceleration:.0f} centre lines of {width} at acceleration "
-            f"{acceleration}, got {num_low} (centre fraction {center_fraction}); lower --center-fraction"
+            f"{acceleration}, got {num_low} (centre fraction {center_fraction}); lower the centre fraction "
+            "(--center-fraction)"
         )
     return max(num_low, 1)
 
@@ -91,7 +92,9 @@ def equispaced_mask(
     num_low = _check(width, acceleration, cf)
     mask = np.zeros(width, dtype=bool)
     mask[center_block(width, num_low)] = True
-    if acceleration > 1:
+    if acceleration > 1 and num_low * acceleration >= width - 1e-9:
+        pass  # the centre block alone is W / R lines
+    elif acceleration > 1:
         # spacing so that centre + equispaced lines total W / R (EquispacedMaskFractionFunc)
         adjusted = (acceleration * (num_low - width)) / (num_low * acceleration - width)
         offset = int(rng.integers(0, max(int(round(adjusted)), 1)))
@@ -183,7 +186,8 @@ class MaskInfo:
     calibration: slice  # the contiguous fully sampled block around the centre
 
 
-def _centre_run(mask: np.ndarray) -> slice:
+def centre_run(mask: np.ndarray) -> slice:
+    """The contiguous sampled run through the centre of a 1-D mask (empty when the centre is not sampled)."""
     w = mask.size
     c = w // 2
     if not mask[c]:
@@ -221,5 +225,5 @@ def detect_mask(kspace: np.ndarray, mask: np.ndarray | None = None, band: tuple[
     n = int(mask[left:right].sum())
     if n == 0:
         raise InputError("k-space: expected sampled lines, got only zeros; the file holds no data")
-    block = _centre_run(mask)
+    block = centre_run(mask)
     return MaskInfo(mask, (right - left) / n, (block.stop - block.start) / w, block)

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..nets.unet import UNet
 from .fft import fft2c, ifft2c
+from .masks import centre_run
 
 __all__ = ["VarNet", "NormUNet", "SensitivityNet", "acs_mask"]
 
@@ -53,24 +54,18 @@ class NormUNet(nn.Module):
 
 
 def _centre_run(line: torch.Tensor) -> tuple[int, int]:
-    n = line.numel()
-    c = n // 2
-    if not bool(line[c]):
-        return c, c + 1
-    lo = c
-    while lo > 0 and bool(line[lo - 1]):
-        lo -= 1
-    hi = c
-    while hi < n - 1 and bool(line[hi + 1]):
-        hi += 1
-    return lo, hi + 1
+    """The sampled run through the centre, by the rule the pipeline checks calibration with
+    (:func:`.masks.centre_run`); the middle sample alone when there is none."""
+    run = centre_run(line.numpy())
+    c = line.numel() // 2
+    return (run.start, run.stop) if run.stop > run.start else (c, c + 1)
 
 
 def acs_mask(mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """The fully sampled centre rectangle of each mask: ``(B, 1, H, W)`` bool.
 
     Columns: the contiguous sampled run through the centre of the middle row; rows likewise along
-    the middle column (all rows for a column mask).
+    the middle column of that run (all rows for a column mask).
     """
     h, w = shape
     full = mask.expand(mask.shape[0], 1, h, w) if mask.dim() == 4 else mask.reshape(1, 1, -1, w).expand(1, 1, h, w)
@@ -78,7 +73,7 @@ def acs_mask(mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     for i in range(full.shape[0]):
         m = full[i, 0].cpu()
         c0, c1 = _centre_run(m[h // 2])
-        r0, r1 = _centre_run(m[:, w // 2])
+        r0, r1 = _centre_run(m[:, (c0 + c1 - 1) // 2])  # along a column inside that run
         out[i, 0, r0:r1, c0:c1] = True
     return out
 
