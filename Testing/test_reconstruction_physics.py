@@ -222,3 +222,23 @@ def test_compressed_sensing_beats_zero_filling(solver):
     zf = classical.zero_filled(ku).numpy()
     out = getattr(classical, solver)(ku, torch.from_numpy(maps), mask, iterations=40).abs().numpy()
     assert np.linalg.norm(out - img) < 0.7 * np.linalg.norm(zf - img)
+
+
+def test_espirit_uses_only_the_fully_sampled_square_of_a_poisson_mask_of_odd_height():
+    from meddl.reconstruction.coils import espirit_maps
+    from meddl.reconstruction.masks import poisson_mask
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.meshgrid(np.linspace(-1, 1, 65), np.linspace(-1, 1, 48), indexing="ij")
+    img = np.exp(-(yy**2 + xx**2) * 2) * (1 + 0.3 * rng.normal(size=(65, 48)))
+    coils = np.stack([np.exp(-((yy - a) ** 2 + (xx - b) ** 2)) * np.exp(1j * (a * yy + b * xx))
+                      for a, b in ((-1, -1), (-1, 1), (1, -1), (1, 1))])
+    k = fft2c(torch.from_numpy((coils * img).astype(np.complex64)))
+    mask = torch.from_numpy(poisson_mask((65, 48), 4, calib=16, rng=rng))
+    rows, cols = center_block(65, 16), center_block(48, 16)
+    assert rows == slice(25, 41) and mask[rows, cols].all()
+    mask[24, cols] = False  # outside the square: whatever the sampler drew there
+    full = espirit_maps(k, calib_width=16, kernel=4, calib_cols=cols, factor=1)
+    masked = espirit_maps(k * mask, calib_width=16, kernel=4, calib_cols=cols, factor=1)
+    assert float(full.abs().amax()) > 0.5
+    torch.testing.assert_close(masked, full)  # calibration rows 25-40 (the square), not 24-39

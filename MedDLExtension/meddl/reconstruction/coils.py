@@ -14,6 +14,7 @@ import torch
 
 from ..errors import InputError
 from .fft import ifft2c
+from .masks import center_block, centre_run
 
 __all__ = ["rss", "sense_combine", "calibration_block", "espirit_maps", "espirit_factor", "MIN_CALIBRATION_LINES"]
 
@@ -35,8 +36,6 @@ def sense_combine(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
 
 def calibration_block(mask: np.ndarray, what: str = "k-space") -> slice:
     """The fully sampled centre columns of a 1-D column mask ``(W,)``; refuse too few."""
-    from .masks import centre_run
-
     block = centre_run(np.asarray(mask, dtype=bool).reshape(-1))
     n = block.stop - block.start
     if n < MIN_CALIBRATION_LINES:
@@ -105,7 +104,7 @@ def espirit_maps(
         raise InputError(f"ESPIRiT: expected k-space (C, H, W), got shape {tuple(kspace.shape)}")
     c, h, w = kspace.shape
     ch = min(calib_width, h)
-    r0 = h // 2 - ch // 2
+    r0 = center_block(h, ch).start  # the rows a Poisson mask samples fully (same placement as its square)
     if calib_cols is not None:
         width = min(calib_cols.stop - calib_cols.start, calib_width)
         mid = (calib_cols.start + calib_cols.stop) // 2
