@@ -278,3 +278,28 @@ def test_fda_accepts_a_reference_amplitude_of_another_precision():
     ref = fda(image.double(), amplitude, 0.1)
     assert out.dtype == torch.float32
     assert torch.allclose(out.double(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["3d", "2d"])
+def test_a_volume_of_one_slice_is_adapted_as_the_2d_image_it_is(rng, mode):
+    src, ref = _blobs(rng, (32, 40)), _blobs(rng, (32, 40)) * 3
+    flat = adapt_fourier(Volume(src), Volume(ref), FourierConfig(beta=0.1, preserve_range=False))
+    for axis in (0, 2):  # Slicer's (I, J, 1), and a single slice along the first axis
+        thin = lambda a, axis=axis: Volume(np.expand_dims(a, 1 + axis))  # noqa: E731
+        out = adapt_fourier(thin(src), thin(ref), FourierConfig(beta=0.1, mode=mode, slice_axis=axis,
+                                                                preserve_range=False))
+        np.testing.assert_allclose(np.squeeze(out.numpy(), 1 + axis), flat.numpy(), rtol=1e-10, atol=1e-9)
+    assert np.std(flat.numpy() - src) > 1.0  # more than the mean moved
+
+
+def test_donors_are_ranked_for_volumes_thinner_than_the_ssim_window(rng):
+    src = _blobs(rng, (24, 20, 5))
+    refs = [Volume(_blobs(rng, (24, 20, 5))), Volume(src + rng.normal(0, 1.0, src.shape))]
+    assert [i for i, _ in rank_donors(Volume(src), refs)] == [1, 0]
+    assert [i for i, _ in rank_donors(Volume(src[..., :1]), [Volume(r.numpy()[..., :1]) for r in refs])] == [1, 0]
+
+
+def test_the_default_square_window_holds_one_frequency_step_on_a_49_voxel_axis():
+    from meddl.adaptation.fourier import low_frequency_window
+
+    assert int(low_frequency_window((49, 64), default_beta("square", (49, 64)), "square").sum()) == 9

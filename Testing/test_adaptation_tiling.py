@@ -91,6 +91,54 @@ def test_bad_tiffs_are_refused(slide, reference, tmp_path):
         adapt_stain_tiff(blank, reference, blank, device="cpu")
 
 
+def test_sparse_tiles_compression_and_pixel_spacing(slide, reference, tmp_path):
+    img = np.ascontiguousarray(slide[:128, :192])
+
+    def tiles():
+        for ty in range(2):
+            for tx in range(3):  # one tile left empty: a sparse TIFF, it reads as zeros
+                yield None if (ty, tx) == (0, 1) else img[ty * 64:(ty + 1) * 64, tx * 64:(tx + 1) * 64]
+
+    sparse = tmp_path / "sparse.tif"
+    tifffile.imwrite(sparse, tiles(), shape=img.shape, dtype=np.uint8, tile=(64, 64), photometric="rgb",
+                     compression="lzw", resolution=(4000, 4000), resolutionunit="CENTIMETER")  # 2.5 um pixels
+    full = tifffile.imread(sparse)
+    assert int(full[:64, 64:128].max()) == 0
+    out = tmp_path / "out.tif"
+    adapt_stain_tiff(sparse, reference, out, device="cpu")
+    np.testing.assert_array_equal(tifffile.imread(out), _in_memory(full, reference, StainConfig()))
+    np.testing.assert_allclose(io.read(out).spacing, [0.0025, 0.0025])  # the input's 2.5 um pixels, in mm
+
+
+def test_tiles_that_are_not_multiples_of_16_are_refused(slide, reference, tmp_path, monkeypatch):
+    from meddl.adaptation import tiling
+
+    path = tmp_path / "t.tif"
+    tifffile.imwrite(path, slide, tile=(64, 64), photometric="rgb")
+    real = tifffile.TiffFile
+
+    class OddTiles:  # tifffile cannot write tiles of 24 rows, other writers can: the page says so here
+        tilelength = 24
+
+        def __init__(self, page):
+            self._page = page
+
+        def __getattr__(self, name):
+            return getattr(self._page, name)
+
+    class File:
+        def __init__(self, name):
+            self._file = real(name)
+            self.pages = [OddTiles(self._file.pages[0])]
+
+        def close(self):
+            self._file.close()
+
+    monkeypatch.setattr(tifffile, "TiffFile", File)
+    with pytest.raises(InputError, match=r"tiles of 24 x 64 pixels; the TIFF standard .* multiples of 16"):
+        tiling._open_page(path)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Small images: one thread is faster, and far faster on a busy machine (no OpenMP barriers)."""

@@ -170,4 +170,6 @@ class MedDLDomainAdaptationTest(ScriptedLoadableModuleTest):
                 return
             raise
         self.assertEqual(result.output.GetImageData().GetDimensions(), source.GetImageData().GetDimensions())
+        change = mrml.node_to_volume(result.output).numpy() - mrml.node_to_volume(source).numpy()
+        self.assertGreater(float(change.std()), 1e-3)  # more than the mean moved: the window held frequencies
         self.delayDisplay("Test passed")

@@ -11,7 +11,8 @@ Conventions here:
 
 * Frequencies are integer indices ``k`` (``k = 0`` the mean), so the square window is
   ``max|k_d| <= b`` and the circle ``sum k_d^2 <= r^2``, over the axes transformed: the two axes of
-  each slice (``mode = "2d"``, slices along ``slice_axis``) or all three (``"3d"``).
+  each slice (``mode = "2d"``, slices along ``slice_axis``) or all three (``"3d"``); a volume of
+  one slice (Slicer's 2D image, ``(I, J, 1)``) is transformed as the 2D image it is in either mode.
 * ``beta = 0`` returns the input unchanged; any ``beta > 0`` swaps at least the mean (``k = 0``).
 * The output spectrum is the input's spectrum times a positive real factor, so its phase *is*
   the input's wherever the input's amplitude is not zero; the window is symmetric (``k`` and
@@ -172,7 +173,7 @@ def low_frequency_window(shape: Sequence[int], beta: float, window: Window | str
         *[torch.fft.fftfreq(n, d=1.0 / n, device=device).abs() for n in shape], indexing="ij"
     )
     if window is Window.SQUARE:
-        half = float(np.floor(min(shape) * beta))
+        half = float(np.floor(min(shape) * beta + 1e-9))  # 49 * (1 / 49) is 0.999...: still one step
         return torch.stack(grids).amax(0) <= half
     radius = min(shape) * beta
     return sum(g * g for g in grids) <= radius * radius + 1e-9
@@ -279,8 +280,14 @@ def adapt_fourier(
             _check_non_negative(ref, f"reference {i}")
     dev = torch_device(device)
     x = as_tensor(image.data, dev, torch.float64)
-    if config.mode is FourierMode.SLICE and image.ndim == 3:
-        x = torch.movedim(x, 1 + config.slice_axis, 1)  # (C, slices, a, b)
+    # a volume of one slice (how Slicer holds a 2D image) is a 2D image: transformed along its
+    # singleton axis too, the window's size (set by the shortest axis) would hold the mean only
+    slice_axis = config.slice_axis
+    by_slice = config.mode is FourierMode.SLICE and image.ndim == 3
+    if image.ndim == 3 and not by_slice and 1 in image.spatial_shape and max(image.spatial_shape) > 1:
+        by_slice, slice_axis = True, image.spatial_shape.index(1)
+    if by_slice:
+        x = torch.movedim(x, 1 + slice_axis, 1)  # (C, slices, a, b)
         ndim = 2
     else:
         ndim = image.ndim
@@ -292,8 +299,8 @@ def adapt_fourier(
         r = _resample_to(as_tensor(ref.data, dev, torch.float64), image.spatial_shape)
         if r.shape[0] != x.shape[0]:
             r = r.expand(x.shape[0], *r.shape[1:])
-        if config.mode is FourierMode.SLICE and image.ndim == 3:
-            r = torch.movedim(r, 1 + config.slice_axis, 1)
+        if by_slice:
+            r = torch.movedim(r, 1 + slice_axis, 1)
         ref_tensors.append(r)
     if config.donors is not None and config.donors < len(refs):
         order = rank_donors(image, refs, device=dev)
@@ -330,8 +337,8 @@ def adapt_fourier(
             y = torch.exp(y) - offset if beta > 0 else x_in
         if config.preserve_range:
             y = y.clamp(lo, hi)
-        if config.mode is FourierMode.SLICE and image.ndim == 3:
-            y = torch.movedim(y, 1, 1 + config.slice_axis)
+        if by_slice:
+            y = torch.movedim(y, 1, 1 + slice_axis)
         outputs.append(_to_output(image, y, config, beta))
         rep(0.4 + 0.6 * (i + 1) / len(groups), "swapping low frequencies")
     return outputs[0] if config.combine is Combine.MEAN else outputs
@@ -390,7 +397,8 @@ def ssim(a, b, window: int = 7):
     a, b = norm(a), norm(b)
     pool = F.avg_pool2d if a.dim() == 3 else F.avg_pool3d
     stack = torch.stack((a, b, a * a, b * b, a * b)).flatten(0, 1)  # (5C, *S)
-    m = pool(stack, window, stride=1).view(5, a.shape[0], *[s - window + 1 for s in a.shape[1:]])
+    ks = tuple(min(window, s) for s in a.shape[1:])  # a thin axis (one slice, a short stack) gets a thinner window
+    m = pool(stack, ks, stride=1).view(5, a.shape[0], *[s - k + 1 for s, k in zip(a.shape[1:], ks, strict=True)])
     mu_a, mu_b, aa, bb, ab = m
     va, vb, cov = aa - mu_a**2, bb - mu_b**2, ab - mu_a * mu_b
     c1, c2 = 0.01**2, 0.03**2

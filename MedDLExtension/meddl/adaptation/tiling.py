@@ -53,17 +53,37 @@ def _open_page(path: Path):
             f"'{path}': expected an 8-bit RGB(A) TIFF with interleaved samples, got shape {shape}, "
             f"dtype {page.dtype}, planar configuration {int(page.planarconfig)}"
         )
+    if page.is_tiled and (int(page.tilelength) % 16 or int(page.tilewidth) % 16):
+        tif.close()
+        raise InputError(
+            f"'{path}': tiles of {int(page.tilelength)} x {int(page.tilewidth)} pixels; the TIFF standard (and "
+            "this reader) expects multiples of 16, re-tile the file first"
+        )
+    try:  # decode one segment now, so a codec that is missing fails before any work
+        next(iter(page.segments()), None)
+    except (ValueError, RuntimeError) as exc:
+        tif.close()
+        raise InputError(f"cannot decode '{path}': {str(exc).splitlines()[0][:200]}") from None
     return tif, page
+
+
+def _segment_shape(page) -> tuple[int, int]:
+    """Rows and columns of one stored segment: a tile, or a strip of the full width."""
+    if page.is_tiled:
+        return int(page.tilelength), int(page.tilewidth)
+    return int(page.rowsperstrip or page.shape[0]), int(page.shape[1])
 
 
 def tiff_tiles(path: str | os.PathLike) -> Iterator[tuple[int, int, np.ndarray]]:
     """Decoded segments (tiles or strips) of the first page: ``(y, x, array (h, w, S))``, cropped."""
     tif, page = _open_page(Path(path))
-    height, width = page.shape[:2]
+    height, width, samples = page.shape
+    seg_h, seg_w = _segment_shape(page)
     try:
         for segment, index, _ in page.segments():
             y, x = int(index[2]), int(index[3])
-            if segment is None:  # an empty (sparse) tile reads as zeros
+            if segment is None:  # an empty (sparse) tile reads as zeros, as tifffile.imread gives it
+                yield y, x, np.zeros((min(seg_h, height - y), min(seg_w, width - x), samples), np.uint8)
                 continue
             h, w = min(segment.shape[1], height - y), min(segment.shape[2], width - x)
             yield y, x, segment[0, :h, :w]
@@ -117,13 +137,14 @@ def adapt_stain_tiff(
 
     tif, page = _open_page(source)
     height, width, samples = page.shape
-    tiled = bool(page.is_tiled)
+    tiled = bool(page.is_tiled)  # tiles are multiples of 16 (_open_page); strips are re-tiled through row bands
     tile_shape = (int(page.tilelength), int(page.tilewidth)) if tiled else (tile, tile)
     n_segments = len(page.dataoffsets)
+    resolution = {}  # the pixel spacing, as the in-memory path keeps it
+    for key, tag in (("x", "XResolution"), ("y", "YResolution"), ("unit", "ResolutionUnit")):
+        if page.tags.get(tag) is not None:
+            resolution[key] = page.tags[tag].value
     tif.close()
-    if tiled and (tile_shape[0] % 16 or tile_shape[1] % 16):
-        tile_shape = (tile, tile)
-        tiled = False  # odd input tiles: re-tile through row bands
 
     # pass 1: the sample (same pixels, same order as the in-memory path)
     step = sample_step(height * width, config.max_samples, height)
@@ -181,6 +202,8 @@ def adapt_stain_tiff(
         tifffile.imwrite(
             str(tmp), tiles_out(), shape=(height, width, samples), dtype=np.uint8, tile=tile_shape,
             photometric=photometric, compression=compression, extrasamples=extrasamples,
+            **({"resolution": (resolution["x"], resolution["y"]), "resolutionunit": resolution.get("unit")}
+               if "x" in resolution and "y" in resolution else {}),
         )
     rep(1.0, "done")
     return output
