@@ -175,6 +175,31 @@ def test_rgba_keeps_alpha(ihc):
     assert out.channels == 4 and np.all(out.numpy()[3] == 200)
 
 
+def test_transparent_pixels_are_not_sampled_as_tissue(ihc):
+    ref = _volume_from_hwc(ihc)
+    opaque = np.concatenate((ihc, np.full(ihc.shape[:2] + (1,), 255, np.uint8)), axis=2)
+    framed = np.zeros((320, 320, 4), np.uint8)  # a transparent black margin (black is dense "tissue" by OD)
+    framed[32:288, 32:288] = opaque
+    a = adapt_stain(_volume_from_hwc(opaque), ref, device="cpu").numpy()
+    b = adapt_stain(_volume_from_hwc(framed), ref, device="cpu").numpy()[:, 32:288, 32:288]
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_float_rgba_keeps_its_alpha_in_the_colour_scale_and_jitter_keeps_the_dtype(ihc):
+    rgb = _volume_from_hwc(ihc).numpy().astype(np.float32) / 255.0
+    img = Volume(np.concatenate((rgb, np.full((1, *rgb.shape[1:]), 0.6, np.float32))))
+    out = adapt_stain(img, _volume_from_hwc(ihc), device="cpu").numpy()
+    assert out.dtype == np.uint8 and np.all(out[3] == 153)  # 0.6 of opaque, as the colour is scaled
+    same = hed_jitter(img, sigma=0.0).numpy()
+    assert same.dtype == np.float32 and np.abs(same - img.numpy()).max() <= 1 / 255 + 1e-6
+
+
+def test_16_bit_rgb_gets_the_convert_to_8_bit_message(ihc):
+    deep = Volume(_volume_from_hwc(ihc).numpy().astype(np.uint16) * 257)
+    with pytest.raises(InputError, match=r"expected colour values in 0-255, got the range \[0, \d+\]; convert to 8-bit"):
+        adapt_stain(deep, _volume_from_hwc(ihc), device="cpu")
+
+
 def test_tissue_mask_tells_tissue_from_background(rng):
     rgb, conc = synthetic_slide(rng, background=0.5)
     mask = tissue_mask(_volume_from_hwc(rgb))

@@ -219,12 +219,15 @@ def _rgb_pixels(data: Any, role: str, device) -> tuple[Any, Any]:
             raise InputError(f"{role}: expected 8-bit colour values, got {t.dtype}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise InputError(f"{role}: expected finite colour values, got NaN or infinite pixels; fill them first")
-        lo, hi = float(t.min()), float(t.max())
+        wide = t if t.is_floating_point() else t.to(torch.int64)  # torch has no min/max for uint16/uint32
+        lo, hi = float(wide.min()), float(wide.max())
         if lo < 0 or hi > 255:
             raise InputError(f"{role}: expected colour values in 0-255, got the range [{lo:g}, {hi:g}]; convert to 8-bit first")
-        if t.is_floating_point() and hi <= 1.0:
-            t = t * 255.0
-        t = t.round().to(torch.uint8) if t.is_floating_point() else t.to(torch.uint8)
+        scale = 255.0 if t.is_floating_point() and hi <= 1.0 else 1.0
+        t = (wide * scale).round().to(torch.uint8) if t.is_floating_point() else wide.to(torch.uint8)
+        if alpha is not None:  # the alpha in the colour's scale (a float 1.0 is opaque, 255)
+            wide_a = alpha.double() if alpha.is_floating_point() else alpha.to(torch.int64)
+            alpha = (wide_a * scale).round().clamp(0, 255).to(torch.uint8)
     return t.contiguous(), alpha
 
 
@@ -241,10 +244,19 @@ def sample_step(pixels: int, max_samples: int, line: int = 1) -> int:
     return step
 
 
-def _strided(px, max_samples: int, line: int = 1):
-    """At most ``max_samples`` columns of ``px`` (every ``step``-th, :func:`sample_step`), deterministic."""
+def _strided(px, max_samples: int, line: int = 1, alpha=None):
+    """At most ``max_samples`` columns of ``px`` (every ``step``-th, :func:`sample_step`), deterministic;
+    transparent pixels (``alpha`` 0) are left out: they are not tissue, whatever colour they store."""
     step = sample_step(px.shape[-1], max_samples, line)
-    return px[:, ::step] if step > 1 else px
+    return _opaque(px[:, ::step] if step > 1 else px, alpha, step)
+
+
+def _opaque(sample, alpha, step: int):
+    """The columns of a ``step``-strided sample whose pixel is not fully transparent."""
+    if alpha is None:
+        return sample
+    keep = alpha.reshape(-1)[::step].to(sample.device) > 0
+    return sample if bool(keep.all()) else sample[:, keep]
 
 
 def _od_lut(light_intensity: float, device):
@@ -604,15 +616,16 @@ class StainNormalizer:
 
     def fit(self, reference: Volume | Any) -> StainNormalizer:
         data = _data_of(reference, "reference")
-        px, _ = _rgb_pixels(data, "reference", self.device)
-        self.target = fit_stains(_strided(px, self.config.max_samples, data.shape[-1]), self.config, "reference")
+        px, alpha = _rgb_pixels(data, "reference", self.device)
+        self.target = fit_stains(_strided(px, self.config.max_samples, data.shape[-1], alpha), self.config,
+                                 "reference")
         return self
 
     def fit_image(self, image: Volume | Any, role: str = "image") -> StainFit:
         """The stain statistics of ``image`` (from at most ``max_samples`` pixels)."""
         data = _data_of(image, role)
-        px, _ = _rgb_pixels(data, role, self.device)
-        return fit_stains(_strided(px, self.config.max_samples, data.shape[-1]), self.config, role)
+        px, alpha = _rgb_pixels(data, role, self.device)
+        return fit_stains(_strided(px, self.config.max_samples, data.shape[-1], alpha), self.config, role)
 
     def transform(
         self,
@@ -637,8 +650,9 @@ class StainNormalizer:
             od = _od(px, _od_lut(self.config.light_intensity, px.device))  # shared by fit and map
         if source is None:
             step = sample_step(n, self.config.max_samples, shape[-1])
-            sample = px[:, ::step] if step > 1 else px
-            source = fit_stains(sample, self.config, "image", od=None if od is None else od[:, ::step].contiguous())
+            sample = _opaque(px[:, ::step] if step > 1 else px, alpha, step)
+            od_sample = None if od is None else _opaque(od[:, ::step], alpha, step).contiguous()
+            source = fit_stains(sample, self.config, "image", od=od_sample)
         rep(0.1, "normalising")
         if od is not None:
             result = map_stains(px, source, self.target, self.config, od=od)
@@ -800,8 +814,12 @@ def hed_jitter(
         px, alpha = _rgb_pixels(image.data, "image", torch.device("cpu"))
         out = hed_jitter(px.view(3, -1, 1), sigma, bias, generator).view(3, *image.spatial_shape)
         if alpha is not None:
-            out = torch.cat((out, alpha.to(torch.uint8).unsqueeze(0)))
-        return image.with_data(out.numpy())
+            out = torch.cat((out, alpha.unsqueeze(0)))
+        src = image.numpy()
+        if np.issubdtype(src.dtype, np.floating):  # back to the input's dtype and scale ([0, 1] or 0-255)
+            scale = 255.0 if float(src[:3].max(initial=0.0)) > 1.0 else 1.0
+            return image.with_data((out.numpy().astype(np.float64) * (scale / 255.0)).astype(src.dtype))
+        return image.with_data(out.numpy().astype(src.dtype))
     x = image if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image))
     if x.dim() < 3 or x.shape[-3] != 3:
         raise InputError(f"HED jitter: expected a tensor (..., 3, H, W), got shape {tuple(x.shape)}")

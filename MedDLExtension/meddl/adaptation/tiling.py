@@ -96,7 +96,11 @@ def _sample_tile(tile: np.ndarray, y: int, x: int, height: int, step: int) -> tu
     h, w = tile.shape[:2]
     flat = (np.arange(x, x + w, dtype=np.int64)[None, :] * height + np.arange(y, y + h, dtype=np.int64)[:, None])
     keep = flat % step == 0
-    return flat[keep], tile[keep][:, :3]
+    flat, px = flat[keep], tile[keep]
+    if px.shape[-1] == 4:  # transparent pixels are not sampled (as in memory: stain._strided)
+        opaque = px[:, 3] > 0
+        flat, px = flat[opaque], px[opaque]
+    return flat, px[:, :3]
 
 
 def adapt_stain_tiff(
