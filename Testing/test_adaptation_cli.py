@@ -127,3 +127,28 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def test_histogram_baseline_takes_the_most_similar_donors_and_refuses_beta(images, capsys):
+    from meddl.adaptation import rank_donors
+    from meddl.adaptation.baselines import histogram_match
+
+    refs = [images / "mr_ref2.nii.gz", images / "mr.nii.gz", images / "mr_ref1.nii.gz"]
+    out = images / "hist_best.nii.gz"
+    assert main(["adapt", "fourier", str(images / "mr.nii.gz"), *map(str, refs), "-o", str(out), "--histogram-match",
+                 "--donors", "1"]) == 0
+    image = io.read(images / "mr.nii.gz")
+    best = rank_donors(image, [io.read(r) for r in refs])[0][0]
+    np.testing.assert_allclose(io.read(out).numpy(), histogram_match(image, io.read(refs[best])).numpy(), rtol=1e-6)
+    capsys.readouterr()
+    assert main(["adapt", "fourier", str(images / "mr.nii.gz"), str(refs[0]), "-o", str(images / "h2.nii.gz"),
+                 "--histogram-match", "--beta", "0.05"]) == 2
+    assert "error: --beta: applies to Fourier adaptation, not to --histogram-match" in capsys.readouterr().err
+
+
+def test_stains_out_in_an_integer_format_is_refused_before_any_output(images, capsys):
+    out = images / "never.png"
+    assert main(["adapt", "stain", str(images / "slide.png"), str(images / "ref.png"), "-o", str(out),
+                 "--stains-out", str(images / "stains.png"), "--device", "cpu"]) == 2
+    assert "error: --stains-out: stain concentrations are floating point" in capsys.readouterr().err
+    assert not out.exists()

@@ -524,6 +524,14 @@ def test_stain_adaptation_of_an_rgb_volume_with_h_and_e_outputs(scene, fake, rng
     np.testing.assert_array_equal(mrml.node_to_volume(slide).numpy(), before)
 
 
+def test_one_node_for_two_outputs_is_refused(scene, fake, rng):
+    slide, reference = _rgb_node(scene, rng, "slide"), _rgb_node(scene, rng, "reference")
+    shared = _volume_node(scene, np.zeros((1, 9, 8, 1), np.float32), "shared")
+    with pytest.raises(InputError, match=r"eosin volume: expected another node than the hematoxylin volume, "
+                                         r"got 'shared' for both"):
+        AdaptationLogic(runner=fake.runner).start(slide, [reference], mode="stain", hematoxylin=shared, eosin=shared)
+
+
 def test_fourier_adaptation_sends_every_reference_beta_and_window(scene, fake, rng):
     image = _volume_node(scene, rng.normal(size=(1, 8, 7, 5)).astype(np.float32), "image")
     refs = [_volume_node(scene, rng.normal(size=(1, 8, 7, 5)).astype(np.float32), f"ref{i}") for i in range(2)]

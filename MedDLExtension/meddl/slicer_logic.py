@@ -347,6 +347,11 @@ class MedDLLogic:
 
     @staticmethod
     def _refuse_overwriting_inputs(inputs: Sequence[Any], outputs: dict[str, Any]) -> None:
+        nodes = [(role, n) for role, n in outputs.items() if n is not None and not isinstance(n, bool)]
+        for i, (first, a) in enumerate(nodes):  # one node for two outputs: the last written would win
+            for role, b in nodes[i + 1:]:
+                if a is b or (a.GetID() and a.GetID() == b.GetID()):
+                    raise InputError(f"{role}: expected another node than the {first}, got '{b.GetName()}' for both")
         for role, target in outputs.items():
             if target is None or isinstance(target, bool):
                 continue

@@ -128,6 +128,10 @@ def run(args, ctx) -> int:
         separation = args.separation or ("hed" if args.method == "reinhard" else args.method)
         stain_names = ("H", "E", "DAB") if separation == "hed" else ("H", "E")
         stain_paths = [_stain_path(args.stains_out, n) for n in stain_names] if args.stains_out else []
+        for path in stain_paths:  # found before any work, not after the main output is written
+            if Path(path).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"):
+                raise InputError(f"--stains-out: stain concentrations are floating point, which '{Path(path).suffix}' "
+                                 "cannot hold; give a .nrrd, .nii.gz, .mha or .tif prefix (or none: .nrrd)")
         check_outputs([args.output, *stain_paths], [args.input, args.reference])
         reference = load_input(args.reference, "reference", rgb=True, ndim=(2, 3))
         if args.tiled:
@@ -169,11 +173,13 @@ def run(args, ctx) -> int:
         if args.histogram_match:
             if args.domain != "intensity":
                 raise InputError("--domain: applies to Fourier adaptation, not to --histogram-match")
+            if args.beta is not None:
+                raise InputError("--beta: applies to Fourier adaptation, not to --histogram-match")
             results = _histogram_baseline(image, refs, config, rep)
         else:
             result = adapt_fourier(image, refs, config, rep, device=ctx.device)
             results = result if isinstance(result, list) else [result]
-        for vol, path in zip(results, outputs, strict=False):
+        for vol, path in zip(results, outputs, strict=True):
             io.write(vol, path)
         what = "histogram matching" if args.histogram_match else f"Fourier adaptation ({config.window.value}, {config.mode.value}, {config.domain.value} domain)"
         ctx.summary(f"{what} -> {', '.join(outputs)}")
@@ -211,12 +217,15 @@ def _histogram_baseline(image, refs, config, rep):
     import numpy as np
 
     from .baselines import histogram_match
-    from .fourier import Combine
+    from .fourier import Combine, rank_donors
 
-    outs = []
     for i, ref in enumerate(refs):
         if ref.ndim != image.ndim:
             raise InputError(f"reference {i + 1}: expected a {image.ndim}D volume like the input, got {ref.ndim}D")
+    if config.donors is not None and config.donors < len(refs):  # the most similar, as FDA chooses them
+        refs = [refs[i] for i, _ in rank_donors(image, refs)[: config.donors]]
+    outs = []
+    for i, ref in enumerate(refs):
         outs.append(histogram_match(image, ref))
         rep((i + 1) / len(refs), "histogram matching")
     if config.combine is Combine.EACH:
