@@ -70,3 +70,16 @@ def test_register_refuses_rgb_and_mixed_dimensions(pair, tmp_path, capsys):
     assert code == 2 and "expected 3D like the fixed image" in capsys.readouterr().err
     code = main(["register", str(pair["fixed"]), str(pair["moving"]), "-o", str(pair["moving"])])
     assert code == 2 and "also an input" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, name", [("-o", "w.xyz"), ("--jacobian", "j.png"), ("--labels-out", "l.jpg")])
+def test_an_output_format_that_cannot_hold_the_result_is_refused_before_registering(pair, tmp_path, capsys, flag,
+                                                                                     name):
+    outputs = {"-o": "w.nii.gz", "--transform": "t.h5", "--jacobian": "j.nii.gz", "--labels-out": "l.nii.gz", flag: name}
+    argv = ["register", str(pair["fixed"]), str(pair["moving"]), "--moving-labels", str(pair["labels"])]
+    for f, n in outputs.items():
+        argv += [f, str(tmp_path / n)]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: {flag} '" in err and "expected a volume file" in err
+    assert not any((tmp_path / n).exists() for n in outputs.values())  # nothing written, no work done

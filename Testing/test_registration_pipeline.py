@@ -96,6 +96,29 @@ def test_affine_prealignment_recovers_translation():
     np.testing.assert_allclose(matrix[:3, :3], np.eye(3), atol=0.03)
 
 
+def test_cancel_during_the_affine_prealignment_is_a_cancel_not_an_alignment_failure(capfd):
+    from meddl.progress import Reporter
+
+    img = phantom()
+    moving, _ = shifted(img, [4.0, -3.0, 2.0])
+    token = CancelToken()
+    rep = Reporter.of(None, token)
+    checks = []
+    check = rep.check
+
+    def cancel_at_the_fifth_iteration():
+        checks.append(1)
+        if len(checks) == 5:
+            token.cancel()
+        return check()
+
+    rep.check = cancel_at_the_fifth_iteration
+    with pytest.raises(Cancelled):
+        prealign(img, moving, "affine", reporter=rep)
+    assert len(checks) <= 6  # stopped at once (ITK may finish the iteration it is in)
+    assert "Traceback" not in capfd.readouterr().err  # SimpleITK printed no callback traceback
+
+
 def test_affine_prealignment_is_reproducible_for_a_seed():
     # SimpleITK's sampling seed 0 means "the wall clock": every meddl seed, 0 included, must be fixed
     img = phantom()
@@ -211,6 +234,24 @@ def test_network_method_with_given_weights(tmp_path):
     assert result.summary["method"] == "network" and result.summary["network"] == "tiny"
     assert np.abs(result.displacement.numpy()).max() < 0.1  # the head starts near zero
     assert result.summary["folding_percent"] == 0.0
+
+
+def test_a_network_field_worse_than_none_is_not_used_with_a_note(tmp_path):
+    from meddl.models import save_model
+    from meddl.registration.network import VelocityNet
+
+    torch.manual_seed(0)
+    net = VelocityNet(3, (4, 8, 8, 8))
+    with torch.no_grad():  # a bad network: a large constant velocity whatever the images
+        head = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([2.5, -2.0, 1.5]))
+    save_model(net, tmp_path, "bad", {"spatial_dims": 3, "features": [4, 8, 8, 8], "steps": 7}, "none", "test", {},
+               spacing_mm=4.0)
+    img = phantom()
+    result = register(img, img, RegistrationConfig(method="network", affine="none", weights=str(tmp_path / "bad.pt")))
+    assert np.abs(result.displacement.numpy()).max() < 1e-6  # the identity pair keeps the identity
+    assert any("matched the images worse than none" in n for n in result.summary["notes"])
 
 
 def test_cancel_stops_with_cancelled():

@@ -231,6 +231,20 @@ def test_warp_labels_default_to_nearest_and_keep_dtype():
     assert set(np.unique(out.numpy())) <= {0, 3, 7}
 
 
+def test_warp_of_integer_intensities_rounds_instead_of_truncating():
+    shape = (6, 5, 4)
+    data = np.zeros((1,) + shape, np.int16)
+    data[0, 1::2] = 1  # alternating planes of 0 and 1 along x, and negative ones elsewhere
+    data[0, :, :, 2:] *= -3
+    moving = Volume(data, np.eye(4), "intensity")
+    field = Volume(np.zeros((3,) + shape), np.eye(4), "displacement")
+    field.numpy()[0] = 0.4  # 0.4 voxel along x: out = 0.6 a + 0.4 b, rounded
+    out = warp(moving, field).numpy()[0]
+    expected = np.rint(0.6 * data[0, :-1].astype(float) + 0.4 * data[0, 1:])
+    assert out.dtype == np.int16
+    np.testing.assert_array_equal(out[:-1], expected)
+
+
 def test_warp_complex_and_multichannel():
     shape = (9, 8, 7)
     rng = np.random.default_rng(2)

@@ -279,12 +279,20 @@ def warp(
     resampler.SetDefaultPixelValue(float(default_value))
     # Intensity displacement-volume channels would be flipped by to_sitk; warp them as plain data.
     plain = moving if moving.kind is not Kind.DISPLACEMENT else moving.with_data(data, kind=Kind.INTENSITY)
+    # integer data interpolated linearly: resampled as float and rounded (SimpleITK would truncate
+    # towards zero in the integer type, a bias of up to one grey level)
+    rounded = interpolation is Interpolation.LINEAR and np.issubdtype(data.dtype, np.integer)
+    if rounded:
+        plain = plain.with_data(data.astype(np.float32))
     image = to_sitk(plain)
     try:
         result = resampler.Execute(image)
     except RuntimeError as exc:
         raise InputError(f"warp: SimpleITK could not resample the moving image ({_itk_message(exc)})") from exc
     out = from_sitk(result).numpy()
+    if rounded:
+        info = np.iinfo(data.dtype)
+        out = np.clip(np.rint(out), info.min, info.max)
     if out.dtype != data.dtype and data.dtype != np.bool_:
         out = out.astype(data.dtype)
     return Volume(out, field.affine, moving.kind, dict(moving.meta))

@@ -14,16 +14,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..cli import check_outputs, common_options
+from ..cli import check_output_format, check_outputs, common_options
 from ..errors import InputError
-from ..io import VOLUME_SUFFIXES
 from .masks import MaskType
 from .pipeline import Method, ReconstructionConfig, reconstruct
 
 __all__ = ["configure", "run", "run_simulate", "parse_slices"]
-
-_2D_ONLY = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-
 
 def parse_slices(text: str | None) -> tuple[int, ...] | None:
     """``"0,3,5"`` or ``"2:6"`` (end exclusive) -> slice indices."""
@@ -43,16 +39,6 @@ def parse_slices(text: str | None) -> tuple[int, ...] | None:
     if not out:
         raise InputError(f"--slices: expected at least one index, got '{text}'")
     return tuple(out)
-
-
-def _check_suffix(path: str | None, flag: str) -> None:
-    if not path:
-        return
-    name = Path(path).name.lower()
-    if not name.endswith(VOLUME_SUFFIXES) or name.endswith(_2D_ONLY):
-        raise InputError(
-            f"{flag} '{path}': expected a volume file (.nii.gz, .nii, .nrrd, .mha), got '{Path(path).suffix or name}'"
-        )
 
 
 def configure(subparsers) -> None:
@@ -145,7 +131,7 @@ def run(args, ctx) -> int:
         (args.coils_out, "--coils-out"),
         (args.phase, "--phase"),
     ):
-        _check_suffix(value, flag)
+        check_output_format(value, flag, 3, floating=True)
     path = Path(args.kspace)
     if not path.is_file():
         what = "a folder, not a file" if path.is_dir() else "no such file"

@@ -128,16 +128,30 @@ def prealign(fixed: Volume, moving: Volume, mode: AffineMode | str = AffineMode.
             reg.SetSmoothingSigmasPerLevel([0.0])
         reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
         reg.SetInitialTransform(transform, inPlace=False)
+        stopped: list[BaseException] = []  # Cancel / Ctrl-C: stop ITK's optimiser, raise it afterwards
+
+        def check() -> None:
+            try:
+                reporter.check()
+            except BaseException as exc:  # raised inside SimpleITK's callback it would become a RuntimeError
+                stopped.append(exc)
+                reg.StopRegistration()
+
         if reporter is not None:
-            reg.AddCommand(sitk.sitkIterationEvent, lambda: reporter.check())
+            reg.AddCommand(sitk.sitkIterationEvent, check)
         try:
-            return reg.Execute(f_img, m_img)
+            result = reg.Execute(f_img, m_img)
         except RuntimeError as exc:
+            if stopped:
+                raise stopped[0] from None
             detail = re.sub(r"\(0x[0-9a-f]+\)", "", str(exc).strip().splitlines()[-1])[:200]
             raise InputError(
                 f"affine pre-alignment failed: {detail}; the images may not overlap "
                 f"or be nearly constant. Try {option} center or none"
             ) from exc
+        if stopped:
+            raise stopped[0]
+        return result
 
     rigid = _unwrap(run(init, 1.0, iterations))
     affine = _as_affine(rigid, nd)

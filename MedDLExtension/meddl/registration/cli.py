@@ -78,6 +78,10 @@ def run(args, ctx) -> int:
     moving = _cli.load_input(args.moving, "moving image", scalar=True, ndim=(2, 3))
     if fixed.ndim != moving.ndim:
         raise InputError(f"moving image: expected {fixed.ndim}D like the fixed image, got {moving.ndim}D")
+    floating_warp = moving.numpy().dtype.kind == "f"  # the warped image keeps the moving image's type
+    for flag, path, floating in (("-o", args.output, floating_warp), ("--jacobian", args.jacobian, True),
+                                 ("--labels-out", args.labels_out, False)):
+        _cli.check_output_format(path, flag, fixed.ndim, floating)  # before the registration, not after it
     labels = None
     if args.moving_labels:
         labels = _cli.load_input(args.moving_labels, "--moving-labels", kind=Kind.LABEL, scalar=True, ndim=(2, 3))

@@ -1,7 +1,7 @@
 """The full registration pipeline behind :func:`meddl.registration.register`.
 
-fixed + moving (any grids, sizes and spacings) -> affine pre-alignment -> network velocity on a
-3 mm grid -> instance optimisation on a pyramid -> displacement on the fixed grid (RAS mm,
+fixed + moving (any grids, sizes and spacings) -> affine pre-alignment -> network velocity on
+the grid it was trained at (the model card's ``spacing_mm``) -> instance optimisation on a pyramid -> displacement on the fixed grid (RAS mm,
 resampling convention) -> warped image, Jacobian determinant, inverse, warped labels, summary.
 """
 
@@ -22,7 +22,7 @@ from ..volume import Kind, Volume, geometry_from_affine, require
 from .affine import AffineMode, overlap_fraction, prealign
 from .optimise import Grid, LevelReport, coarser_grid, make_grid, optimise_velocity, to_grid
 from .similarity import DeepSimLoss, LnccLoss, MindLoss, Similarity, mi_loss
-from .svf import identity_grid, integrate, sample, voxel_to_mm
+from .svf import identity_grid, integrate, sample, voxel_to_mm, warp
 
 __all__ = ["Method", "RegistrationConfig", "RegistrationResult", "register", "auto_levels", "REGISTRATION_MODEL",
            "DEEPSIM_MODEL", "DEFAULT_LEVELS_MM"]
@@ -78,7 +78,8 @@ class RegistrationConfig:
         steps: scaling-and-squaring steps.
         velocity_factor: the velocity of each level lives on a grid this much coarser than its
             image grid (smooth and cheap; 1 = same grid).
-        network_spacing_mm: grid spacing the network runs at (its training resolution).
+        network_spacing_mm: grid spacing the network runs at, for a model card that does not give
+            its training resolution (``spacing_mm``; the bundled one does).
         max_grid: most voxels along an axis of any working grid (coarser spacing beyond).
         max_voxels: largest fixed grid answered at full resolution; beyond, an error says how
             much memory it would need.
@@ -311,6 +312,16 @@ def _extent_mm(vol: Volume) -> np.ndarray:
     return np.asarray(vol.spatial_shape, dtype=np.float64) * spacing[: vol.ndim]
 
 
+def _improves(v, grid: Grid, fixed_t, fixed_aff, moving_t, moving_aff, matrix, loss_fn, steps: int) -> bool:
+    """Whether the velocity ``v`` (on ``grid``) matches the images better than no deformation does."""
+    with torch.no_grad():
+        f, m = to_grid(fixed_t, fixed_aff, grid), to_grid(moving_t, moving_aff, grid, matrix)
+        compare = loss_fn
+        if getattr(loss_fn, "warps_descriptors", False):
+            f, m, compare = loss_fn.descriptors(f), loss_fn.descriptors(m), loss_fn.compare
+        return float(compare(warp(m, integrate(v, steps)), f)) < float(compare(m, f))
+
+
 def _network_velocity(fixed_t, fixed_aff, moving_t, moving_aff, matrix, fixed: Volume, config, device,
                       reporter) -> tuple[torch.Tensor, Grid, dict]:
     from ..models import load_model
@@ -449,6 +460,12 @@ def register(
                 raise InputError(f"{exc}; use --method optimisation") from None
             method = Method.OPTIMISATION
             notes.append(f"{exc}: optimisation only")
+        if method is Method.NETWORK and not _improves(v, grid, fixed_t, fixed_aff, moving_t, moving_aff, matrix,
+                                                      _similarity(config, device), config.steps):
+            v = torch.zeros_like(v)  # network+optimisation makes the same check before it starts
+            facts["network_rejected"] = True
+            notes.append("the network's field matched the images worse than none: not used "
+                         "(--method network+optimisation refines from the better of the two)")
         timings["network"] = time.perf_counter() - tick
     tick = time.perf_counter()
     reports: list[LevelReport] = []
@@ -496,7 +513,7 @@ def register(
     summary = {
         "method": method.value,
         "similarity": config.similarity.value if method is not Method.NETWORK else None,
-        "affine": config.affine.value,
+        "affine": config.affine.value if initial_matrix is None else "given",
         "regularisation": config.regularisation if method is not Method.NETWORK else None,
         "fold_penalty": config.fold_penalty if method is not Method.NETWORK else None,
         "folding_percent": round(folding, 4),
