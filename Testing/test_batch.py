@@ -132,6 +132,7 @@ def test_bad_manifest_lists_every_problem_and_runs_nothing(tmp_path, capsys):
         ["sleepcopy", ins[2].name, "outputs/c.txt", "", "fastest", "red"],  # bad choice, unknown option
         ["sleepcopy", ins[2].name, ins[2].name, "", "", ""],  # would overwrite its input
         ["sleepcopy", ins[2].name, "outputs/folder.txt", "", "", ""],  # a folder
+        ["sleepcopy", ins[2].name, "outputs/d.nhdr", "", "", ""],  # a detached header
     ])
     with pytest.raises(InputError) as err:
         read_manifest(manifest)
@@ -146,6 +147,7 @@ def test_bad_manifest_lists_every_problem_and_runs_nothing(tmp_path, capsys):
         r"line 7: unknown option 'colour' for 'sleepcopy'; expected one of .*mode",
         r"line 8: output '.*in02\.txt' is also an input of this job",
         r"line 9: output '.*folder\.txt' is a folder",
+        r"line 10: output '.*d\.nhdr': a detached header names its data file, .* use \.nrrd or \.mha",
     ]
     for pattern in expected:
         assert re.search(pattern, message), pattern

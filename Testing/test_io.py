@@ -145,6 +145,18 @@ def test_failed_write_leaves_no_partial_file(tmp_path, volume_factory, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii.gz"]
 
 
+@pytest.mark.parametrize("name", ["out.nii.gz", "out.nhdr"])
+def test_an_output_under_a_file_is_one_error_line_not_a_crash(tmp_path, volume_factory, capsys, name):
+    from meddl.cli import main
+
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(InputError, match=r"cannot write '.*file/sub/" + name.replace(".", r"\.") + "': Not a directory"):
+        io.write(volume_factory("float", 3), tmp_path / "file" / "sub" / name)
+    io.write(volume_factory("float", 3), tmp_path / "in.nii.gz")
+    assert main(["convert", str(tmp_path / "in.nii.gz"), "-o", str(tmp_path / "file" / name)]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot write")
+
+
 def test_read_reports_missing_empty_and_garbage_files(tmp_path):
     with pytest.raises(InputError, match=r"no such file"):
         io.read(tmp_path / "absent.nii.gz")
@@ -248,3 +260,21 @@ def test_a_nifti_whose_qform_and_sform_disagree_gets_a_notice(tmp_path, capsys):
     img.set_qform(sform, code=2)
     nib.save(img, tmp_path / "fine.nii.gz")
     assert "geometry_notice" not in io.read(tmp_path / "fine.nii.gz").meta
+
+
+def test_a_2d_slice_placed_in_3d_keeps_its_position_and_orientation(tmp_path):
+    from meddl.volume import affine_from_geometry
+
+    data = np.arange(20, dtype=np.float32).reshape(1, 4, 5)
+    axial_up = Volume(data, affine_from_geometry([1.0, 2.0, 3.0], [5.0, -4.0, 50.0]))  # at z = 50 mm
+    coronal = Volume(data, np.array([[1.0, 0, 0, 5.0], [0, 0, 1.0, -4.0], [0, 2.0, 0, 50.0], [0, 0, 0, 1]]))
+    for vol in (axial_up, coronal):
+        for name in ("s.nii.gz", "s.nrrd", "s.mha"):
+            back = io.read(io.write(vol, tmp_path / name))
+            assert back.spatial_shape[:2] == (4, 5)
+            np.testing.assert_allclose(back.affine @ [1, 2, 0, 1], vol.affine @ [1, 2, 0, 1], atol=1e-5)
+            np.testing.assert_array_equal(back.numpy().reshape(data.shape), data)
+    with pytest.raises(InputError, match=r"2D image: its rows and columns do not span the x-y plane"):
+        io.to_sitk(coronal)
+    flat = Volume(data, affine_from_geometry([1.0, 2.0], [5.0, -4.0]))
+    assert io.read(io.write(flat, tmp_path / "flat.nii.gz")).ndim == 2  # an ordinary 2D image stays 2D

@@ -401,6 +401,25 @@ def test_segmentation_round_trip_keeps_names_colours_labels(nd):
     assert scene.GetNodesByClass("vtkMRMLColorTableNode").GetNumberOfItems() == 0
 
 
+def test_segmentation_labels_beyond_32767_duplicate_names_and_shared_tags_survive_a_round_trip():
+    labels = three_labels(3)
+    data = labels.numpy().astype(np.int32)
+    big = labels.with_data(np.where(data == 7, 40000, data))  # values 1, 3, 40000
+    scene = new_scene()
+    node = mrml.labels_to_segmentation_node(big, scene, [SegmentInfo(1, "a", (1, 0, 0)), SegmentInfo(3, "organ", (0, 1, 0)),
+                                                        SegmentInfo(40000, "organ", (0, 0, 1))])
+    back, infos = mrml.segmentation_node_to_labels(node)
+    np.testing.assert_array_equal(back.numpy(), big.numpy())  # the large value and both "organ" labels kept
+    assert [(i.label, i.name) for i in infos] == [(1, "a"), (3, "organ"), (40000, "organ")]
+    # a segment copied from another node may carry a tag an existing segment already has
+    other = mrml.labels_to_segmentation_node(labels.with_data((data == 3).astype(np.uint8)), scene,
+                                             [SegmentInfo(1, "spleen", (0.5, 0.5, 0.5))])
+    mrml.copy_segments(other, node, ["spleen"])
+    back, infos = mrml.segmentation_node_to_labels(node)
+    spleen = [i.label for i in infos if i.name == "spleen"]
+    assert spleen and spleen[0] not in (1, 3, 40000)  # a free value, not the tag "a" already has
+
+
 def test_segmentation_export_onto_other_grids():
     labels = three_labels()
     scene = new_scene()

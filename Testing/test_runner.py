@@ -213,6 +213,8 @@ def test_timeout_cancels_and_says_so(tmp_path):
     cmd = _script(tmp_path, "sleep.py", "import time\ntime.sleep(600)\n")
     result = ProcessRunner(cmd, terminate_timeout=0.5).run([], timeout=0.5)
     assert result.cancelled and result.error == "timed out after 0.5 s"
+    with pytest.raises(ProcessError, match=r"^meddl: timed out after 0.5 s$"):  # not "cancelled by the user"
+        result.raise_for_status()
 
 
 def test_failing_callback_does_not_leave_the_child_running(tmp_path):

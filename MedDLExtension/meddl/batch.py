@@ -581,6 +581,10 @@ def read_manifest(path: str | os.PathLike, output_root: str | os.PathLike | None
                                            + ("given twice" if other is job else f"also written by line {other.line}")))
                 continue
             writers[p] = job
+            if p.lower().endswith((".nhdr", ".mhd")):  # io's detached formats
+                problems.append((job.line, f"{where}: output '{p}': a detached header names its data file, which "
+                                           "the rename into place would leave behind; use .nrrd or .mha"))
+                continue
             problem = _check_output(Path(p), root)
             if problem:
                 problems.append((job.line, f"{where}: {problem}"))

@@ -84,10 +84,21 @@ def to_sitk(volume: Volume):
     spacing, origin, direction = geometry_from_affine(volume.affine)
     direction_lps = _LPS @ direction
     origin_lps = _LPS @ origin
+    if nd == 2 and abs(np.linalg.det(direction_lps[:2, :2])) < 1e-6:
+        raise InputError("2D image: its rows and columns do not span the x-y plane (a coronal or sagittal slice); "
+                         "give it as a one-slice 3D volume")
     img.SetSpacing([float(s) for s in spacing[:nd]])
     img.SetOrigin([float(o) for o in origin_lps[:nd]])
     img.SetDirection([float(v) for v in direction_lps[:nd, :nd].ravel()])
     return img
+
+
+def _out_of_plane(volume: Volume) -> bool:
+    """Whether a 2D volume's affine places it off the z = 0 plane or tilted out of it (geometry a 2D
+    ITK image cannot hold)."""
+    a = volume.affine
+    return volume.ndim == 2 and not (np.allclose(a[2, :2], 0.0, atol=1e-6) and np.allclose(a[:2, 2], 0.0, atol=1e-6)
+                                     and abs(a[2, 3]) < 1e-6)
 
 
 def from_sitk(image, kind: Kind | str | None = None, meta: dict | None = None) -> Volume:
@@ -362,18 +373,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.exists():
-        parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".nii.gz") else path.suffix
-    # lower case: ITK picks its writer from the suffix and refuses ".NII.GZ"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".part{suffix.lower()}", dir=parent)
-    os.close(fd)
+    try:  # a folder that cannot be made or written to (a file on the way, no permission, disk full)
+        if not parent.exists():
+            parent.mkdir(parents=True, exist_ok=True)
+        # lower case: ITK picks its writer from the suffix and refuses ".NII.GZ"
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".part{suffix.lower()}", dir=parent)
+        os.close(fd)
+    except OSError as exc:
+        raise InputError(f"cannot write '{path}': {exc.strerror or exc}") from None
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         if tmp_path.exists():
             os.chmod(tmp_path, _default_mode())  # mkstemp makes 0600; a new file should follow the umask
-        os.replace(tmp_path, path)
+        try:
+            os.replace(tmp_path, path)
+        except OSError as exc:
+            raise InputError(f"cannot write '{path}': {exc.strerror or exc}") from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -396,8 +413,11 @@ def _write_detached(image: Any, path: Path, compress: bool) -> None:
     only once its data is in place (a temporary name would be written into the header)."""
     sitk = _sitk()
     parent = path.parent if str(path.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", suffix=".part", dir=parent))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", suffix=".part", dir=parent))
+    except OSError as exc:
+        raise InputError(f"cannot write '{path}': {exc.strerror or exc}") from None
     try:
         target = work / path.name
         try:
@@ -432,6 +452,8 @@ def write(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Pat
                 "convert to uint8 or use .nrrd / .tif"
             )
     sitk = _sitk()
+    if suffix not in _RGB_SUFFIXES and _out_of_plane(volume):  # a slice placed in 3D: kept as one-slice 3D
+        volume = Volume(volume.numpy()[..., None], volume.affine, volume.kind, dict(volume.meta))
     image = to_sitk(volume)
     if suffix in _DETACHED_SUFFIXES:
         _write_detached(image, path, compress)

@@ -401,8 +401,8 @@ def labels_to_segmentation_node(
         color_table.SetTypeToUser()
         color_table.SetNumberOfColors((max(all_labels) if all_labels else 0) + 1)
         color_table.SetColor(0, "Background", 0.0, 0.0, 0.0, 0.0)
-        for v in all_labels:
-            color_table.SetColor(v, names[v], *colors[v], 1.0)
+        for v in all_labels:  # unique names here (the import names segments by them), the given ones after
+            color_table.SetColor(v, _import_name(v), *colors[v], 1.0)
         display = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeDisplayNode")
         temp_nodes.append(display)
         display.SetAndObserveColorNodeID(color_table.GetID())
@@ -423,8 +423,8 @@ def labels_to_segmentation_node(
                 segment = segmentation.GetSegment(segment_id)
                 by_name[segment.GetName()] = (segment_id, segment)
             for v in all_labels:
-                if names[v] in by_name:
-                    segment_id, segment = by_name.pop(names[v])
+                if _import_name(v) in by_name:
+                    segment_id, segment = by_name.pop(_import_name(v))
                 else:  # no voxels carry this label: keep the class as an empty segment
                     segment_id = segmentation.AddEmptySegment("", names[v], list(colors[v]))
                     segment = segmentation.GetSegment(segment_id)
@@ -440,6 +440,10 @@ def labels_to_segmentation_node(
         for temp in reversed(temp_nodes):
             scene.RemoveNode(temp)
     return node
+
+
+def _import_name(value: int) -> str:
+    return f"__meddl_label_{value}__"
 
 
 def _reference_node(reference, scene):
@@ -468,12 +472,12 @@ def _export_segments(
     temp_nodes.append(color_table)
     color_table.HideFromEditorsOn()
     color_table.SetTypeToUser()
+    # the export writes codes 1..n (Slicer keeps label values below 32768 only) mapped to the values after
     values = [labels_of[s] for s in ids]
-    color_table.SetNumberOfColors(max(values) + 1)
-    for v in range(max(values) + 1):
-        color_table.SetColor(v, f"__meddl_unused_{v}__", 0.0, 0.0, 0.0, 0.0)
-    for s, v in zip(ids, values, strict=True):
-        color_table.SetColor(v, segmentation.GetSegment(s).GetName(), 0.5, 0.5, 0.5, 1.0)
+    color_table.SetNumberOfColors(len(ids) + 1)
+    color_table.SetColor(0, "__meddl_unused_0__", 0.0, 0.0, 0.0, 0.0)
+    for code, s in enumerate(ids, start=1):
+        color_table.SetColor(code, segmentation.GetSegment(s).GetName(), 0.5, 0.5, 0.5, 1.0)
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", _unique_name(scene, "MedDLTempExport"))
     temp_nodes.append(labelmap)
     labelmap.HideFromEditorsOn()
@@ -493,12 +497,14 @@ def _export_segments(
     if not ok or image is None or image.GetPointData().GetScalars() is None:
         raise MedDLError(f"segmentation '{node.GetName()}': export to a label map failed")
     exported = node_to_volume(labelmap, kind=Kind.LABEL, ndim=3)
-    found = set(np.unique(exported.numpy()).tolist()) - {0}
-    if not found <= set(values):
+    codes = exported.numpy()
+    found = set(np.unique(codes).tolist()) - {0}
+    if not found <= set(range(1, len(ids) + 1)):
         raise MedDLError(
-            f"segmentation '{node.GetName()}': export gave label values {sorted(found)}, expected some of {sorted(values)}"
+            f"segmentation '{node.GetName()}': export gave label codes {sorted(found)}, expected some of 1..{len(ids)}"
         )
-    return exported
+    lut = np.array([0, *values], dtype=np.int64)
+    return exported.with_data(lut[codes.astype(np.int64)])
 
 
 def segmentation_node_to_labels(
@@ -516,7 +522,8 @@ def segmentation_node_to_labels(
     Returns:
         ``(labels, segments)``: label volume ``(1, I, J, K)`` (uint8, uint16 or int32 by the
         largest label) and one :class:`SegmentInfo` per exported segment. Label values come from
-        the ``MedDL.Label`` tag; untagged segments take the smallest free values from 1.
+        the ``MedDL.Label`` tag (any value; a tag an earlier segment already has counts as none);
+        untagged segments take the smallest free values from 1.
     """
     _require_node(node, "vtkMRMLSegmentationNode", "segmentation node")
     _ensure_segmentation_converters()
@@ -533,6 +540,11 @@ def segmentation_node_to_labels(
         raise InputError(f"segmentation '{node.GetName()}': expected at least one segment to export, got none")
 
     tagged = {s: _segment_label(segmentation.GetSegment(s)) for s in ids}
+    first_with: dict[int, str] = {}
+    for s in ids:  # a tag already taken by an earlier segment (copied from another node): a new value
+        v = tagged[s]
+        if v is not None and first_with.setdefault(v, s) != s:
+            tagged[s] = None
     used = {v for v in tagged.values() if v is not None}
     labels_of: dict[str, int] = {}
     next_free = 1

@@ -98,6 +98,8 @@ class ProcessResult:
 
     def raise_for_status(self, what: str = "meddl") -> None:
         """Raise :class:`~meddl.errors.Cancelled` or :class:`ProcessError` unless the run succeeded."""
+        if self.cancelled and self.error.startswith("timed out"):  # stopped by wait(timeout), not by the user
+            raise ProcessError(f"{what}: {self.error}", self)
         if self.cancelled:
             raise Cancelled(f"{what}: cancelled by the user")
         if self.returncode == 0:
