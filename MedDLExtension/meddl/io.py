@@ -470,7 +470,8 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, series_uid: st
     """Write a scalar 3D volume as a DICOM series (one file per slice, int16 or uint16).
 
     Geometry goes into ImagePositionPatient / ImageOrientationPatient / PixelSpacing, so
-    :func:`read` of the folder gives back the same grid.
+    :func:`read` of the folder gives back the same image in space (a volume whose slice axis points
+    against the slice order DICOM readers sort by comes back with that axis reversed, affine to match).
     """
     sitk = _sitk()
     if volume.ndim != 3 or volume.channels != 1:
