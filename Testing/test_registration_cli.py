@@ -64,7 +64,7 @@ def test_register_refuses_rgb_and_mixed_dimensions(pair, tmp_path, capsys):
     io.write(rgb, tmp_path / "rgb.nrrd")
     code = main(["register", str(pair["fixed"]), str(tmp_path / "rgb.nrrd"), "-o", str(tmp_path / "w.nii.gz")])
     assert code == 2 and "scalar" in capsys.readouterr().err
-    flat = Volume(img.numpy()[:, :, :, 10], img.affine)
+    flat = Volume(img.numpy()[:, :, :, 10], np.eye(4))  # an in-plane 2D image (one placed in 3D is written 3D)
     io.write(flat, tmp_path / "slice.nii.gz")
     code = main(["register", str(pair["fixed"]), str(tmp_path / "slice.nii.gz"), "-o", str(tmp_path / "w.nii.gz")])
     assert code == 2 and "expected 3D like the fixed image" in capsys.readouterr().err
