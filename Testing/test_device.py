@@ -53,3 +53,26 @@ def test_other_errors_are_not_swallowed():
         run_with_fallback(step, torch.device("cuda"))
     with pytest.raises(RuntimeError, match="out of memory"):
         run_with_fallback(lambda d: (_ for _ in ()).throw(RuntimeError("out of memory")), torch.device("cpu"))
+
+
+def test_every_compute_command_reruns_on_the_cpu_after_a_gpu_out_of_memory(capsys):
+    import argparse
+
+    from meddl.cli import RunContext, _run_on_device
+    from meddl.progress import Reporter
+
+    devices = []
+
+    def run(args, ctx):
+        devices.append(str(ctx.device))
+        if ctx.device.type == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        ctx.summary("done")
+        return 0
+
+    ctx = RunContext(Reporter(), torch.device("cuda"), "asked", None, "text")
+    with pytest.warns(RuntimeWarning, match=r"meddl segment: CUDA ran out of memory; falling back to the CPU"):
+        assert _run_on_device(argparse.Namespace(_run=run, command="segment"), ctx) == 0
+    assert devices == ["cuda", "cpu"]
+    out = capsys.readouterr().out
+    assert "rerunning on the CPU" in out and "device=cpu" in out

@@ -465,10 +465,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "_compute", True):
             ctx, bar = make_context(args)
             ctx.log(f"device: {ctx.device} ({ctx.device_reason})")
-        else:
-            from .progress import Reporter as _R
+            return _run_on_device(args, ctx)
+        from .progress import Reporter as _R
 
-            ctx = RunContext(_R(), "cpu", "no computation", None, "none")
+        ctx = RunContext(_R(), "cpu", "no computation", None, "none")
         return int(args._run(args, ctx) or EXIT_OK)
     except MedDLError as exc:
         if debug:
@@ -496,6 +496,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
+
+
+def _run_on_device(args: argparse.Namespace, ctx: RunContext) -> int:
+    """Run the command on ``ctx.device``; a GPU out-of-memory error reruns it on the CPU with a warning
+    (outputs are written atomically, so nothing half-written is left by the first try)."""
+    from .device import run_with_fallback
+
+    def step(device: Any) -> int:
+        if str(device) != str(ctx.device):
+            ctx.log(f"device: {device} (the GPU ran out of memory; rerunning on the CPU)")
+            ctx.device = device
+        return int(args._run(args, ctx) or EXIT_OK)
+
+    return run_with_fallback(step, ctx.device, f"meddl {getattr(args, 'command', '')}".strip())[0]
 
 
 def _one_line(exc: BaseException) -> str:
