@@ -254,6 +254,14 @@ def test_a_network_field_worse_than_none_is_not_used_with_a_note(tmp_path):
     assert any("matched the images worse than none" in n for n in result.summary["notes"])
 
 
+def test_weights_given_for_a_path_not_taken_are_named_in_the_notes():
+    img = phantom()
+    config = RegistrationConfig(**{**FAST, "method": "optimisation", "weights": "w.pt", "deepsim_weights": "d.pt"})
+    notes = register(img, img, config).summary["notes"]
+    assert "the network weights given are not used by the optimisation-only method" in notes
+    assert "the DeepSim weights given are not used with the lncc similarity" in notes
+
+
 def test_cancel_stops_with_cancelled():
     token = CancelToken()
     token.cancel()

@@ -416,6 +416,11 @@ def register(
             raise InputError("method network: the registration network is 3D; use --method optimisation for 2D images")
         method = Method.OPTIMISATION
         notes.append("2D pair: the 3D network was skipped (optimisation only)")
+    # options given for a path this run does not take: said, not silently dropped
+    if config.weights and method is Method.OPTIMISATION:
+        notes.append("the network weights given are not used by the optimisation-only method")
+    if config.deepsim_weights and config.similarity is not Similarity.DEEPSIM:
+        notes.append(f"the DeepSim weights given are not used with the {config.similarity.value} similarity")
     if initial_matrix is None and config.affine is AffineMode.NONE and overlap_fraction(fixed, moving) <= 0.0:
         raise InputError(
             "fixed and moving images: their fields of view do not overlap in physical space; "
