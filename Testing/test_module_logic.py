@@ -488,6 +488,11 @@ def test_kspace_header_text_lists_datasets_and_ismrmrd_header(kspace_file, tmp_p
     assert "(not readable as k-space" in text  # all-zero k-space: no sampling pattern to find
 
 
+def test_kspace_header_text_before_a_file_is_chosen(tmp_path):
+    assert ReconstructionLogic.header_text(".") == "(choose a k-space file: fastMRI or ISMRMRD .h5)"
+    assert ReconstructionLogic.header_text(tmp_path / "absent.h5").startswith("(no such file:")
+
+
 def test_kspace_header_text_starts_with_what_the_reconstruction_sees(tmp_path):
     pytest.importorskip("h5py")
     from meddl.reconstruction.demo import simulated_file
@@ -522,6 +527,14 @@ def test_stain_adaptation_of_an_rgb_volume_with_h_and_e_outputs(scene, fake, rng
     np.testing.assert_allclose(mrml.node_to_volume(result.hematoxylin).numpy(), 0.25)
     np.testing.assert_allclose(mrml.node_to_volume(result.eosin).numpy(), 0.75)
     np.testing.assert_array_equal(mrml.node_to_volume(slide).numpy(), before)
+
+
+def test_an_output_node_of_another_kind_is_left_alone_and_a_new_node_made(scene, fake, rng):
+    slide, reference = _rgb_node(scene, rng, "slide"), _rgb_node(scene, rng, "reference")
+    grey = _volume_node(scene, np.zeros((1, 9, 8, 1), np.float32), "grey")  # e.g. left by a Fourier run
+    result = AdaptationLogic(runner=fake.runner).run(slide, [reference], mode="stain", output=grey, device="cpu")
+    assert result.output is not grey and result.output.IsA("vtkMRMLVectorVolumeNode")
+    np.testing.assert_array_equal(mrml.node_to_volume(grey).numpy(), 0.0)
 
 
 def test_one_node_for_two_outputs_is_refused(scene, fake, rng):
@@ -726,3 +739,18 @@ def test_context_examples_are_matched_by_segment_name_not_order(scene, fake, rng
     assert int(b[0, 0, 0]) == 3  # a name the first example lacks takes a free value
     names = {result.segmentation.GetSegmentation().GetSegment(i).GetName() for i in result.segment_ids}
     assert {"liver (in-context)", "spleen (in-context)"} <= names
+
+
+def test_reading_a_kspace_header_does_not_load_torch_into_slicer(tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("h5py")
+    from meddl.reconstruction.demo import simulated_file
+
+    path = simulated_file(tmp_path / "sim.h5", size=32, coils=4)
+    code = ("import sys; from meddl.slicer_logic import ReconstructionLogic; "
+            f"text = ReconstructionLogic.header_text({str(path)!r}); "
+            "print('coils: 4' in text, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False"]

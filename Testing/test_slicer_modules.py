@@ -184,6 +184,7 @@ def test_configure_installs_modules_library_and_helpers_beside_each_other(config
     models = [p.name for p in (ROOT / "Resources/models").glob("*") if p.is_file()] if (ROOT / "Resources/models").is_dir() else []
     for name in models:
         assert (configured / "Resources/models" / name).is_file()
+    assert (configured / "Resources/Scripts/batch.py").is_file()  # the README's Slicer cohort script
 
 
 def test_installed_library_imports_from_the_scripted_modules_folder(configured, tmp_path):
@@ -301,8 +302,19 @@ def test_ui_bindings_match_the_parameter_node(module):
             slicer = pytest.importorskip("slicer")
             wanted = tuple(getattr(slicer, name) for name in re.findall(r"vtkMRML\w+", text))  # a class or a Union
             assert wanted, f"{module}: {field} is bound to a node selector but annotated {text}"
+            # the wrapper replaces the selector's node types by the annotation's classes: with child types
+            # hidden, a type the .ui lists but the annotation only covers as a subclass would disappear
+            children = widget.find("property[@name='showChildNodeTypes']/bool")
+            exact = children is not None and children.text == "false"
             for t in [s.text for s in widget.find("property[@name='nodeTypes']/stringlist")]:
-                assert issubclass(getattr(slicer, t), wanted), f"{module}: {field} lists {t}, not a {text}"
+                if exact:
+                    assert getattr(slicer, t) in wanted, f"{module}: {field} lists {t}, hidden by the annotation {text}"
+                else:
+                    assert issubclass(getattr(slicer, t), wanted), f"{module}: {field} lists {t}, not a {text}"
+        if text.startswith("Union["):  # the wrapper writes None (its default, the "(none)" choice) into it
+            assert text.endswith(", None]"), f"{module}: {field}: a Union needs None, got {text}"
+        if widget.get("class") == "ctkSliderWidget" and (text == "float" or text.startswith("Annotated[float")):
+            assert "WithinRange(" in text, f"{module}: {field} is on a slider, which needs a WithinRange, got {text}"
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -91,6 +91,10 @@ class MedDLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         if self._job is not None:
             self._job.cancel()
+            try:  # let it end, so its temporary folder is removed (the poll timer stops below)
+                self._job.wait(timeout=10)
+            except Exception:  # noqa: BLE001 - cancelled, or failed: either way it is over
+                pass
         if self._timer is not None:
             self._timer.stop()
         self.removeObservers()

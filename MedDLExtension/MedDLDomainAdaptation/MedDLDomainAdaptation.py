@@ -4,14 +4,14 @@ The computation runs in a background ``meddl adapt`` process (see meddl.slicer_l
 this file holds the module description, the widget and the self-test only.
 """
 
-from typing import Annotated
+from typing import Annotated, Union
 
 import qt
 import slicer
 from meddl.errors import MedDLError
 from meddl.slicer_logic import AdaptationLogic, AdaptMode, FourierDomain, FourierWindow, StainMethod, choices
 from MedDLCommon import DEVICES, MedDLModuleWidget
-from slicer import vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -44,7 +44,8 @@ Segmentation", CVPR 2020. Sample slide: scikit-image's immunohistochemistry imag
 
 @parameterNodeWrapper
 class MedDLDomainAdaptationParameterNode:
-    inputVolume: vtkMRMLScalarVolumeNode  # vector (RGB) volume nodes are scalar volume node subclasses
+    # the wrapper sets each selector's node types from these annotations (subclasses hidden): list RGB
+    inputVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode, None]  # noqa: UP007
     referenceVolumes: list[vtkMRMLScalarVolumeNode]
     mode: Annotated[str, Choice(choices(AdaptMode))] = AdaptMode.STAIN.value
     stainMethod: Annotated[str, Choice(choices(StainMethod))] = StainMethod.MACENKO.value
@@ -52,7 +53,7 @@ class MedDLDomainAdaptationParameterNode:
     window: Annotated[str, Choice(choices(FourierWindow))] = FourierWindow.CIRCLE.value
     domain: Annotated[str, Choice(choices(FourierDomain))] = FourierDomain.INTENSITY.value
     device: Annotated[str, Choice(DEVICES)] = "auto"
-    outputVolume: vtkMRMLScalarVolumeNode
+    outputVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode, None]  # noqa: UP007
     hematoxylinVolume: vtkMRMLScalarVolumeNode
     eosinVolume: vtkMRMLScalarVolumeNode
 

@@ -17,8 +17,8 @@ from meddl.slicer_logic import (
     choices,
 )
 from MedDLCommon import DEVICES, MedDLModuleWidget
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -56,18 +56,20 @@ class MedDLInContextSegmentationParameterNode:
     paintedSegmentation: vtkMRMLSegmentationNode
     paintedSegmentId: str = ""
     contextVolume1: vtkMRMLScalarVolumeNode
-    contextOutput1: Union[vtkMRMLSegmentationNode, vtkMRMLScalarVolumeNode]  # noqa: UP007 (typing.Union is what the wrapper knows)
+    contextOutput1: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, None]  # noqa: UP007
     contextVolume2: vtkMRMLScalarVolumeNode
-    contextOutput2: Union[vtkMRMLSegmentationNode, vtkMRMLScalarVolumeNode]  # noqa: UP007 (typing.Union is what the wrapper knows)
+    contextOutput2: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, None]  # noqa: UP007
     contextVolume3: vtkMRMLScalarVolumeNode
-    contextOutput3: Union[vtkMRMLSegmentationNode, vtkMRMLScalarVolumeNode]  # noqa: UP007 (typing.Union is what the wrapper knows)
+    contextOutput3: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, None]  # noqa: UP007
     task: Annotated[str, Choice(list(IN_CONTEXT_TASKS))] = SEGMENTATION_TASK
     outputMode: Annotated[str, Choice(choices(SegmentOutput))] = SegmentOutput.NEW_SEGMENT.value
     outputSegmentation: vtkMRMLSegmentationNode
-    outputVolume: vtkMRMLScalarVolumeNode
-    prior: float = 0.5
+    # the wrapper sets each selector's node types from these annotations, and needs None in a Union
+    # (typing.Union is what it knows) and a range for a float on a slider
+    outputVolume: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, None]  # noqa: UP007
+    prior: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     align: Annotated[str, Choice(list(IN_CONTEXT_ALIGN))] = IN_CONTEXT_ALIGN[0]
-    atlasPrior: float = 0.25
+    atlasPrior: Annotated[float, WithinRange(0.0, 1.0)] = 0.25
     device: Annotated[str, Choice(DEVICES)] = "auto"
 
 

@@ -233,6 +233,15 @@ def _ensure_volume_display(node, scene, class_name: str) -> None:
     node.SetAndObserveDisplayNodeID(display.GetID())
 
 
+def node_fits(volume: Volume, node) -> bool:
+    """Whether ``node`` is the kind of volume node ``volume`` goes into (:func:`volume_to_node`)."""
+    class_name = _volume_node_class(volume)
+    ok = hasattr(node, "IsA") and bool(node.IsA(class_name))
+    if class_name == "vtkMRMLScalarVolumeNode":  # a labelmap or vector node is a scalar node subclass
+        ok = ok and not node.IsA("vtkMRMLLabelMapVolumeNode") and not node.IsA("vtkMRMLTensorVolumeNode")
+    return ok
+
+
 def volume_to_node(volume: Volume, scene, name: str = "", node=None):
     """Put a Volume into the scene as a volume node.
 
@@ -257,11 +266,8 @@ def volume_to_node(volume: Volume, scene, name: str = "", node=None):
     if node is None:
         node = scene.AddNewNodeByClass(class_name, _unique_name(scene, name or volume.meta.get("name") or "Volume"))
     else:
-        exact = node.GetClassName() if hasattr(node, "GetClassName") else type(node).__name__
-        ok = hasattr(node, "IsA") and node.IsA(class_name)
-        if class_name == "vtkMRMLScalarVolumeNode":  # a labelmap or vector node is a scalar node subclass
-            ok = ok and not node.IsA("vtkMRMLLabelMapVolumeNode") and not node.IsA("vtkMRMLTensorVolumeNode")
-        if not ok:
+        if not node_fits(volume, node):
+            exact = node.GetClassName() if hasattr(node, "GetClassName") else type(node).__name__
             raise InputError(f"node: expected a {class_name} for this {volume.kind.value} volume, got {exact}")
         if node.GetScene() is None:
             scene.AddNode(node)

@@ -404,6 +404,15 @@ def _existing(target: Any) -> Any:
     return None if target is None or isinstance(target, bool) else target
 
 
+def _fill(mrml: Any, volume: Any, scene: Any, name: str, target: Any) -> Any:
+    """``volume`` into the output node ``target`` when it is the kind of node the result needs, else
+    into a new node: a node left by an earlier run of another kind (a grey volume for an RGB result, a
+    label map for an image) is not an error found only after the whole computation."""
+    node = _existing(target)
+    return mrml.volume_to_node(volume, scene, name=name, node=node if node is None or mrml.node_fits(volume, node)
+                               else None)
+
+
 def _prepare(logic: MedDLLogic, build: Callable[[Path], T]) -> tuple[Path, T]:
     """Make the temporary folder and write the inputs; remove the folder if writing fails."""
     workdir = logic._workdir()
@@ -499,8 +508,7 @@ class RegistrationLogic(MedDLLogic):
 
             mrml = self._mrml()
             out = RegistrationResult(
-                warped=mrml.volume_to_node(io.read(workdir / f"warped{_EXT}"), scene,
-                                           name=f"{base} warped", node=_existing(warped)),
+                warped=_fill(mrml, io.read(workdir / f"warped{_EXT}"), scene, f"{base} warped", warped),
                 process=process,
             )
             if _wanted(transform):
@@ -508,9 +516,8 @@ class RegistrationLogic(MedDLLogic):
                     transforms.read_transform(workdir / "transform.h5"), scene,
                     name=f"{base} to {fixed.GetName()}", node=_existing(transform))
             if _wanted(jacobian):
-                out.jacobian = mrml.volume_to_node(
-                    io.read(workdir / f"jacobian{_EXT}"), scene,
-                    name=f"{base} Jacobian determinant", node=_existing(jacobian))
+                out.jacobian = _fill(mrml, io.read(workdir / f"jacobian{_EXT}"), scene,
+                                     f"{base} Jacobian determinant", jacobian)
             if with_labels:
                 out.warped_segmentation = mrml.labels_to_segmentation_node(
                     io.read(workdir / f"warped-labels{_EXT}", kind="label"), scene, segments=segments,
@@ -609,8 +616,7 @@ class ReconstructionLogic(MedDLLogic):
             mrml = self._mrml()
 
             def volume(stem: str, label: str, target: Any) -> Any:
-                return mrml.volume_to_node(io.read(workdir / f"{stem}{_EXT}"), scene,
-                                           name=f"{base} {label}", node=_existing(target))
+                return _fill(mrml, io.read(workdir / f"{stem}{_EXT}"), scene, f"{base} {label}", target)
 
             out = ReconstructionResult(volume("reconstruction", method, reconstruction), process=process)
             if _wanted(zero_filled):
@@ -637,6 +643,8 @@ class ReconstructionLogic(MedDLLogic):
         pattern), then the raw listing: attributes, datasets and the ISMRMRD header.
         """
         path = Path(kspace_path)
+        if not str(kspace_path) or path.is_dir():  # nothing chosen yet (the file box starts at ".")
+            return "(choose a k-space file: fastMRI or ISMRMRD .h5)"
         if not path.is_file():
             return f"(no such file: {path})"
         try:
@@ -766,8 +774,7 @@ class AdaptationLogic(MedDLLogic):
             mrml = self._mrml()
 
             def volume(stem: str, label: str, target: Any) -> Any:
-                return mrml.volume_to_node(io.read(workdir / f"{stem}{_EXT}"), scene,
-                                           name=f"{base} {label}", node=_existing(target))
+                return _fill(mrml, io.read(workdir / f"{stem}{_EXT}"), scene, f"{base} {label}", target)
 
             out = AdaptationResult(volume("output", "adapted", output), process=process)
             if _wanted(hematoxylin):
@@ -921,8 +928,7 @@ class InContextSegmentationLogic(MedDLLogic):
 
             if image_task:
                 image = io.read(workdir / f"labels{_EXT}")
-                node = self._mrml().volume_to_node(image, scene, name=f"{target.GetName()} {task}",
-                                                   node=_existing(output_volume))
+                node = _fill(self._mrml(), image, scene, f"{target.GetName()} {task}", output_volume)
                 return SegmentationResult(volume=node, process=process)
             labels = io.read(workdir / f"labels{_EXT}", kind="label")
             return self._import_labels(labels, segments, scene, target, output_mode,
@@ -936,7 +942,7 @@ class InContextSegmentationLogic(MedDLLogic):
         mrml = self._mrml()
         if output_mode == SegmentOutput.NEW_VOLUME.value:
             name = f"{target.GetName()} {self._task_label}"
-            node = mrml.volume_to_node(labels, scene, name=name, node=_existing(output_volume))
+            node = _fill(mrml, labels, scene, name, output_volume)
             return SegmentationResult(volume=node, process=process)
         replace = output_mode == SegmentOutput.REPLACE_SEGMENT.value
         if replace:

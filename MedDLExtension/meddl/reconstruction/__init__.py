@@ -8,7 +8,19 @@ uncertainty map. Readers: :func:`read_kspace` (fastMRI HDF5 or ISMRMRD, by conte
 
 from .kspace import Header, KSpaceData, describe, read_kspace
 from .masks import MaskType
-from .pipeline import Method, ReconstructionConfig, ReconstructionResult, reconstruct
+
+_FROM_PIPELINE = ("Method", "ReconstructionConfig", "ReconstructionResult", "reconstruct")
+
+
+def __getattr__(name: str):
+    """The pipeline (and torch with it) is imported on first use: Slicer's own process reads a file's
+    header through :func:`describe` and must not load torch for that."""
+    if name in _FROM_PIPELINE:
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "reconstruct",
