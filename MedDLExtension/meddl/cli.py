@@ -122,21 +122,16 @@ def check_outputs(outputs: Sequence[str | os.PathLike | None], inputs: Sequence[
         seen.add(target)
 
 
-#: formats that hold 2D images only, and those that hold integers only (8/16-bit)
-TWO_D_ONLY_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-INTEGER_ONLY_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
 def check_output_format(path: str | os.PathLike | None, flag: str, ndim: int = 3, floating: bool = False) -> None:
     """Refuse, before any work, an output path whose format cannot hold the result: unknown, 2D-only
     for a 3D volume, integer-only for floating-point values."""
-    from .io import VOLUME_SUFFIXES
+    from .io import _RGB_SUFFIXES, INTEGER_ONLY_SUFFIXES, VOLUME_SUFFIXES  # io.write's own rules
 
     if not path:
         return
     name = Path(path).name.lower()
     what = f"a {ndim}D volume" if not floating else f"a {ndim}D floating-point volume"
-    if (not name.endswith(VOLUME_SUFFIXES) or (ndim == 3 and name.endswith(TWO_D_ONLY_SUFFIXES))
+    if (not name.endswith(VOLUME_SUFFIXES) or (ndim == 3 and name.endswith(_RGB_SUFFIXES))
             or (floating and name.endswith(INTEGER_ONLY_SUFFIXES))):
         raise InputError(f"{flag} '{path}': expected a volume file (.nii.gz, .nii, .nrrd, .mha) for {what}, "
                          f"got '{Path(path).suffix or name}'")

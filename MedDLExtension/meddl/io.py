@@ -34,7 +34,9 @@ __all__ = [
 
 _LPS = np.diag([-1.0, -1.0, 1.0])
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff", ".jpg", ".jpeg")
-_RGB_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+_RGB_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")  # 2D images only
+#: formats that store 8/16-bit integers only (TIFF holds floats too)
+INTEGER_ONLY_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def _sitk():
@@ -446,7 +448,7 @@ def write(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Pat
     if suffix in _RGB_SUFFIXES:
         if volume.ndim != 2 and not (volume.ndim == 3 and volume.spatial_shape[2] == 1):
             raise InputError(f"output '{path}': {suffix} holds 2D images, got a {volume.ndim}D volume; use .nii.gz or .nrrd")
-        if volume.numpy().dtype not in (np.uint8, np.uint16) and suffix != ".tif" and suffix != ".tiff":
+        if volume.numpy().dtype not in (np.uint8, np.uint16) and suffix in INTEGER_ONLY_SUFFIXES:
             raise InputError(
                 f"output '{path}': {suffix} stores 8/16-bit integers, got {volume.numpy().dtype}; "
                 "convert to uint8 or use .nrrd / .tif"
