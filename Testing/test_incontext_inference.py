@@ -13,6 +13,7 @@ from meddl.errors import InputError
 from meddl.incontext import SegmentConfig, segment
 from meddl.incontext.demo import painted_slices
 from meddl.incontext.inference import (
+    ALIGN_2D_PIXELS,
     _Best,
     _label_reach,
     _mix_votes,
@@ -21,6 +22,7 @@ from meddl.incontext.inference import (
     context_warps,
     interpolation_prior,
     mix_prior,
+    resolve_align,
 )
 from meddl.volume import Kind, Volume, affine_from_geometry
 from test_incontext_network import trained_threshold
@@ -302,6 +304,38 @@ def test_deformable_alignment_composes_the_affine_and_the_field():
     assert np.abs(d_img.numpy()[0] - arr)[inside].mean() < 0.02 < np.abs(a_img.numpy()[0] - arr)[inside].mean()
 
 
+def test_auto_alignment_is_deformable_in_2d_and_affine_in_3d(monkeypatch):
+    assert SegmentConfig().align == "auto"
+    assert resolve_align("auto", image(np.zeros((8, 8), np.float32))) == "deformable"
+    assert resolve_align("auto", image(np.zeros((8, 8, 8), np.float32))) == "affine"
+    assert resolve_align("center", image(np.zeros((8, 8), np.float32))) == "center"
+    arr = blobs((64, 64), seed=4)
+    target, ctx = image(arr, [2.0, 2.0]), image(bent_copy(arr, 8.0), [2.0, 2.0])
+    lab = labels(bent_copy(arr > 0.5, 8.0), ctx)
+    auto = align_context(target, ctx, lab, "auto")[1].numpy()
+    assert np.array_equal(auto, align_context(target, ctx, lab, "deformable")[1].numpy())
+
+
+def test_large_2d_pairs_are_affinely_aligned_on_a_coarser_grid(monkeypatch):
+    import meddl.registration.affine as affine_module
+
+    seen = []
+    original = affine_module.prealign
+
+    def spy(fixed, moving, *args, working_mm=None, **kwargs):
+        seen.append(working_mm)
+        return original(fixed, moving, *args, working_mm=working_mm, **kwargs)
+
+    monkeypatch.setattr(affine_module, "prealign", spy)
+    small = blobs((64, 64), seed=1)
+    align_context(image(small, [0.5, 0.5]), image(small, [0.5, 0.5]), labels(small > 0.5, image(small)), "affine")
+    big = np.kron(blobs((64, 80), seed=1), np.ones((8, 8), np.float32))  # 512 x 640 pixels of 0.5 mm
+    target, ctx = image(big, [0.5, 0.5]), image(np.roll(big, (24, -16), (0, 1)), [0.5, 0.5])
+    _, lab, _ = align_context(target, ctx, labels(np.roll(big, (24, -16), (0, 1)) > 0.5, ctx), "affine")
+    assert seen == [None, 640 * 0.5 / ALIGN_2D_PIXELS]  # full resolution up to 256 pixels a side
+    assert dice(lab.numpy()[0] > 0, big > 0.5) > 0.97  # a shift of 12 x 8 mm is still found
+
+
 def test_deformable_alignment_undoes_a_bend_that_the_affine_cannot():
     arr = blobs((64, 64), seed=4)
     truth = arr > 0.5
@@ -454,7 +488,7 @@ def test_propagation_of_a_2d_image_is_refused(net):
     ({"labels": (0,)}, r"labels: expected positive"),
     ({"prior": 1.5}, r"prior: expected a weight between 0 and 1, got 1.5"),
     ({"selection": "random"}, r"selection: expected one of auto, nearest, bracket, similar, got 'random'"),
-    ({"align": "rigid"}, r"align: expected one of affine, center, deformable, none, got 'rigid'"),
+    ({"align": "rigid"}, r"align: expected one of auto, affine, center, deformable, none, got 'rigid'"),
     ({"augment": 40}, r"augment: expected 0 to 32 context slices, got 40"),
     ({"atlas_prior": -0.1}, r"atlas prior: expected a weight between 0 and 1, got -0.1"),
 ])

@@ -650,7 +650,7 @@ def test_context_examples_make_a_new_segmentation_by_default(scene, fake, rng):
     assert "--align" not in fake.record()["argv"]  # the command's default (affine) unless asked
     InContextSegmentationLogic(runner=fake.runner).run(target, context=[pair], align="none")
     assert _flag(fake.record()["argv"], "--align") == "none"
-    with pytest.raises(InputError, match=r"align: expected one of affine, center, deformable, none, got 'rigid'"):
+    with pytest.raises(InputError, match=r"align: expected one of auto, affine, center, deformable, none, got 'rigid'"):
         InContextSegmentationLogic(runner=fake.runner).start(target, context=[pair], align="rigid")
     assert "--atlas-prior" not in fake.record()["argv"]
     InContextSegmentationLogic(runner=fake.runner).run(target, context=[pair], align="deformable", atlas_prior=0.6)

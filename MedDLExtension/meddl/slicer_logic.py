@@ -130,7 +130,7 @@ SEGMENTATION_TASK = "segmentation"
 #: never imports torch in the Slicer process)
 IN_CONTEXT_TASKS = (SEGMENTATION_TASK, "denoise", "skullstrip", "bias", "inpaint", "superres", "image")
 #: the ``--align`` values of ``meddl segment`` (meddl.incontext's ALIGN_MODES, same reason)
-IN_CONTEXT_ALIGN = ("affine", "center", "deformable", "none")
+IN_CONTEXT_ALIGN = ("auto", "affine", "center", "deformable", "none")
 
 
 class SegmentOutput(str, enum.Enum):
@@ -847,8 +847,8 @@ class InContextSegmentationLogic(MedDLLogic):
         with the network (``meddl segment --prior``; None: the command's default, 0.5).
 
         ``align``: with context examples, how each example is brought onto the target's grid
-        (``meddl segment --align``: ``"affine"``, ``"center"``, ``"deformable"`` or ``"none"``;
-        None: the command's default, affine).
+        (``meddl segment --align``: ``"auto"``, ``"affine"``, ``"center"``, ``"deformable"`` or
+        ``"none"``; None: the command's default, auto: deformable for a 2D target, affine for 3D).
 
         ``atlas_prior``: with context examples of a segmentation task, the weight of the aligned
         examples' own labels mixed with the network (``meddl segment --atlas-prior``; None: the
