@@ -500,6 +500,18 @@ def test_embedded_workers_share_the_cores_and_keep_glibc_memory_defaults():
     assert batch.compute_threads(64, 64) == 1
 
 
+def test_embedded_workers_keep_the_users_thread_limit(monkeypatch):
+    monkeypatch.setattr(batch.os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert batch.compute_threads(2, 1) == 8
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a busy machine: the user asked for one thread per command
+    assert batch.compute_threads(2, 1) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "32")  # never more than the worker's share of the cores
+    assert batch.compute_threads(2, 1) == 8
+    monkeypatch.setenv("OMP_NUM_THREADS", "lots")
+    assert batch.compute_threads(2, 1) == 8
+
+
 def test_every_capability_in_the_build_takes_manifest_rows(tmp_path):
     """Rows for each operation become that command's arguments: inputs and outputs told apart."""
     for name in ("fixed.nii.gz", "moving.nii.gz", "labels.nii.gz", "k.h5", "ctx.nii.gz", "ctx_lab.nii.gz"):

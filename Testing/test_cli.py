@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from meddl import __version__, io
 from meddl.cli import main
-from meddl.volume import Volume
+from meddl.volume import Kind, Volume
 
 
 def _assert_clean_error(result, pattern: str) -> None:
@@ -120,6 +121,26 @@ def test_info_json_describes_geometry(cli, tmp_path, oblique):
     np.testing.assert_allclose(facts["origin_ras_mm"], [12.5, -30.25, 7.0])
 
 
+def test_info_counts_the_values_of_an_integer_image_and_names_the_label_option(tmp_path, capsys):
+    labels = np.zeros((1, 6, 5, 4), np.int16)
+    labels[0, 1:3], labels[0, 4:] = 7, 12
+    path = io.write(Volume(labels, np.eye(4), Kind.LABEL), tmp_path / "atlas.nii.gz")
+    assert main(["info", str(path), "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["distinct_values"] == 3 and facts["kind"] == "intensity"
+    assert main(["info", str(path)]) == 0
+    assert re.search(r"kind: intensity \(as read: --kind label reads it as a label map\)", capsys.readouterr().out)
+    assert main(["info", str(path), "--kind", "label"]) == 0
+    assert "kind: label\n" in capsys.readouterr().out
+    # a Slicer segmentation file is a label map without being told
+    seg = io.write(Volume(labels, np.eye(4), Kind.LABEL), tmp_path / "organs.seg.nrrd")
+    assert main(["info", str(seg), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "label"
+    floats = io.write(Volume(labels.astype(np.float32), np.eye(4)), tmp_path / "f.nii.gz")
+    assert main(["info", str(floats), "--json"]) == 0
+    assert "distinct_values" not in json.loads(capsys.readouterr().out)
+
+
 def test_convert_keeps_values_and_geometry(tmp_path, volume_factory, capsys):
     vol = volume_factory("int16", 3)
     src = io.write(vol, tmp_path / "a.nrrd")
@@ -149,3 +170,39 @@ def test_batch_on_an_existing_cluster_leaves_the_device_to_its_workers(cli, tmp_
     result = cli("batch", str(manifest), "--scheduler", "tcp://127.0.0.1:9", "--device", "cuda", "--progress", "none")
     _assert_clean_error(result, r"scheduler|connect")
     assert "CUDA" not in result.stderr
+
+
+def test_capabilities_are_reachable_from_import_meddl_without_loading_torch_first():
+    import subprocess
+    import sys
+
+    code = ("import sys, meddl; light = 'torch' not in sys.modules; "
+            "print(light, callable(meddl.adaptation.adapt_fourier), callable(meddl.incontext.segment), "
+            "meddl.io.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True", "True", "meddl.io"]
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        import meddl
+
+        meddl.nothing  # noqa: B018
+
+
+def test_help_shows_defaults_and_plain_text(capsys):
+    for argv in (["--help"], ["register", "--help"], ["segment", "--help"], ["adapt", "fourier", "--help"]):
+        assert main(argv) == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert "``" not in text, argv
+        if argv[0] == "segment":
+            assert "(default: 0.25)" in text and "(default: 16)" in text
+            assert "(default: None)" not in text and "(default: False)" not in text
+        if argv[0] == "adapt":
+            assert "(default: circle)" in text and "(default: mean)" in text
+
+
+def test_regularisation_takes_both_spellings():
+    from meddl.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["register", "f", "m", "-o", "o.nii.gz", "--regularization", "0.5"]).regularisation == 0.5
+    assert parser.parse_args(["reconstruct", "k.h5", "-o", "o.nii.gz", "--regularisation", "0.01"]).regularization \
+        == 0.01

@@ -1008,8 +1008,14 @@ def worker_specs(n_workers: int, threads_per_worker: int, gpus: Sequence[str]) -
 
 def compute_threads(n_workers: int, threads_per_worker: int) -> int:
     """Threads for numpy/torch in each job of an embedded cluster: the cores shared among the jobs
-    running at once (Dask's own default is 1, for clusters that run many small tasks per worker)."""
-    return max(1, (os.cpu_count() or 1) // (n_workers * threads_per_worker))
+    running at once (Dask's own default is 1, for clusters that run many small tasks per worker), or
+    fewer when the user's ``OMP_NUM_THREADS`` says so (as it does for a single ``meddl`` command)."""
+    shared = max(1, (os.cpu_count() or 1) // (n_workers * threads_per_worker))
+    try:
+        asked = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return shared
+    return max(1, min(shared, asked))
 
 
 def cluster_environment(threads: int) -> dict[str, Any]:

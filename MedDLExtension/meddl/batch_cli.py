@@ -11,7 +11,7 @@ EXIT_JOBS_FAILED = 1
 
 _EPILOG = """\
 manifest: CSV with a header row, or JSON Lines; one job per row. Columns: 'operation' (register,
-reconstruct, adapt stain, adapt fourier, segment), an optional 'id', then the arguments of that
+reconstruct, adapt stain, adapt fourier, adapt histogram, adapt classwise, segment), an optional 'id', then the arguments of that
 command by name: positional ones by their name (fixed, moving, input, references, ...), options
 without the dashes (output, method, center-fraction, ...). Several values in one CSV cell are
 separated by ';'. Relative inputs are relative to the manifest, relative outputs to --output-root.

@@ -39,8 +39,28 @@ class UsageError(MedDLError):
     """Bad command-line usage (argparse's complaints, reworded as one line)."""
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default after its help, unless the help already names it or there is none
+    to show (no value, a flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (text and action.option_strings and "default" not in text.lower() and default is not None
+                and default is not argparse.SUPPRESS and not isinstance(default, bool) and default != []):
+            text += " (default: %(default)s)"
+        return text
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one line (a UsageError), never a multi-line usage dump."""
+    """argparse that reports usage errors as one line (a UsageError), never a multi-line usage dump,
+    shows defaults in ``--help`` and plain text for reStructuredText's ````literals```` of docstrings."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        if kwargs.get("description"):
+            kwargs["description"] = kwargs["description"].replace("``", "")
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
@@ -296,7 +316,10 @@ def _info(sub) -> None:
 
         from . import io
 
-        vol = io.read(args.path, kind=args.kind)
+        kind = args.kind
+        if kind is None and str(args.path).lower().endswith(".seg.nrrd"):
+            kind = "label"  # a Slicer segmentation file
+        vol = io.read(args.path, kind=kind)
         arr = vol.numpy()
         finite = np.isfinite(arr) if np.issubdtype(arr.dtype, np.inexact) else None
         values = np.abs(arr) if np.iscomplexobj(arr) else arr
@@ -319,14 +342,18 @@ def _info(sub) -> None:
             "max": extreme(np.max),
             "nonfinite_voxels": 0 if finite is None else int(finite.size - finite.sum()),
         }
+        if np.issubdtype(arr.dtype, np.integer) and vol.channels == 1:
+            facts["distinct_values"] = int(np.unique(arr).size)  # a label map's labels (+ background)
         if vol.meta.get("geometry_notice"):
             facts["notice"] = vol.meta["geometry_notice"]
         if args.json:
             print(json.dumps(facts))
         else:
             print(repr(vol))
+            hint = (" (as read: --kind label reads it as a label map)" if kind is None and vol.kind.value == "intensity"
+                    and facts.get("distinct_values", 1001) <= 1000 else "")
             for k, v in facts.items():
-                print(f"  {k}: {v}")
+                print(f"  {k}: {v}{hint if k == 'kind' else ''}")
         return EXIT_OK
 
     p.set_defaults(_run=run, _compute=False)
@@ -334,10 +361,13 @@ def _info(sub) -> None:
 
 def _convert(sub) -> None:
     p = sub.add_parser("convert", parents=[common_options(compute=False)],
-                       help="convert between NIfTI, NRRD, MHA, PNG/TIFF and DICOM folders (geometry kept)")
-    p.add_argument("input")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--kind", choices=("intensity", "label"))
+                       help="convert a NIfTI, NRRD, MHA or PNG/TIFF file or a DICOM series folder to NIfTI, NRRD, "
+                            "MHA or PNG/TIFF (geometry kept)")
+    p.add_argument("input", help="image file, or a folder holding one DICOM series")
+    p.add_argument("-o", "--output", required=True, help="output file; its suffix sets the format (.nii.gz, .nrrd, "
+                                                          ".mha, .png, .tif, ...)")
+    p.add_argument("--kind", choices=("intensity", "label"),
+                   help="read the input as a label map (integer values kept exactly) or as an intensity image")
 
     def run(args, ctx) -> int:
         from . import io

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -148,13 +149,15 @@ def overview_png(items: list[DemoItem], path: Path, tile: int = 220) -> Path:
         pictures.append((item.title, pil))
     cols = min(4, max(1, len(pictures)))
     rows = max(1, -(-len(pictures) // cols))
-    canvas = Image.new("RGB", (cols * (tile + 10) + 10, rows * (tile + 34) + 10), (24, 24, 28))
+    head = 34  # two lines of the default bitmap font, about 36 characters each at this tile width
+    canvas = Image.new("RGB", (cols * (tile + 10) + 10, rows * (tile + head + 12) + 10), (24, 24, 28))
     draw = ImageDraw.Draw(canvas)
     for n, (title, pil) in enumerate(pictures):
         x = 10 + (n % cols) * (tile + 10)
-        y = 10 + (n // cols) * (tile + 34)
-        canvas.paste(pil, (x + (tile - pil.width) // 2, y + 22 + (tile - pil.height) // 2))
-        draw.text((x, y + 4), title[:34], fill=(235, 235, 235))
+        y = 10 + (n // cols) * (tile + head + 12)
+        canvas.paste(pil, (x + (tile - pil.width) // 2, y + head + (tile - pil.height) // 2))
+        lines = textwrap.wrap(title, width=36, max_lines=2, placeholder="...")
+        draw.text((x, y + 4), "\n".join(lines), fill=(235, 235, 235))
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path

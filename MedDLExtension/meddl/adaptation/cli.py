@@ -38,7 +38,9 @@ def configure(subparsers) -> argparse.ArgumentParser:
     s.add_argument("input", help="RGB image (PNG, TIFF, JPEG, NRRD ...)")
     s.add_argument("reference", help="RGB image with the target staining")
     s.add_argument("-o", "--output", required=True, help="normalised RGB image")
-    s.add_argument("--method", choices=("macenko", "reinhard", "vahadane"), default="macenko")
+    s.add_argument("--method", choices=("macenko", "reinhard", "vahadane"), default="macenko",
+                   help="macenko (stain vectors from the optical-density plane), vahadane (sparse non-negative "
+                        "factorisation) or reinhard (colour statistics in LAB)")
     s.add_argument("--stains-out", metavar="PREFIX",
                    help="also write the stain concentrations as scalar volumes PREFIX_H, PREFIX_E (and PREFIX_DAB)")
     s.add_argument("--separation", choices=("hed", "macenko", "vahadane"),
@@ -58,10 +60,14 @@ def configure(subparsers) -> argparse.ArgumentParser:
                    help="adapted volume; with --combine each, one file per reference (OUTPUT_1, OUTPUT_2, ...)")
     f.add_argument("--beta", type=float, default=None,
                    help="window size as a fraction of the image size, 0-0.5 (default: 0.01 square, 0.03 circle)")
-    f.add_argument("--window", choices=("square", "circle"), default="circle")
+    f.add_argument("--window", choices=("square", "circle"), default="circle",
+                   help="low-frequency window whose amplitude is swapped: circle (feather-light FDA) or square "
+                        "(Yang & Soatto)")
     f.add_argument("--mode", choices=("2d", "3d"), default="3d", help="slice-wise or whole-volume transform")
     f.add_argument("--slice-axis", type=int, choices=(0, 1, 2), default=2, help="slice axis for --mode 2d (I, J, K)")
-    f.add_argument("--combine", choices=("mean", "each"), default="mean")
+    f.add_argument("--combine", choices=("mean", "each"), default="mean",
+                   help="several references: mean (their mean amplitude, one output) or each (one output per "
+                        "reference)")
     f.add_argument("--donors", type=int, default=None, help="use only the N references most similar to the input")
     f.add_argument("--no-clip", action="store_true", help="do not clip the output to the input's intensity range")
     f.add_argument("--domain", choices=("intensity", "log"), default="intensity",

@@ -50,7 +50,8 @@ def configure(subparsers) -> None:
     p.add_argument("--augment", type=int, default=16,
                    help="--context segmentation: when a target slice gets fewer context slices than this, add "
                         "slightly deformed copies of them up to this many (0: none)")
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="segmentation: probability above which a voxel belongs to the segment")
     p.add_argument("--finetune-steps", type=int, default=0, help="test-time fine-tuning steps on the context")
     p.add_argument("--weights", default=None, help="weights file (its JSON card beside it) instead of the bundled one")
     p.set_defaults(_run=run)
@@ -88,7 +89,9 @@ def run(args, ctx) -> int:
     for notice in result.meta.get("notices", []):
         ctx.log(f"notice: {notice}")
     io.write(result, args.output)
-    facts = {"output": args.output, "axis": result.meta.get("axis")}
+    facts = {"output": args.output}
+    if result.meta.get("axis") is not None:  # a 3D target's slicing axis (a 2D target has none)
+        facts["axis"] = result.meta["axis"]
     if result.kind is Kind.LABEL:
         import numpy as np
 

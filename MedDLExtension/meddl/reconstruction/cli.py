@@ -77,7 +77,7 @@ def configure(subparsers) -> None:
     p.add_argument("--weights", help="VarNet weights file (a state dict with its JSON card beside it)")
     p.add_argument("--slices", help="slices to reconstruct: 0,3,5 or 2:6 (default all)")
     p.add_argument("--iterations", type=int, help="solver iterations (classical methods)")
-    p.add_argument("--regularization", type=float, help="lambda for cg-sense / l1-wavelet / tv (data scaled to max 1)")
+    p.add_argument("--regularization", "--regularisation", dest="regularization", type=float, help="lambda for cg-sense / l1-wavelet / tv (data scaled to max 1)")
     p.add_argument("--probes", type=int, default=4, help="Monte-Carlo probes for --uncertainty")
     p.set_defaults(_run=run)
 

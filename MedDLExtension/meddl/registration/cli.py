@@ -38,13 +38,15 @@ def configure(sub) -> None:
     p.add_argument("--moving-labels", help="label map on the moving grid, warped nearest-neighbour")
     p.add_argument("--labels-out", help="where the warped labels go (with --moving-labels)")
     p.add_argument("--method", choices=("network+optimisation", "network", "optimisation"),
-                   default="network+optimisation")
+                   default="network+optimisation",
+                   help="network+optimisation (the network's field refined on this pair), network (one pass, "
+                        "fastest) or optimisation (instance optimisation from zero)")
     p.add_argument("--similarity", choices=("lncc", "mi", "mind", "deepsim"), default="lncc",
                    help="lncc (same contrast), mi or mind (across contrasts), deepsim (semantic features)")
     p.add_argument("--affine", choices=("affine", "center", "none"), default="affine",
                    help="pre-alignment (default affine; none trusts the scanner coordinates)")
     p.add_argument("--iterations", type=int, default=None, help="most optimisation steps per resolution level (default 15)")
-    p.add_argument("--regularisation", type=float, default=None,
+    p.add_argument("--regularisation", "--regularization", dest="regularisation", type=float, default=None,
                    help="weight of the smoothness term (default: 1, or 0.1 with --similarity mind)")
     p.add_argument("--fold-penalty", type=float, default=None,
                    help="weight of the barrier against folding (det J < 0.1; default 100, 0 turns it off)")
