@@ -316,6 +316,23 @@ def test_auto_alignment_is_deformable_in_2d_and_affine_in_3d(monkeypatch):
     assert np.array_equal(auto, align_context(target, ctx, lab, "deformable")[1].numpy())
 
 
+def test_one_slice_volumes_are_segmented_as_the_2d_images_they_are(net):
+    """Slicer holds a 2D image as a one-slice 3D volume: a coronal one (slice axis J) failed in the
+    3D affine pre-alignment (ITK's smoothing needs 4 voxels along every axis)."""
+    arr, other = blobs((40, 36), seed=2), blobs((40, 36), seed=2)[::-1].copy()
+    coronal = np.array([[-0.8, 0, 0, 10.0], [0, 0, 2.5, -4.0], [0, 0.8, 0, 7.0], [0, 0, 0, 1.0]])
+
+    def one_slice(a, kind):
+        return Volume(a[None, :, None, :].astype(np.int16 if kind is Kind.LABEL else np.float32), coronal, kind)
+
+    plain = run(image(arr, [0.8, 0.8]), net, context=[(image(other, [0.8, 0.8]), labels(other > 0.5, image(other, [0.8, 0.8])))])
+    out = run(one_slice(arr, Kind.INTENSITY), net,
+              context=[(one_slice(other, Kind.INTENSITY), one_slice(other > 0.5, Kind.LABEL))])
+    assert out.spatial_shape == (40, 1, 36) and np.allclose(out.affine, coronal) and out.kind is Kind.LABEL
+    assert dice(out.numpy()[0, :, 0] > 0, plain.numpy()[0] > 0) > 0.99  # the 2D path (its grid's origin differs)
+    assert dice(out.numpy()[0, :, 0] > 0, arr > 0.5) > 0.8
+
+
 def test_large_2d_pairs_are_affinely_aligned_on_a_coarser_grid(monkeypatch):
     import meddl.registration.affine as affine_module
 
