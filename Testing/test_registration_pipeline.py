@@ -221,6 +221,58 @@ def test_two_d_pair_runs_optimisation_and_refuses_the_network():
         register(img, moving, RegistrationConfig(**{**FAST, "method": "network"}))
 
 
+CORONAL = np.array([[-2.0, 0, 0, 40.0], [0, 0, 2.0, -6.0], [0, 2.0, 0, -30.0], [0, 0, 0, 1.0]])  # slice axis J
+
+
+def one_slice(arr: np.ndarray, affine: np.ndarray, kind: Kind = Kind.INTENSITY) -> Volume:
+    return Volume(arr[None, :, None, :], affine, kind)
+
+
+def test_one_slice_volumes_are_registered_as_2d_images(tmp_path):
+    """How Slicer holds 2D images: a one-slice 3D volume (was refused: 4 voxels needed on every axis)."""
+    img = phantom(nd=2)
+    moved, _ = shifted(img, [3.0, -2.0])
+    fixed, moving = one_slice(img.numpy()[0], CORONAL), one_slice(moved.numpy()[0], CORONAL)
+    labels = one_slice((img.numpy()[0] > 0.45).astype(np.int16), CORONAL, Kind.LABEL)
+    result = register(fixed, moving, RegistrationConfig(**FAST), moving_labels=labels)
+    flat = register(img, moved, RegistrationConfig(**FAST))
+    assert "one-slice" in " ".join(result.summary["notes"])
+    for vol in (result.warped, result.jacobian, result.warped_labels):
+        assert vol.spatial_shape == (64, 1, 56) and np.allclose(vol.affine, CORONAL)
+    np.testing.assert_allclose(result.warped.numpy()[:, :, 0], flat.warped.numpy(), atol=1e-5)
+    assert result.displacement.numpy().shape == (3, 64, 1, 56)
+    # our warp and SimpleITK's resampling through the written transform agree with the warped image
+    np.testing.assert_allclose(transforms.warp(moving, result.displacement).numpy(), result.warped.numpy(), atol=1e-4)
+    transforms.write_transform(result.displacement, tmp_path / "t.h5")
+    io.write(fixed, tmp_path / "f.nrrd")
+    io.write(moving, tmp_path / "m.nrrd")
+    itk = sitk.Resample(sitk.ReadImage(str(tmp_path / "m.nrrd")), sitk.ReadImage(str(tmp_path / "f.nrrd")),
+                        sitk.ReadTransform(str(tmp_path / "t.h5")), sitk.sitkLinear, 0.0)
+    inner = (slice(8, -8), slice(None), slice(8, -8))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(itk).transpose(2, 1, 0)[inner],
+                               result.warped.numpy()[0][inner], atol=1e-3)
+    before = np.abs(moving.numpy() - fixed.numpy())[0][inner].mean()
+    assert np.abs(result.warped.numpy() - fixed.numpy())[0][inner].mean() < before / 3
+    # the inverse brings the fixed image onto the moving one
+    back = transforms.warp(fixed, result.inverse).numpy()[0][inner]
+    assert np.abs(back - moving.numpy()[0][inner]).mean() < before / 3
+
+
+def test_one_slice_volumes_keep_the_scanner_relation_with_affine_none():
+    """Two slices of one scene: the moving slice's grid moved 4 mm in R and 6 mm in A (in its plane) and
+    6 mm down (out of it), its pixels shifted to match; with the scanner's coordinates trusted, every
+    fixed point maps to the point of the moving slice straight below it."""
+    img = phantom(nd=2).numpy()[0]
+    moved_affine = CORONAL.copy()
+    moved_affine[:3, 3] += [4.0, 6.0, -6.0]  # voxel (i, k) of the moving slice lies over voxel (i - 2, k + 3)
+    moving = one_slice(np.roll(img, (2, -3), (0, 1)), moved_affine)
+    result = register(one_slice(img, CORONAL), moving, RegistrationConfig(**{**FAST, "iterations": 0}))
+    down = np.broadcast_to(np.array([0.0, 0.0, -6.0])[:, None, None, None], (3, 64, 1, 56))
+    np.testing.assert_allclose(result.displacement.numpy(), down, atol=1e-4)
+    np.testing.assert_allclose(result.warped.numpy()[0, 4:-4, 0, 4:-4], img[4:-4, 4:-4], atol=1e-4)
+    np.testing.assert_allclose(result.affine_matrix[:3, 3], [0.0, 0.0, -6.0], atol=1e-4)
+
+
 def test_network_method_with_given_weights(tmp_path):
     from meddl.models import save_model
     from meddl.registration.network import VelocityNet

@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["Kind", "Volume", "affine_from_geometry", "geometry_from_affine"]
+__all__ = ["Kind", "Volume", "affine_from_geometry", "geometry_from_affine", "one_slice_axis", "as_plain_2d"]
 
 
 class Kind(str, enum.Enum):
@@ -198,6 +198,26 @@ class Volume:
             axis = int(np.argmax(np.abs(col)))
             out.append(codes[axis][int(col[axis] > 0)])
         return "".join(out[: self.ndim])
+
+
+def one_slice_axis(vol: Volume) -> int | None:
+    """The axis of a 3D volume that holds a single slice (how Slicer holds a 2D image), else None."""
+    if vol.ndim != 3:
+        return None
+    ones = [a for a, n in enumerate(vol.spatial_shape) if n == 1]
+    return ones[0] if len(ones) == 1 else None
+
+
+def as_plain_2d(vol: Volume) -> Volume:
+    """A 2D or one-slice 3D volume as a 2D image on a plain grid: its in-plane spacings, no rotation,
+    origin 0. Each image's place in the world is left out (what an alignment finds); a one-slice
+    volume of any orientation becomes a 2D image, where a coronal one could not go through
+    SimpleITK as 2D."""
+    axis = one_slice_axis(vol)
+    arr = vol.numpy() if axis is None else np.take(vol.numpy(), 0, axis=axis + 1)
+    kept = [a for a in range(vol.ndim) if a != axis]
+    spacing = [float(vol.spacing[a]) for a in kept]
+    return Volume(np.ascontiguousarray(arr), np.diag([*spacing, 1.0, 1.0]), vol.kind, dict(vol.meta))
 
 
 def require(

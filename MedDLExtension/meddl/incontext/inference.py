@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from ..errors import InputError
 from ..optim import Adam
 from ..progress import Reporter
-from ..volume import Kind, Volume
+from ..volume import Kind, Volume, as_plain_2d, one_slice_axis
 from .network import InContextNet, pad_channels
 
 __all__ = ["Task", "Selection", "SegmentConfig", "segment", "load_network", "interpolation_prior", "mix_prior",
@@ -604,25 +604,6 @@ def align_context(target: Volume, image: Volume, output: Volume, mode: str = "af
     return Volume(moved, target.affine, image.kind, dict(image.meta)), out, covered
 
 
-def _singleton_axis(vol: Volume) -> int | None:
-    """The axis of a 3D volume that holds one slice (how Slicer holds a 2D image), else None."""
-    if vol.ndim != 3:
-        return None
-    ones = [a for a, n in enumerate(vol.spatial_shape) if n == 1]
-    return ones[0] if len(ones) == 1 else None
-
-
-def _as_plain_2d(vol: Volume) -> Volume:
-    """A 2D or one-slice 3D volume as a 2D image on a plain grid: its in-plane spacings, no rotation,
-    origin 0 (each image's place in the world is what the alignment finds; a one-slice volume of any
-    orientation becomes one, where a coronal one could not go through SimpleITK as 2D)."""
-    axis = _singleton_axis(vol)
-    arr = vol.numpy() if axis is None else np.take(vol.numpy(), 0, axis=axis + 1)
-    kept = [a for a in range(vol.ndim) if a != axis]
-    spacing = [float(vol.spacing[a]) for a in kept]
-    return Volume(np.ascontiguousarray(arr), np.diag([*spacing, 1.0, 1.0]), vol.kind, dict(vol.meta))
-
-
 def segment(target: Volume, config: SegmentConfig | None = None,
             context: list[tuple[Volume, Volume]] | None = None, annotated: Volume | None = None,
             progress=None, cancel=None, network: InContextNet | None = None, size: int | None = None,
@@ -647,13 +628,13 @@ def segment(target: Volume, config: SegmentConfig | None = None,
     if (context is None) == (annotated is None):
         raise InputError("segment: expected either context pairs or an annotated label map, got "
                          + ("both" if context is not None else "neither"))
-    flat = _singleton_axis(target)
-    if context and flat is not None and all(img.same_grid(out) and (img.ndim == 2 or _singleton_axis(img) is not None)
+    flat = one_slice_axis(target)
+    if context and flat is not None and all(img.same_grid(out) and (img.ndim == 2 or one_slice_axis(img) is not None)
                                             for img, out in context):
         # a one-slice target with 2D or one-slice examples (Slicer's 2D images): the 2D path, whose
         # alignment and slicing expect a plane, then the answer back on the target's grid
-        flat_context = [(_as_plain_2d(img), _as_plain_2d(out)) for img, out in context]
-        result = segment(_as_plain_2d(target), config, context=flat_context, progress=rep, network=network,
+        flat_context = [(as_plain_2d(img), as_plain_2d(out)) for img, out in context]
+        result = segment(as_plain_2d(target), config, context=flat_context, progress=rep, network=network,
                          size=size, device=device)
         return Volume(np.expand_dims(result.numpy(), flat + 1), target.affine, result.kind, dict(result.meta))
     if network is None:

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback, Reporter
-from ..volume import Kind, Volume, geometry_from_affine, require
+from ..volume import Kind, Volume, as_plain_2d, geometry_from_affine, one_slice_axis, require
 from .affine import AffineMode, overlap_fraction, prealign
 from .optimise import Grid, LevelReport, coarser_grid, make_grid, optimise_velocity, to_grid
 from .similarity import DeepSimLoss, LnccLoss, MindLoss, Similarity, mi_loss
@@ -372,6 +372,84 @@ def auto_levels(fixed: Volume) -> tuple[float, ...]:
     return tuple(round(level * scale, 4) for level in DEFAULT_LEVELS_MM)
 
 
+def _plane_voxels(vol: Volume) -> np.ndarray:
+    """4 x 3 matrix: a one-slice volume's in-plane voxel indices ``(a, b, 1)`` -> its 3D voxel
+    indices (the slice index 0), homogeneous."""
+    axis = one_slice_axis(vol)
+    kept = [a for a in range(3) if a != axis]
+    out = np.zeros((4, 3))
+    out[kept[0], 0] = out[kept[1], 1] = 1.0
+    out[3, 2] = 1.0
+    return out
+
+
+def _lift_field(u2: np.ndarray, source: Volume, target: Volume) -> np.ndarray:
+    """A 2D displacement on ``source``'s plain grid (:func:`~meddl.volume.as_plain_2d`; RAS mm,
+    source point -> target point) as a 3D one on ``source``'s one-slice grid, in world RAS mm: the
+    in-plane voxel reached in ``target`` is placed on ``target``'s slice."""
+    shape2 = u2.shape[1:]
+    ii, jj = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape2], indexing="ij")
+    s_src = [float(x) for x in np.diag(as_plain_2d(source).affine)[:2]]
+    s_tgt = [float(x) for x in np.diag(as_plain_2d(target).affine)[:2]]
+    reached = np.stack([(ii * s_src[0] + u2[0]) / s_tgt[0], (jj * s_src[1] + u2[1]) / s_tgt[1], np.ones_like(ii)])
+    here = np.stack([ii, jj, np.ones_like(ii)])
+    world_to = (target.affine @ _plane_voxels(target) @ reached.reshape(3, -1))[:3]
+    world_from = (source.affine @ _plane_voxels(source) @ here.reshape(3, -1))[:3]
+    u3 = (world_to - world_from).reshape(3, *shape2)
+    return np.expand_dims(u3, one_slice_axis(source) + 1).astype(np.float32)
+
+
+def _register_one_slice(fixed: Volume, moving: Volume, config: RegistrationConfig, rep: Reporter,
+                        moving_labels: Volume | None, initial_matrix: np.ndarray | None) -> RegistrationResult:
+    """Two one-slice volumes (how Slicer holds 2D images; any orientation, the planes need not
+    coincide): registered as 2D images, in each one's plane, and every answer put back on the
+    one-slice grids. With ``affine none`` the scanner coordinates relate the two planes (each point
+    of the fixed slice to the nearest point of the moving one)."""
+    if initial_matrix is not None:
+        raise InputError("initial matrix: not supported for one-slice volumes; register them as 2D images")
+    if moving_labels is not None and not (isinstance(moving_labels, Volume) and moving_labels.same_grid(moving, 1e-3)):
+        raise InputError(f"moving labels: expected the moving image's grid {moving.spatial_shape}, got "
+                         + (f"{moving_labels.spatial_shape}" if isinstance(moving_labels, Volume) else "no volume")
+                         + " or another position; resample them onto the moving image first")
+    f2, m2 = as_plain_2d(fixed), as_plain_2d(moving)
+    matrix = None
+    if config.affine is AffineMode.NONE:  # the scanner's relation of the two planes, as a 2D matrix
+        s_f, s_m = np.diag([*np.diag(f2.affine)[:2], 1.0]), np.diag([*np.diag(m2.affine)[:2], 1.0])
+        plane = s_m @ _plane_voxels(moving).T @ np.linalg.inv(moving.affine) @ fixed.affine @ _plane_voxels(fixed) \
+            @ np.linalg.inv(s_f)
+        matrix = np.eye(4)
+        matrix[:2, :2], matrix[:2, 3] = plane[:2, :2], plane[:2, 2]
+    flat = register(f2, m2, config, progress=rep, moving_labels=None if moving_labels is None
+                    else as_plain_2d(moving_labels), initial_matrix=matrix)
+
+    def lift(vol: Volume | None, like: Volume) -> Volume | None:
+        if vol is None:
+            return None
+        return Volume(np.expand_dims(vol.numpy(), one_slice_axis(like) + 1), like.affine, vol.kind, dict(vol.meta))
+
+    displacement = Volume(_lift_field(flat.displacement.numpy().astype(np.float64), fixed, moving), fixed.affine,
+                          Kind.DISPLACEMENT, dict(flat.displacement.meta))
+    inverse = None
+    if flat.inverse is not None:
+        inverse = Volume(_lift_field(flat.inverse.numpy().astype(np.float64), moving, fixed), moving.affine,
+                         Kind.DISPLACEMENT, dict(flat.inverse.meta))
+    summary = dict(flat.summary)
+    summary["affine"] = config.affine.value
+    summary["notes"] = ["one-slice volumes: registered as the 2D images they are"] + summary.get("notes", [])
+    # the 2D matrix as a 3D one, fixed world point -> moving world point (the slice axis onto the slice axis)
+    voxel = np.eye(4)
+    sf, sm = np.diag(f2.affine)[:2], np.diag(m2.affine)[:2]
+    in_plane = np.diag([1 / sm[0], 1 / sm[1], 1.0]) @ flat.affine_matrix[[0, 1, 3]][:, [0, 1, 3]] @ np.diag(
+        [sf[0], sf[1], 1.0])
+    pf, pm = _plane_voxels(fixed), _plane_voxels(moving)
+    voxel = pm @ in_plane @ pf.T
+    voxel[one_slice_axis(moving), one_slice_axis(fixed)] = 1.0
+    voxel[3] = [0, 0, 0, 1]
+    matrix3 = moving.affine @ voxel @ np.linalg.inv(fixed.affine)
+    return RegistrationResult(lift(flat.warped, fixed), displacement, lift(flat.jacobian, fixed), inverse,
+                              lift(flat.warped_labels, fixed), matrix3, summary)
+
+
 def register(
     fixed: Volume,
     moving: Volume,
@@ -406,6 +484,8 @@ def register(
     config = config or RegistrationConfig()
     rep = Reporter.of(progress, cancel)
     started = time.perf_counter()
+    if all(isinstance(v, Volume) and one_slice_axis(v) is not None for v in (fixed, moving)):
+        return _register_one_slice(fixed, moving, config, rep, moving_labels, initial_matrix)
     _check_inputs(fixed, moving, moving_labels, config)
     device = torch.device(config.device)
     nd = fixed.ndim
