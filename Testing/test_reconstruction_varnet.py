@@ -89,6 +89,29 @@ def test_training_batches_are_consistent():
         assert 1 / 8 - 0.05 < frac < 1 / 4 + 0.06
 
 
+def test_diversified_training_images_change_size_contrast_and_noise():
+    from meddl.reconstruction.train import _diversify, make_batch
+
+    yy, xx = np.mgrid[-1:1:120j, -1:1:100j]
+    head = np.where(xx**2 + yy**2 < 0.8, 0.5, 0.0) + np.where(xx**2 + yy**2 < 0.3, 0.5, 0.0)
+    img = head.astype(np.float32)
+    same = _diversify(img, np.random.default_rng(0), 0.0)
+    np.testing.assert_array_equal(same, img)
+    seen_shapes, inverted, noisy = set(), 0, 0
+    for seed in range(40):
+        out = _diversify(img, np.random.default_rng(seed), 1.0)
+        assert out.dtype == np.float32 and np.isfinite(out).all() and out.min() >= 0
+        seen_shapes.add(out.shape)
+        h, w = out.shape
+        core, ring = out[h // 2 - 2 : h // 2 + 2, w // 2 - 2 : w // 2 + 2].mean(), out[h // 2, int(w * 0.12)]
+        inverted += core < ring  # the bright core became the darker tissue: another contrast
+        noisy += out[:3, :3].mean() > 0.002  # the background got the noise of a single scan
+    assert len(seen_shapes) > 10 and 5 < inverted < 35 and noisy == 40
+    # a batch still holds its target: masked k-space of a simulated image of the crop's size
+    k, m, t = make_batch([img], np.random.default_rng(3), batch=2, crop=64, diverse=1.0)
+    assert k.shape[2:] == (64, 64) and t.shape == (2, 64, 64) and (k.abs() * (~m)).max() == 0
+
+
 def test_bundled_weights_load_and_card_names_held_out_data():
     try:
         net, card = models.load_model("reconstruction_varnet")
@@ -156,7 +179,7 @@ def test_training_slices_travel_as_a_pool_file_and_workers_simulate_batches(tmp_
     monkeypatch.setattr(train, "training_slices", lambda mni_mm: pytest.fail("the pool file was not used"))
     read = train._pool(str(path), 1)
     assert len(read) == 2 and all(np.array_equal(a, b) for a, b in zip(slices, read, strict=True))
-    args = argparse.Namespace(batch=2, crop=64, seed=0, workers=1, device="cpu")
+    args = argparse.Namespace(batch=2, crop=64, seed=0, workers=1, device="cpu", diverse=0.0)
     batches = train._parallel_batches(read, args, step=7)
     k, m, t = next(batches)
     del batches  # the worker is persistent: the iterator stops it when it goes

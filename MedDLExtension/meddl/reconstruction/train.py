@@ -84,10 +84,35 @@ def training_slices(mni_mm: int = 1) -> list[np.ndarray]:
     return [s for s in out if (s > 0.1).mean() > 0.15]
 
 
-def _augment(img: np.ndarray, rng: np.random.Generator, crop: int) -> np.ndarray:
+def _diversify(img: np.ndarray, rng: np.random.Generator, p: float) -> np.ndarray:
+    """Images unlike the (mostly template, T1, 1 mm) training slices, each change with probability
+    ``p``: another voxel size (zoomed by 0.5-1.2: a 2 mm scan shows the anatomy in fewer pixels),
+    another contrast (the intensities mapped through a random curve of 6 knots, not necessarily
+    monotonic: PD-, T2- or inverted-like, the background kept dark) and the noise of a single scan
+    (Rician, 0.5-3 % of the maximum, background included; templates are averages, nearly noiseless)."""
+    from scipy.ndimage import zoom
+
+    if rng.uniform() < p:
+        img = zoom(img, float(rng.uniform(0.5, 1.2)), order=1)
+    if rng.uniform() < p:
+        top = float(img.max()) or 1.0
+        knots = np.linspace(0.0, top, 6)
+        values = rng.uniform(0.0, 1.0, 6)
+        values[0] = rng.uniform(0.0, 0.05)
+        img = np.interp(img, knots, values).astype(np.float32)
+        img = img / max(float(np.percentile(img, 99.9)), 1e-6)
+    if rng.uniform() < p:
+        sigma = float(rng.uniform(0.005, 0.03)) * float(img.max())
+        img = np.hypot(img + rng.normal(0.0, sigma, img.shape), rng.normal(0.0, sigma, img.shape))
+    return np.ascontiguousarray(img, dtype=np.float32)
+
+
+def _augment(img: np.ndarray, rng: np.random.Generator, crop: int, diverse: float = 0.0) -> np.ndarray:
     img = np.rot90(img, int(rng.integers(0, 4)))
     if rng.uniform() < 0.5:
         img = img[::-1]
+    if diverse > 0:
+        img = _diversify(img, rng, diverse)
     img = np.clip(img, 0, None) ** rng.uniform(0.7, 1.4)
     h, w = img.shape
     if h > crop:
@@ -106,12 +131,15 @@ def make_batch(
     crop: int = 128,
     accelerations: tuple[float, ...] = (4.0, 8.0),
     transpose_p: float = 0.5,
+    diverse: float = 0.0,
 ):
-    """One simulated batch: ``(kspace (B, C, H, W) complex64, mask (B, 1, H, W) bool, target (B, H, W))``."""
+    """One simulated batch: ``(kspace (B, C, H, W) complex64, mask (B, 1, H, W) bool, target (B, H, W))``.
+
+    ``diverse``: probability of each of :func:`_diversify`'s changes (voxel size, contrast, noise)."""
     coils = int(rng.choice([4, 6, 8]))
     ks, ms, ts = [], [], []
     for _ in range(batch):
-        img = _augment(pool[int(rng.integers(0, len(pool)))], rng, crop)
+        img = _augment(pool[int(rng.integers(0, len(pool)))], rng, crop, diverse)
         k, _, _ = simulate_kspace(img, coils, rng, noise=float(rng.uniform(0, 0.01)))
         acc = float(rng.choice(accelerations))
         mask = make_mask(str(rng.choice(["equispaced", "random"])), k.shape, acc, seed=rng)
@@ -145,19 +173,22 @@ def _pool(path: str | None, mni_mm: int) -> list[np.ndarray]:
 class _Batches(torch.utils.data.IterableDataset):
     """Endless simulated batches; each worker draws from its own seed (seed, first step, worker)."""
 
-    def __init__(self, pool: list[np.ndarray], batch: int, crop: int, seed: int, step: int) -> None:
+    def __init__(self, pool: list[np.ndarray], batch: int, crop: int, seed: int, step: int,
+                 diverse: float = 0.0) -> None:
         self.pool, self.batch, self.crop, self.seed, self.step = pool, batch, crop, seed, step
+        self.diverse = diverse
 
     def __iter__(self):
         torch.set_num_threads(1)
         info = torch.utils.data.get_worker_info()
         rng = np.random.default_rng([self.seed, self.step, info.id if info else 0])
         while True:
-            yield make_batch(self.pool, rng, self.batch, self.crop)
+            yield make_batch(self.pool, rng, self.batch, self.crop, diverse=self.diverse)
 
 
 def _parallel_batches(pool: list[np.ndarray], args, step: int):
-    loader = torch.utils.data.DataLoader(_Batches(pool, args.batch, args.crop, args.seed, step), batch_size=None,
+    loader = torch.utils.data.DataLoader(_Batches(pool, args.batch, args.crop, args.seed, step, args.diverse),
+                                         batch_size=None,
                                          num_workers=args.workers, pin_memory=args.device.startswith("cuda"),
                                          prefetch_factor=4, persistent_workers=True)
     return iter(loader)
@@ -218,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0,
                    help="processes simulating batches in parallel (0: in the training process, the batches then "
                         "follow the saved random state exactly)")
+    p.add_argument("--diverse", type=float, default=0.0,
+                   help="probability of each change towards images unlike the training slices: another voxel "
+                        "size, another contrast, single-scan noise (0: none, as every phase before step 62348)")
     p.add_argument("--pool", default=None,
                    help="an .npz of the training slices: read it when it exists, else build the slices from the "
                         "sample data and write it (to train on a machine without the sample data)")
@@ -278,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f" --lr {args.lr:g}" if args.lr != 1e-3 else "")
         + (f" --device {args.device}" if args.device != "cpu" else "")
         + (f" --workers {args.workers}" if args.workers else "")
+        + (f" --diverse {args.diverse:g}" if args.diverse else "")
     )
     # a resumed run may change the schedule or crop: the card lists every phase
     phases.append(f"from step {step}: {command}")
@@ -311,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{list(BENCHMARK_COLIN27_Z)})",
                 "simulation": f"random {args.crop}x{args.crop} crops, flips/rot90/gamma, smooth random phase, birdcage maps "
                 "(4/6/8 coils), complex noise up to 1% of max, equispaced or random masks at 4x "
-                "and 8x (centre fractions 0.08 / 0.04), k-space transpose p=0.5",
+                "and 8x (centre fractions 0.08 / 0.04), k-space transpose p=0.5; in phases with --diverse P, "
+                "each with probability P: zoom 0.5-1.2, a random 6-knot intensity curve (other contrasts), "
+                "Rician image noise 0.5-3% of max",
                 "loss": "SSIM (7x7, data range = target max), Adam, warm-up + cosine decay, clip 1.0",
             },
             command=command,
@@ -329,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     running = []
     batches = _parallel_batches(pool, args, step) if args.workers > 0 else None
     while step < args.steps:
-        k, m, t = next(batches) if batches is not None else make_batch(pool, rng, args.batch, args.crop)
+        k, m, t = next(batches) if batches is not None else make_batch(pool, rng, args.batch, args.crop,
+                                                                          diverse=args.diverse)
         k, m, t = k.to(device, non_blocking=True), m.to(device, non_blocking=True), t.to(device, non_blocking=True)
         for g in opt.param_groups:
             g["lr"] = _lr(step, args.steps, args.lr)
