@@ -389,8 +389,7 @@ def _lift_field(u2: np.ndarray, source: Volume, target: Volume) -> np.ndarray:
     in-plane voxel reached in ``target`` is placed on ``target``'s slice."""
     shape2 = u2.shape[1:]
     ii, jj = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape2], indexing="ij")
-    s_src = [float(x) for x in np.diag(as_plain_2d(source).affine)[:2]]
-    s_tgt = [float(x) for x in np.diag(as_plain_2d(target).affine)[:2]]
+    s_src, s_tgt = ([float(v.spacing[a]) for a in range(3) if a != one_slice_axis(v)] for v in (source, target))
     reached = np.stack([(ii * s_src[0] + u2[0]) / s_tgt[0], (jj * s_src[1] + u2[1]) / s_tgt[1], np.ones_like(ii)])
     here = np.stack([ii, jj, np.ones_like(ii)])
     world_to = (target.affine @ _plane_voxels(target) @ reached.reshape(3, -1))[:3]
@@ -412,11 +411,12 @@ def _register_one_slice(fixed: Volume, moving: Volume, config: RegistrationConfi
                          + (f"{moving_labels.spatial_shape}" if isinstance(moving_labels, Volume) else "no volume")
                          + " or another position; resample them onto the moving image first")
     f2, m2 = as_plain_2d(fixed), as_plain_2d(moving)
+    # in-plane voxel (a, b, 1) -> plain 2D point (mm, homogeneous)
+    s_f, s_m = np.diag([*np.diag(f2.affine)[:2], 1.0]), np.diag([*np.diag(m2.affine)[:2], 1.0])
+    p_f, p_m = _plane_voxels(fixed), _plane_voxels(moving)
     matrix = None
     if config.affine is AffineMode.NONE:  # the scanner's relation of the two planes, as a 2D matrix
-        s_f, s_m = np.diag([*np.diag(f2.affine)[:2], 1.0]), np.diag([*np.diag(m2.affine)[:2], 1.0])
-        plane = s_m @ _plane_voxels(moving).T @ np.linalg.inv(moving.affine) @ fixed.affine @ _plane_voxels(fixed) \
-            @ np.linalg.inv(s_f)
+        plane = s_m @ p_m.T @ np.linalg.inv(moving.affine) @ fixed.affine @ p_f @ np.linalg.inv(s_f)
         matrix = np.eye(4)
         matrix[:2, :2], matrix[:2, 3] = plane[:2, :2], plane[:2, 2]
     flat = register(f2, m2, config, progress=rep, moving_labels=None if moving_labels is None
@@ -437,14 +437,8 @@ def _register_one_slice(fixed: Volume, moving: Volume, config: RegistrationConfi
     summary["affine"] = config.affine.value
     summary["notes"] = ["one-slice volumes: registered as the 2D images they are"] + summary.get("notes", [])
     # the 2D matrix as a 3D one, fixed world point -> moving world point (the slice axis onto the slice axis)
-    voxel = np.eye(4)
-    sf, sm = np.diag(f2.affine)[:2], np.diag(m2.affine)[:2]
-    in_plane = np.diag([1 / sm[0], 1 / sm[1], 1.0]) @ flat.affine_matrix[[0, 1, 3]][:, [0, 1, 3]] @ np.diag(
-        [sf[0], sf[1], 1.0])
-    pf, pm = _plane_voxels(fixed), _plane_voxels(moving)
-    voxel = pm @ in_plane @ pf.T
+    voxel = p_m @ np.linalg.inv(s_m) @ flat.affine_matrix[[0, 1, 3]][:, [0, 1, 3]] @ s_f @ p_f.T
     voxel[one_slice_axis(moving), one_slice_axis(fixed)] = 1.0
-    voxel[3] = [0, 0, 0, 1]
     matrix3 = moving.affine @ voxel @ np.linalg.inv(fixed.affine)
     return RegistrationResult(lift(flat.warped, fixed), displacement, lift(flat.jacobian, fixed), inverse,
                               lift(flat.warped_labels, fixed), matrix3, summary)
