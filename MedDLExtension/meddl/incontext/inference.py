@@ -629,8 +629,9 @@ def segment(target: Volume, config: SegmentConfig | None = None,
         raise InputError("segment: expected either context pairs or an annotated label map, got "
                          + ("both" if context is not None else "neither"))
     flat = one_slice_axis(target)
-    if context and flat is not None and all(img.same_grid(out) and (img.ndim == 2 or one_slice_axis(img) is not None)
-                                            for img, out in context):
+    if context and flat is not None and all(
+            isinstance(img, Volume) and isinstance(out, Volume) and img.same_grid(out)
+            and (img.ndim == 2 or one_slice_axis(img) is not None) for img, out in context):
         # a one-slice target with 2D or one-slice examples (Slicer's 2D images): the 2D path, whose
         # alignment and slicing expect a plane, then the answer back on the target's grid
         flat_context = [(as_plain_2d(img), as_plain_2d(out)) for img, out in context]
