@@ -566,3 +566,40 @@ def test_each_worker_loads_the_segmentation_model_once(tmp_path, cluster):
     used = {j.worker for j in report.jobs}
     for worker in used:  # a worker that ran one job or several loaded the model once
         assert after[worker] - before.get(worker, 0) <= 1 and after[worker] >= 1
+
+
+def test_a_batch_job_reruns_on_the_cpu_after_a_gpu_out_of_memory(tmp_path, monkeypatch):
+    """Like ``meddl`` itself (cli._run_on_device): the job is done, on the CPU, with a warning."""
+    import torch
+
+    ins = _inputs(tmp_path / "in", 1)
+    job = read_manifest(_write_csv(tmp_path / "m.csv", ["operation", "input", "output"],
+                                   [["sleepcopy", str(ins[0]), "out/a.txt"]])).jobs[0]
+    devices = []
+    parse, context = batch.parse_job, batch._context
+
+    def parse_job(*a, **k):
+        args = parse(*a, **k)
+        real = args._run
+
+        def run(args, ctx):
+            devices.append(str(ctx.device))
+            if ctx.device.type == "cuda":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+            return real(args, ctx)
+
+        args._run = run
+        return args
+
+    def on_a_gpu(args):
+        ctx = context(args)
+        ctx.device = torch.device("cuda")
+        return ctx
+
+    monkeypatch.setattr(batch, "parse_job", parse_job)
+    monkeypatch.setattr(batch, "_context", on_a_gpu)
+    with pytest.warns(RuntimeWarning, match=r"ran out of memory; falling back to the CPU"):
+        result = batch.execute_job(job, {"run_id": "t", "state_dir": str(tmp_path / "state")})
+    assert result["status"] == "done", result
+    assert devices == ["cuda", "cpu"] and result["device"] == "cpu"
+    assert (tmp_path / "out" / "a.txt").read_bytes() == b"case 0\n"

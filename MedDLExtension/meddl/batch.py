@@ -544,6 +544,8 @@ def read_manifest(path: str | os.PathLike, output_root: str | os.PathLike | None
     those of the subcommand and parse; inputs exist and are readable; outputs are writable,
     inside the output root, not an input, and written by no other job.
     """
+    from .io import DETACHED_SUFFIXES
+
     path = Path(path)
     rows = _rows(path)
     csv_source = not _is_jsonl(path)
@@ -581,7 +583,7 @@ def read_manifest(path: str | os.PathLike, output_root: str | os.PathLike | None
                                            + ("given twice" if other is job else f"also written by line {other.line}")))
                 continue
             writers[p] = job
-            if p.lower().endswith((".nhdr", ".mhd")):  # io's detached formats
+            if p.lower().endswith(DETACHED_SUFFIXES):  # io's detached-header formats
                 problems.append((job.line, f"{where}: output '{p}': a detached header names its data file, which "
                                            "the rename into place would leave behind; use .nrrd or .mha"))
                 continue
@@ -869,6 +871,8 @@ def execute_job(job: Job, settings: Mapping[str, Any]) -> dict[str, Any]:
     Never raises for a failing job: returns ``{"status": "done"|"failed"|"cancelled", ...}``.
     ``settings``: ``run_id``, ``state_dir``, ``device``, ``torch_threads``.
     """
+    from . import cli
+
     _prepare_worker(settings)
     started = time.perf_counter()
     token = _RunToken(settings["run_id"])
@@ -887,7 +891,8 @@ def execute_job(job: Job, settings: Mapping[str, Any]) -> dict[str, Any]:
         result["device"] = str(ctx.device)
         if os.environ.get("CUDA_VISIBLE_DEVICES"):
             result["gpu"] = os.environ["CUDA_VISIBLE_DEVICES"]
-        code = int(args._run(args, ctx) or 0)
+        code = cli._run_on_device(args, ctx)  # a GPU out-of-memory error reruns on the CPU
+        result["device"] = str(ctx.device)
         if code != 0:
             raise MedDLError(f"meddl {job.operation} ended with exit code {code}")
         # finished: commit even if an interrupt came meanwhile (it takes milliseconds)

@@ -406,7 +406,7 @@ def _default_mode() -> int:
 
 
 #: formats whose header names a separate data file (ITK writes ``name.raw`` / ``name.zraw`` / ``name.raw.gz``)
-_DETACHED_SUFFIXES = (".nhdr", ".mhd")
+DETACHED_SUFFIXES = (".nhdr", ".mhd")
 
 
 def _write_detached(image: Any, path: Path, compress: bool) -> None:
@@ -457,7 +457,7 @@ def write(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Pat
     if suffix not in _RGB_SUFFIXES and _out_of_plane(volume):  # a slice placed in 3D: kept as one-slice 3D
         volume = Volume(volume.numpy()[..., None], volume.affine, volume.kind, dict(volume.meta))
     image = to_sitk(volume)
-    if suffix in _DETACHED_SUFFIXES:
+    if suffix in DETACHED_SUFFIXES:
         _write_detached(image, path, compress)
         return path
     with atomic_path(path) as tmp:

@@ -135,7 +135,7 @@ def run(args, ctx) -> int:
         stain_names = ("H", "E", "DAB") if separation == "hed" else ("H", "E")
         stain_paths = [_stain_path(args.stains_out, n) for n in stain_names] if args.stains_out else []
         for path in stain_paths:  # found before any work, not after the main output is written
-            if Path(path).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"):
+            if Path(path).suffix.lower() in io.INTEGER_ONLY_SUFFIXES:
                 raise InputError(f"--stains-out: stain concentrations are floating point, which '{Path(path).suffix}' "
                                  "cannot hold; give a .nrrd, .nii.gz, .mha or .tif prefix (or none: .nrrd)")
         check_outputs([args.output, *stain_paths], [args.input, args.reference])

@@ -47,7 +47,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback, Reporter
-from ..volume import Volume
+from ..volume import Volume, one_slice_axis
 from ._common import as_tensor, check_intensity, torch_device
 
 __all__ = [
@@ -284,8 +284,8 @@ def adapt_fourier(
     # singleton axis too, the window's size (set by the shortest axis) would hold the mean only
     slice_axis = config.slice_axis
     by_slice = config.mode is FourierMode.SLICE and image.ndim == 3
-    if image.ndim == 3 and not by_slice and 1 in image.spatial_shape and max(image.spatial_shape) > 1:
-        by_slice, slice_axis = True, image.spatial_shape.index(1)
+    if not by_slice and (single := one_slice_axis(image)) is not None:
+        by_slice, slice_axis = True, single
     if by_slice:
         x = torch.movedim(x, 1 + slice_axis, 1)  # (C, slices, a, b)
         ndim = 2

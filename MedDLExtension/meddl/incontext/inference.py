@@ -680,6 +680,7 @@ def segment(target: Volume, config: SegmentConfig | None = None,
         else:
             best = _Best((len(todo), *lab_slices.shape[1:]))
             marks = np.nonzero(painted)[0]
+            mark_images, mark_positions = images[marks], positions[marks]  # the same examples for every label
             for li, v in enumerate(values):
                 stage = rep.stage(li / len(values), (li + 1) / len(values))
                 masks = lab_slices[marks] == v
@@ -690,7 +691,7 @@ def segment(target: Volume, config: SegmentConfig | None = None,
                 # every painted slice is an example, those without the label too: a painted slice is
                 # fully annotated, so its empty mask says where the structure has ended
                 out = torch.from_numpy(masks.astype(np.float32))[:, None].to(device)
-                pool = _Pool(images[marks], _resize(out, (size, size)), positions[marks], np.zeros(len(marks), int))
+                pool = _Pool(mark_images, _resize(out, (size, size)), mark_positions, np.zeros(len(marks), int))
                 near = todo[reach]
                 p = _run(network, images[near], positions[near], pool, config, size,
                          tuple(lab_slices.shape[1:]), True, notices, stage, Selection.BRACKET)

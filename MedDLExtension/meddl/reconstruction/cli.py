@@ -119,7 +119,6 @@ def run_simulate(args, ctx) -> int:
 
 def run(args, ctx) -> int:
     from .. import io
-    from ..device import run_with_fallback
 
     check_outputs(
         [args.output, args.uncertainty, args.zero_filled, args.coils_out, args.phase], [args.kspace, args.weights]
@@ -151,9 +150,8 @@ def run(args, ctx) -> int:
         slices=parse_slices(args.slices),
         weights=args.weights,
     )
-    result, device = run_with_fallback(
-        lambda dev: reconstruct(path, config, device=dev, progress=ctx.reporter), ctx.device, "reconstruction"
-    )
+    # a GPU out-of-memory error reruns the whole command on the CPU (cli._run_on_device)
+    result = reconstruct(path, config, device=ctx.device, progress=ctx.reporter)
     info = result.info
     ctx.log("k-space: " + json.dumps({k: info[k] for k in ("coils", "slices", "acceleration", "center_fraction")}))
     if result.image.meta.get("geometry_notice"):

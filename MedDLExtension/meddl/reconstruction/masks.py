@@ -92,16 +92,14 @@ def equispaced_mask(
     num_low = _check(width, acceleration, cf)
     mask = np.zeros(width, dtype=bool)
     mask[center_block(width, num_low)] = True
-    if acceleration > 1 and num_low * acceleration >= width - 1e-9:
-        pass  # the centre block alone is W / R lines
-    elif acceleration > 1:
+    if acceleration <= 1:
+        mask[:] = True
+    elif num_low * acceleration < width - 1e-9:  # else the centre block alone is W / R lines
         # spacing so that centre + equispaced lines total W / R (EquispacedMaskFractionFunc)
         adjusted = (acceleration * (num_low - width)) / (num_low * acceleration - width)
         offset = int(rng.integers(0, max(int(round(adjusted)), 1)))
         lines = np.round(np.arange(offset, width - 1, adjusted)).astype(np.int64)
         mask[lines[lines < width]] = True
-    else:
-        mask[:] = True
     return mask
 
 

@@ -312,10 +312,9 @@ def _extent_mm(vol: Volume) -> np.ndarray:
     return np.asarray(vol.spatial_shape, dtype=np.float64) * spacing[: vol.ndim]
 
 
-def _improves(v, grid: Grid, fixed_t, fixed_aff, moving_t, moving_aff, matrix, loss_fn, steps: int) -> bool:
-    """Whether the velocity ``v`` (on ``grid``) matches the images better than no deformation does."""
+def _improves(v, f, m, loss_fn, steps: int) -> bool:
+    """Whether the velocity ``v`` matches the images ``f``, ``m`` (on its grid) better than no deformation."""
     with torch.no_grad():
-        f, m = to_grid(fixed_t, fixed_aff, grid), to_grid(moving_t, moving_aff, grid, matrix)
         compare = loss_fn
         if getattr(loss_fn, "warps_descriptors", False):
             f, m, compare = loss_fn.descriptors(f), loss_fn.descriptors(m), loss_fn.compare
@@ -323,7 +322,8 @@ def _improves(v, grid: Grid, fixed_t, fixed_aff, moving_t, moving_aff, matrix, l
 
 
 def _network_velocity(fixed_t, fixed_aff, moving_t, moving_aff, matrix, fixed: Volume, config, device,
-                      reporter) -> tuple[torch.Tensor, Grid, dict]:
+                      reporter) -> tuple[torch.Tensor, Grid, dict, tuple[torch.Tensor, torch.Tensor]]:
+    """The network's velocity on its grid, the grid, facts, and the (fixed, moving) images it saw."""
     from ..models import load_model
 
     net, card = load_model(REGISTRATION_MODEL, config.weights, device=device,
@@ -342,7 +342,7 @@ def _network_velocity(fixed_t, fixed_aff, moving_t, moving_aff, matrix, fixed: V
     reporter(0.5, "network")
     with torch.no_grad():
         v = net(f, m)
-    return v, grid, {"network": card.name, "network_step": card.metrics.get("step")}
+    return v, grid, {"network": card.name, "network_step": card.metrics.get("step")}, (f, m)
 
 
 # -- the pipeline -------------------------------------------------------------------------------
@@ -531,7 +531,7 @@ def register(
     tick = time.perf_counter()
     if method in (Method.NETWORK, Method.NETWORK_OPTIMISATION):
         try:
-            v, grid, net_facts = _network_velocity(fixed_t, fixed_aff, moving_t, moving_aff, matrix, fixed,
+            v, grid, net_facts, seen = _network_velocity(fixed_t, fixed_aff, moving_t, moving_aff, matrix, fixed,
                                                    config, device, rep.stage(0.15, 0.25))
             facts.update(net_facts)
         except _TooSmallForNetwork as exc:
@@ -539,9 +539,9 @@ def register(
                 raise InputError(f"{exc}; use --method optimisation") from None
             method = Method.OPTIMISATION
             notes.append(f"{exc}: optimisation only")
-        if method is Method.NETWORK and not _improves(v, grid, fixed_t, fixed_aff, moving_t, moving_aff, matrix,
-                                                      _similarity(config, device), config.steps):
-            v = torch.zeros_like(v)  # network+optimisation makes the same check before it starts
+        if method is Method.NETWORK and not _improves(v, *seen, _similarity(config, device), config.steps):
+            # (network+optimisation compares the two, with its regulariser, on its first level)
+            v = torch.zeros_like(v)
             facts["network_rejected"] = True
             notes.append("the network's field matched the images worse than none: not used "
                          "(--method network+optimisation refines from the better of the two)")
