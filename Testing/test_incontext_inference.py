@@ -194,6 +194,8 @@ def test_bracketing_context_is_the_nearest_painted_slice_on_each_side():
     assert list(_choose(pos, src, None, 0.6, None, 16, Selection.BRACKET)) == [2, 3]
     assert list(_choose(pos, src, None, 0.0, None, 16, Selection.BRACKET)) == [0, 1]  # one side only: 2 nearest
     assert list(_choose(pos, src, None, 0.95, None, 1, Selection.BRACKET)) == [3]
+    assert list(_choose(pos, src, None, 0.6, None, 1, Selection.BRACKET)) == [2]  # --context-size 1: the nearer
+    assert list(_choose(pos, src, None, 0.8, None, 1, Selection.BRACKET)) == [3]
 
 
 def test_propagation_with_full_prior_is_shape_interpolation_between_painted_slices(net):

@@ -33,7 +33,7 @@ def configure(subparsers) -> None:
     p.add_argument("--context-size", type=int, default=16, help=f"context slices per target slice, 1-{MAX_CONTEXT}")
     p.add_argument("--selection", choices=[s.value for s in Selection], default=Selection.AUTO.value,
                    help="context slices per target: auto (bracket when propagating, else nearest), nearest, "
-                        "bracket (nearest on each side), similar")
+                        "bracket (nearest on each side; the nearer one with --context-size 1), similar")
     p.add_argument("--prior", type=float, default=0.5,
                    help="propagation: weight of the interpolation of the painted slices mixed with the network "
                         "between painted slices (0 = network only, 1 = interpolation only); it fades beyond them")

@@ -71,7 +71,7 @@ class Selection(str, enum.Enum):
 
     AUTO = "auto"  #: ``bracket`` when propagating between painted slices, else ``nearest``
     NEAREST = "nearest"  #: nearest in position along the axis
-    BRACKET = "bracket"  #: the nearest slice on each side of the target (one side at the ends)
+    BRACKET = "bracket"  #: the nearest slice on each side of the target (one side at the ends; the nearer one for k = 1)
     SIMILAR = "similar"  #: most similar in appearance (normalised cross-correlation)
 
 
@@ -274,9 +274,9 @@ def _choose(pool_pos: np.ndarray, pool_src: np.ndarray, pool_img: torch.Tensor, 
     if selection is Selection.BRACKET:
         below = np.nonzero(pool_pos < where)[0]
         above = np.nonzero(pool_pos > where)[0]
-        if len(below) and len(above):
+        if len(below) and len(above) and k >= 2:
             return np.array(sorted({int(below[np.argmax(pool_pos[below])]), int(above[np.argmin(pool_pos[above])])}))
-        return np.argsort(np.abs(pool_pos - where), kind="stable")[: min(k, 2, n)]
+        return np.sort(np.argsort(np.abs(pool_pos - where), kind="stable")[: min(k, 2, n)])  # the nearest
     if k >= n:
         return np.arange(n)
     if selection is Selection.SIMILAR and image is not None:
