@@ -373,9 +373,12 @@ def test_real_meddl_registration_transform_node_moves_points_like_the_shift(scen
     moving = _volume_node(scene, blob(centre + shift), "moving", affine=affine)
     result = RegistrationLogic(runner=ProcessRunner()).run(
         fixed, moving, method="optimisation", similarity="lncc", prealignment="none", device="cpu", seed=0,
-        timeout=300)
+        inverse_transform=True, timeout=300)
     p = result.transform.GetTransformFromParent().TransformPoint(list(centre))
     np.testing.assert_allclose(np.array(p) - centre, shift, atol=1.0)
+    back = result.inverse_transform.GetTransformFromParent().TransformPoint(list(centre + shift))
+    np.testing.assert_allclose(back, centre, atol=1.0)  # the other way: moving's blob to fixed's
+    assert result.inverse_transform.GetName() == "fixed to moving"
     field = mrml.transform_node_to_displacement(result.transform)
     i, j, k = np.round((centre - ras[0, 0, 0]) / spacing).astype(int)
     np.testing.assert_allclose(field.numpy()[:, i, j, k], shift, atol=1.0)

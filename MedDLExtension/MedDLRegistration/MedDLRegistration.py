@@ -57,6 +57,7 @@ class MedDLRegistrationParameterNode:
     outputTransform: vtkMRMLGridTransformNode
     jacobianVolume: vtkMRMLScalarVolumeNode
     warpedSegmentation: vtkMRMLSegmentationNode
+    inverseTransform: vtkMRMLGridTransformNode
 
 
 class MedDLRegistrationWidget(MedDLModuleWidget):
@@ -85,6 +86,7 @@ class MedDLRegistrationWidget(MedDLModuleWidget):
             transform=p.outputTransform if p.outputTransform else True,
             jacobian=p.jacobianVolume if p.jacobianVolume else False,
             warped_segmentation=p.warpedSegmentation if p.warpedSegmentation else True,
+            inverse_transform=p.inverseTransform if p.inverseTransform else False,
             progress=progress, log=log)
 
     def onJobFinished(self, outputs):
@@ -95,6 +97,8 @@ class MedDLRegistrationWidget(MedDLModuleWidget):
             p.jacobianVolume = outputs.jacobian
         if outputs.warped_segmentation is not None:
             p.warpedSegmentation = outputs.warped_segmentation
+        if outputs.inverse_transform is not None:
+            p.inverseTransform = outputs.inverse_transform
         self.showVolume(outputs.warped)
 
 

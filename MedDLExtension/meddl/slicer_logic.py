@@ -434,6 +434,7 @@ class RegistrationResult:
     transform: Any = None
     jacobian: Any = None
     warped_segmentation: Any = None
+    inverse_transform: Any = None
     process: ProcessResult | None = field(default=None, repr=False)
 
 
@@ -457,6 +458,7 @@ class RegistrationLogic(MedDLLogic):
         transform: Any = True,
         jacobian: Any = False,
         warped_segmentation: Any = True,
+        inverse_transform: Any = False,
         progress: ProgressCallback | None = None,
         log: LogCallback | None = None,
     ) -> Job[RegistrationResult]:
@@ -466,7 +468,8 @@ class RegistrationLogic(MedDLLogic):
         ``warped_segmentation``. The transform node holds the displacement field (Slicer's
         "from parent" direction): applied to ``moving`` it aligns it with ``fixed``.
         ``prealignment`` (the command's ``--affine``): ``affine``, ``center`` (centre of mass) or
-        ``none`` (trust the scanner coordinates).
+        ``none`` (trust the scanner coordinates). ``inverse_transform`` (the command's ``--inverse``):
+        the transform the other way (fixed -> moving images: it aligns ``fixed`` with ``moving``).
         """
         if fixed is None or moving is None:
             raise InputError("meddl register: expected a fixed and a moving volume node, got "
@@ -480,7 +483,7 @@ class RegistrationLogic(MedDLLogic):
         self._refuse_overwriting_inputs(
             (fixed, moving, moving_segmentation),
             {"warped volume": warped, "transform": transform, "Jacobian volume": jacobian,
-             "warped segmentation": warped_segmentation},
+             "warped segmentation": warped_segmentation, "inverse transform": inverse_transform},
         )
         scene = self._scene_for(fixed)
 
@@ -493,6 +496,8 @@ class RegistrationLogic(MedDLLogic):
                 args += ["--transform", d / "transform.h5"]
             if _wanted(jacobian):
                 args += ["--jacobian", d / f"jacobian{_EXT}"]
+            if _wanted(inverse_transform):
+                args += ["--inverse", d / "inverse.h5"]
             segments: list = []
             if with_labels:
                 segments = self._write_labels(moving_segmentation, d / f"moving-labels{_EXT}",
@@ -515,6 +520,10 @@ class RegistrationLogic(MedDLLogic):
                 out.transform = mrml.displacement_to_transform_node(
                     transforms.read_transform(workdir / "transform.h5"), scene,
                     name=f"{base} to {fixed.GetName()}", node=_existing(transform))
+            if _wanted(inverse_transform):
+                out.inverse_transform = mrml.displacement_to_transform_node(
+                    transforms.read_transform(workdir / "inverse.h5"), scene,
+                    name=f"{fixed.GetName()} to {base}", node=_existing(inverse_transform))
             if _wanted(jacobian):
                 out.jacobian = _fill(mrml, io.read(workdir / f"jacobian{_EXT}"), scene,
                                      f"{base} Jacobian determinant", jacobian)
