@@ -330,7 +330,8 @@ def test_cancel_ends_the_job_with_cancelled_and_cleans_up(scene, fake, rng):
 
 def test_choices_list_what_the_command_line_accepts():
     from meddl.cli import build_parser
-    from meddl.slicer_logic import Prealignment, Similarity
+    from meddl.slicer_logic import (AdaptMode, FourierDomain, FourierWindow, Prealignment, ReconstructionMethod,
+                                    Similarity, StainMethod, Undersampling)
 
     assert choices(RegistrationMethod) == ["network+optimisation", "network", "optimisation"]
     parser = build_parser()
@@ -339,6 +340,20 @@ def test_choices_list_what_the_command_line_accepts():
     assert choices(RegistrationMethod) == list(flags["--method"])
     assert choices(Similarity) == list(flags["--similarity"])
     assert choices(Prealignment) == list(flags["--affine"])
+
+    def flags_of(parser):
+        return {a.option_strings[0]: a.choices for a in parser._actions if a.option_strings}
+
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    recon = flags_of(commands["reconstruct"])
+    assert set(choices(ReconstructionMethod)) == set(recon["--method"])  # (each list has its default first)
+    assert choices(Undersampling) == list(recon["--undersample"])
+    adapt = next(a for a in commands["adapt"]._actions if a.dest and a.choices and "stain" in a.choices).choices
+    assert {m.value for m in AdaptMode} <= set(adapt)
+    assert set(choices(StainMethod)) == set(flags_of(adapt["stain"])["--method"])
+    fourier = flags_of(adapt["fourier"])
+    assert set(choices(FourierWindow)) == set(fourier["--window"])
+    assert set(choices(FourierDomain)) == set(fourier["--domain"])
 
 
 # -- the real meddl command ---------------------------------------------------------------------

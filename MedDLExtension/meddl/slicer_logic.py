@@ -101,6 +101,7 @@ class ReconstructionMethod(str, enum.Enum):
 class Undersampling(str, enum.Enum):
     EQUISPACED = "equispaced"
     RANDOM = "random"
+    POISSON = "poisson"  #: 2-D variable-density Poisson disc
 
 
 class AdaptMode(str, enum.Enum):
