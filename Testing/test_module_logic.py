@@ -48,10 +48,10 @@ argv = sys.argv[1:]
 mode = os.environ.get("FAKE_MEDDL_MODE", "ok")
 record = {"argv": argv, "inputs": {}}
 OUTPUT_FLAGS = {"-o", "--transform", "--jacobian", "--labels-out", "--uncertainty", "--zero-filled", "--phase",
-                "--coil-images", "--stains-out"}
+                "--coil-images", "--stains-out", "--inverse"}
 VALUE_FLAGS = {"--method", "--similarity", "--affine", "--device", "--progress", "--seed", "--undersample", "--acceleration",
                "--center-fraction", "--beta", "--window", "--domain", "--task", "--moving-labels", "--annotated", "--prior",
-               "--align", "--atlas-prior"}
+               "--align", "--atlas-prior", "--separation"}
 outputs, options, positional, context = {}, {}, [], []
 i = 1
 while i < len(argv):
@@ -124,8 +124,9 @@ elif command == "reconstruct":
 elif command == "adapt":
     image = io.read(positional[1])
     io.write(image.with_data(255 - image.numpy()), outputs["-o"])
-    if "--stains-out" in outputs:  # PREFIX_H.nrrd, PREFIX_E.nrrd as the real command writes them
-        for stain, value in (("H", 0.25), ("E", 0.75)):
+    if "--stains-out" in outputs:  # PREFIX_H.nrrd, PREFIX_E.nrrd (, PREFIX_DAB) as the real command writes them
+        hed = options.get("--separation", "hed" if options.get("--method") == "reinhard" else "x") == "hed"
+        for stain, value in (("H", 0.25), ("E", 0.75)) + ((("DAB", 0.5),) if hed else ()):
             io.write(image.with_data(np.full((1, *image.spatial_shape), value, np.float32)),
                      outputs["--stains-out"] + f"_{stain}.nrrd")
 elif command == "segment":
@@ -330,8 +331,16 @@ def test_cancel_ends_the_job_with_cancelled_and_cleans_up(scene, fake, rng):
 
 def test_choices_list_what_the_command_line_accepts():
     from meddl.cli import build_parser
-    from meddl.slicer_logic import (AdaptMode, FourierDomain, FourierWindow, Prealignment, ReconstructionMethod,
-                                    Similarity, StainMethod, Undersampling)
+    from meddl.slicer_logic import (
+        AdaptMode,
+        FourierDomain,
+        FourierWindow,
+        Prealignment,
+        ReconstructionMethod,
+        Similarity,
+        StainMethod,
+        Undersampling,
+    )
 
     assert choices(RegistrationMethod) == ["network+optimisation", "network", "optimisation"]
     parser = build_parser()
@@ -545,6 +554,22 @@ def test_stain_adaptation_of_an_rgb_volume_with_h_and_e_outputs(scene, fake, rng
     np.testing.assert_allclose(mrml.node_to_volume(result.hematoxylin).numpy(), 0.25)
     np.testing.assert_allclose(mrml.node_to_volume(result.eosin).numpy(), 0.75)
     np.testing.assert_array_equal(mrml.node_to_volume(slide).numpy(), before)
+
+
+def test_stain_adaptation_gives_the_dab_map_with_the_hed_separation(scene, fake, rng):
+    slide, reference = _rgb_node(scene, rng, "slide"), _rgb_node(scene, rng, "reference")
+    result = AdaptationLogic(runner=fake.runner).run(
+        slide, [reference], mode="stain", method="macenko", separation="hed", dab=True, device="cpu")
+    argv = fake.record()["argv"]
+    assert _flag(argv, "--separation") == "hed" and "--stains-out" in argv
+    assert result.dab.GetName() == "slide DAB" and result.hematoxylin is None
+    np.testing.assert_allclose(mrml.node_to_volume(result.dab).numpy(), 0.5)
+    result = AdaptationLogic(runner=fake.runner).run(slide, [reference], mode="stain", method="reinhard", dab=True)
+    assert "--separation" not in fake.record()["argv"] and result.dab is not None  # Reinhard's maps are HED's
+    with pytest.raises(InputError, match=r"DAB volume: expected the hed separation .*got 'macenko'"):
+        AdaptationLogic(runner=fake.runner).start(slide, [reference], mode="stain", method="macenko", dab=True)
+    with pytest.raises(InputError, match=r"stain separation"):
+        AdaptationLogic(runner=fake.runner).start(slide, [reference], mode="stain", separation="pca", dab=True)
 
 
 def test_an_output_node_of_another_kind_is_left_alone_and_a_new_node_made(scene, fake, rng):

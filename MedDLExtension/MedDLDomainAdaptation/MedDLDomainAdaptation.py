@@ -56,6 +56,7 @@ class MedDLDomainAdaptationParameterNode:
     outputVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode, None]  # noqa: UP007
     hematoxylinVolume: vtkMRMLScalarVolumeNode
     eosinVolume: vtkMRMLScalarVolumeNode
+    dabVolume: vtkMRMLScalarVolumeNode
 
 
 class MedDLDomainAdaptationWidget(MedDLModuleWidget):
@@ -91,7 +92,7 @@ class MedDLDomainAdaptationWidget(MedDLModuleWidget):
         stain = self.ui.modeComboBox.currentText == AdaptMode.STAIN.value
         self.ui.stainOptionsGroupBox.visible = stain
         self.ui.fourierOptionsGroupBox.visible = not stain
-        for widget in (self.ui.hematoxylinVolumeSelector, self.ui.eosinVolumeSelector):
+        for widget in (self.ui.hematoxylinVolumeSelector, self.ui.eosinVolumeSelector, self.ui.dabVolumeSelector):
             widget.enabled = stain
 
     def cannotApplyReason(self):
@@ -117,10 +118,15 @@ class MedDLDomainAdaptationWidget(MedDLModuleWidget):
             output=p.outputVolume if p.outputVolume else True,
             hematoxylin=p.hematoxylinVolume if (stain and p.hematoxylinVolume) else False,
             eosin=p.eosinVolume if (stain and p.eosinVolume) else False,
+            dab=p.dabVolume if (stain and p.dabVolume) else False,
+            separation="hed" if (stain and p.dabVolume) else None,  # DAB needs the fixed H, E, DAB vectors
             progress=progress, log=log)
 
     def onJobFinished(self, outputs):
         self._parameterNode.outputVolume = outputs.output
+        for name in ("hematoxylin", "eosin", "dab"):
+            if getattr(outputs, name) is not None:
+                setattr(self._parameterNode, f"{name}Volume", getattr(outputs, name))
         self.showVolume(outputs.output)
 
 

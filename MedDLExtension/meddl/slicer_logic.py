@@ -115,6 +115,14 @@ class StainMethod(str, enum.Enum):
     VAHADANE = "vahadane"
 
 
+class StainSeparation(str, enum.Enum):
+    """Stain vectors of the concentration maps (the command's ``--separation``)."""
+
+    HED = "hed"  #: fixed H, E and DAB vectors (Ruifrok and Johnston)
+    MACENKO = "macenko"
+    VAHADANE = "vahadane"
+
+
 class FourierWindow(str, enum.Enum):
     CIRCLE = "circle"
     SQUARE = "square"
@@ -703,6 +711,7 @@ class AdaptationResult:
     output: Any
     hematoxylin: Any = None
     eosin: Any = None
+    dab: Any = None
     process: ProcessResult | None = field(default=None, repr=False)
 
 
@@ -726,13 +735,17 @@ class AdaptationLogic(MedDLLogic):
         output: Any = True,
         hematoxylin: Any = False,
         eosin: Any = False,
+        dab: Any = False,
+        separation: str | None = None,
         progress: ProgressCallback | None = None,
         log: LogCallback | None = None,
     ) -> Job[AdaptationResult]:
         """Start adapting ``input_volume`` (scalar or RGB vector volume) to ``references``.
 
         Stain mode takes exactly one reference and ``method``; it can also give the hematoxylin
-        and eosin concentration maps (the command's ``--stains-out``). Fourier mode takes one or
+        and eosin concentration maps (the command's ``--stains-out``), and the DAB map with
+        ``separation="hed"`` (the stain vectors of the maps: ``hed``, ``macenko`` or ``vahadane``;
+        ``None``: the method's own, ``hed`` for Reinhard). Fourier mode takes one or
         more references, ``beta`` (the size of the swapped low-frequency window, as a fraction of
         the image, 0-0.5; ``None``: the command's default for the window), the window shape and
         the ``domain`` (``log`` adapts the logarithm: for multiplicative shifts such as bias fields).
@@ -747,16 +760,22 @@ class AdaptationLogic(MedDLLogic):
             method = _option(StainMethod, method, "stain method")
             if len(references) != 1:
                 raise InputError(f"meddl adapt stain: expected exactly one reference volume, got {len(references)}")
+            if separation is not None:
+                separation = _option(StainSeparation, separation, "stain separation")
+            resolved = separation or (StainSeparation.HED.value if method == StainMethod.REINHARD.value else method)
+            if _wanted(dab) and resolved != StainSeparation.HED.value:
+                raise InputError(f"DAB volume: expected the hed separation (H, E and DAB), got '{resolved}' "
+                                 "(H and E only); pass separation='hed'")
         else:
             window = _option(FourierWindow, window, "Fourier window")
             domain = _option(FourierDomain, domain, "Fourier domain")
             if beta is not None and not 0 <= float(beta) <= 0.5:
                 raise InputError(f"beta: expected a value in [0, 0.5], got {beta}")
-            if _wanted(hematoxylin) or _wanted(eosin):
-                raise InputError("hematoxylin/eosin outputs: expected stain mode, got fourier")
+            if _wanted(hematoxylin) or _wanted(eosin) or _wanted(dab):
+                raise InputError("hematoxylin/eosin/DAB outputs: expected stain mode, got fourier")
         self._refuse_overwriting_inputs((input_volume, *references),
                                         {"output volume": output, "hematoxylin volume": hematoxylin,
-                                         "eosin volume": eosin})
+                                         "eosin volume": eosin, "DAB volume": dab})
         flags = self._flags(device, seed)
         scene = self._scene_for(input_volume)
 
@@ -767,8 +786,10 @@ class AdaptationLogic(MedDLLogic):
             args += ["-o", d / f"output{_EXT}"]
             if mode == AdaptMode.STAIN.value:
                 args += ["--method", method]
-                if _wanted(hematoxylin) or _wanted(eosin):
-                    args += ["--stains-out", d / "stains"]  # writes stains_H.nrrd, stains_E.nrrd
+                if _wanted(hematoxylin) or _wanted(eosin) or _wanted(dab):
+                    args += ["--stains-out", d / "stains"]  # writes stains_H.nrrd, stains_E.nrrd (, _DAB)
+                if separation is not None:
+                    args += ["--separation", separation]
             else:
                 args += ["--window", window, "--domain", domain]
                 if beta is not None:
@@ -791,6 +812,8 @@ class AdaptationLogic(MedDLLogic):
                 out.hematoxylin = volume("stains_H", "hematoxylin", hematoxylin)
             if _wanted(eosin):
                 out.eosin = volume("stains_E", "eosin", eosin)
+            if _wanted(dab):
+                out.dab = volume("stains_DAB", "DAB", dab)
             return out
 
         return self._launch(f"meddl adapt {mode}", args, workdir, importer, progress, log)
