@@ -133,6 +133,8 @@ elif command == "segment":
     target = io.read(positional[0])
     labels = np.zeros((1, *target.spatial_shape), np.uint8)
     labels[:, 1:-1, 1:-1, :] = 1  # a box: everything but the border
+    if options.get("--annotated") and 2 in io.read(options["--annotated"], kind="label").numpy():
+        labels[:, 0] = 2  # a second painted label: the first row
     io.write(Volume(labels, target.affine, Kind.LABEL), outputs["-o"])
 print(json.dumps({"progress": 1.0, "message": "done"}), flush=True)
 print(json.dumps({"summary": command, "seconds": 0.01}), flush=True)
@@ -668,6 +670,29 @@ def test_replace_segment_keeps_id_name_colour_and_other_segments(scene, fake, rn
     np.testing.assert_allclose(seg.GetSegment(liver).GetColor(), (0.8, 0.2, 0.2))
     assert _segment_voxels(painted, liver, target) == 6 * 5 * 5
     assert _segment_voxels(painted, spleen, target) == spleen_voxels
+
+
+def test_several_painted_segments_in_one_run(scene, fake, rng):
+    target = _volume_node(scene, rng.normal(size=(1, 8, 7, 5)).astype(np.float32), "target")
+    painted = _segmentation(scene)
+    liver, spleen = _segment_id(painted, "liver"), _segment_id(painted, "spleen")
+    result = InContextSegmentationLogic(runner=fake.runner).run(target, segmentation=painted,
+                                                                segment_id=[liver, spleen])
+    annotated = fake.record()["inputs"][_flag(fake.record()["argv"], "--annotated")]
+    assert annotated["shape"] == [8, 7, 5] and len(result.segment_ids) == 2
+    seg = painted.GetSegmentation()
+    assert [seg.GetSegment(i).GetName() for i in result.segment_ids] == ["liver (in-context)", "spleen (in-context)"]
+    assert [_segment_voxels(painted, i, target) for i in result.segment_ids] == [6 * 5 * 5, 7 * 5]
+    replaced = InContextSegmentationLogic(runner=fake.runner).run(target, segmentation=painted,
+                                                                  segment_id=[liver, spleen],
+                                                                  output_mode="replace segment")
+    assert replaced.segment_ids == [liver, spleen] and seg.GetNumberOfSegments() == 4
+    assert [seg.GetSegment(i).GetName() for i in (liver, spleen)] == ["liver", "spleen"]
+    assert [seg.GetSegmentIndex(i) for i in (liver, spleen)] == [0, 1]
+    np.testing.assert_allclose(seg.GetSegment(spleen).GetColor(), (0.2, 0.2, 0.8))
+    assert [_segment_voxels(painted, i, target) for i in (liver, spleen)] == [6 * 5 * 5, 7 * 5]
+    with pytest.raises(InputError, match=r"segment: expected a segment of 'painted', got unknown ID 'nope'"):
+        InContextSegmentationLogic(runner=fake.runner).start(target, segmentation=painted, segment_id=[liver, "nope"])
 
 
 def test_context_examples_and_new_label_volume(scene, fake, rng):

@@ -55,6 +55,7 @@ class MedDLInContextSegmentationParameterNode:
     source: Annotated[str, Choice([PAINTED, CONTEXT])] = PAINTED
     paintedSegmentation: vtkMRMLSegmentationNode
     paintedSegmentId: str = ""
+    allSegments: bool = False
     contextVolume1: vtkMRMLScalarVolumeNode
     contextOutput1: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, None]  # noqa: UP007
     contextVolume2: vtkMRMLScalarVolumeNode
@@ -126,7 +127,7 @@ class MedDLInContextSegmentationWidget(MedDLModuleWidget):
         if p.source == PAINTED:
             if p.task != SEGMENTATION_TASK:
                 return f"The '{p.task}' task learns from context examples, not painted slices"
-            if not p.paintedSegmentation or not p.paintedSegmentId:
+            if not p.paintedSegmentation or not (p.paintedSegmentId or p.allSegments):
                 return "Select the segmentation and the segment painted on the target"
         else:
             pairs = self._contextPairs()
@@ -138,13 +139,17 @@ class MedDLInContextSegmentationWidget(MedDLModuleWidget):
                 return "'replace segment' needs a painted segment; choose another output"
         return ""
 
+    def _paintedSegmentIds(self):
+        segmentation = self._parameterNode.paintedSegmentation.GetSegmentation()
+        return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+
     def startJob(self, progress, log):
         p = self._parameterNode
         painted = p.source == PAINTED
         return self.logic.start(
             p.targetVolume,
             segmentation=p.paintedSegmentation if painted else None,
-            segment_id=p.paintedSegmentId if painted else None,
+            segment_id=(self._paintedSegmentIds() if p.allSegments else p.paintedSegmentId) if painted else None,
             context=() if painted else self._contextPairs(),
             task=p.task, output_mode=p.outputMode, device=p.device, prior=p.prior if painted else None,
             align=None if painted else p.align, atlas_prior=None if painted else p.atlasPrior,

@@ -849,7 +849,7 @@ class InContextSegmentationLogic(MedDLLogic):
         target: Any,
         *,
         segmentation: Any = None,
-        segment_id: str | None = None,
+        segment_id: str | Sequence[str] | None = None,
         context: Sequence[tuple[Any, Any]] = (),
         task: str = "segmentation",
         output_mode: str = SegmentOutput.NEW_SEGMENT,
@@ -866,14 +866,15 @@ class InContextSegmentationLogic(MedDLLogic):
         """Start segmenting ``target`` (a scalar volume node).
 
         Give either ``segmentation`` with ``segment_id`` (a segment painted on a few slices of
-        the target) or ``context``: ``(volume node, segmentation node or label map node)`` example
+        the target, or a list of segment IDs: every one is propagated, and a slice where any of
+        them is painted counts as fully painted) or ``context``: ``(volume node, segmentation node or label map node)`` example
         pairs; for an image task, ``(volume node, output volume node)`` pairs. Segments of different
         example segmentations are the same structure when they have the same name (whatever their
         order); label map examples are taken by value.
 
         ``output_mode``: ``"new segment"`` adds the result to ``output_segmentation`` (default: the
         painted segmentation, or a new segmentation node); ``"replace segment"`` replaces the
-        painted segment; ``"new volume"`` fills ``output_volume`` (or a new label map volume).
+        painted segment(s); ``"new volume"`` fills ``output_volume`` (or a new label map volume).
         An image task always gives a volume (``output_volume`` or a new scalar volume).
 
         ``prior``: with painted slices, the weight of the interpolation of the painted masks mixed
@@ -908,10 +909,12 @@ class InContextSegmentationLogic(MedDLLogic):
         if image_task and annotated:
             raise InputError(f"task '{task}': expected context examples (pairs of volumes), got a painted "
                              "segmentation; painted slices work with the segmentation task")
-        if annotated and not segment_id:
+        segment_ids = [segment_id] if isinstance(segment_id, str) else list(segment_id or [])
+        if annotated and not segment_ids:
             raise InputError("meddl segment: expected the painted segment to be chosen, got none")
-        if annotated and segmentation.GetSegmentation().GetSegment(segment_id) is None:
-            raise InputError(f"segment: expected a segment of '{segmentation.GetName()}', got unknown ID '{segment_id}'")
+        for sid in segment_ids if annotated else ():
+            if segmentation.GetSegmentation().GetSegment(sid) is None:
+                raise InputError(f"segment: expected a segment of '{segmentation.GetName()}', got unknown ID '{sid}'")
         output_mode = SegmentOutput.NEW_VOLUME.value if image_task else _option(SegmentOutput, output_mode, "output")
         if output_mode == SegmentOutput.REPLACE_SEGMENT.value and not annotated:
             raise InputError("output 'replace segment': expected a painted segment to replace, got context examples")
@@ -927,7 +930,7 @@ class InContextSegmentationLogic(MedDLLogic):
                                "-o", d / f"labels{_EXT}"]
             if annotated:
                 segments = self._write_labels(segmentation, d / f"annotated{_EXT}", "painted segmentation",
-                                              reference=target, segment_ids=[segment_id])
+                                              reference=target, segment_ids=segment_ids)
                 args += ["--annotated", d / f"annotated{_EXT}"]
             else:
                 args.append("--context")
@@ -965,12 +968,12 @@ class InContextSegmentationLogic(MedDLLogic):
                 return SegmentationResult(volume=node, process=process)
             labels = io.read(workdir / f"labels{_EXT}", kind="label")
             return self._import_labels(labels, segments, scene, target, output_mode,
-                                       segmentation, segment_id, output_segmentation, output_volume, process)
+                                       segmentation, output_segmentation, output_volume, process)
 
         return self._launch("meddl segment", args, workdir, importer, progress, log)
 
     def _import_labels(self, labels: Any, segments: list, scene: Any, target: Any, output_mode: str,
-                       segmentation: Any, segment_id: str | None, output_segmentation: Any, output_volume: Any,
+                       segmentation: Any, output_segmentation: Any, output_volume: Any,
                        process: ProcessResult) -> SegmentationResult:
         mrml = self._mrml()
         if output_mode == SegmentOutput.NEW_VOLUME.value:
@@ -979,9 +982,8 @@ class InContextSegmentationLogic(MedDLLogic):
             return SegmentationResult(volume=node, process=process)
         replace = output_mode == SegmentOutput.REPLACE_SEGMENT.value
         if replace:
-            # only the painted segment's label is taken back, under the painted segment's ID
-            keep = segments[0]
-            wanted = [mrml.SegmentInfo(keep.label, keep.name, tuple(keep.color))]
+            # each painted segment's label is taken back under that segment's ID
+            wanted = [mrml.SegmentInfo(s.label, s.name, tuple(s.color)) for s in segments]
         else:
             # new segments are renamed so that they never collide with what the user painted
             wanted = [mrml.SegmentInfo(s.label, f"{s.name} ({self._task_label})", tuple(s.color)) for s in segments]
@@ -994,8 +996,11 @@ class InContextSegmentationLogic(MedDLLogic):
         # imported into a scratch node and only its segments are copied over.
         scratch = mrml.labels_to_segmentation_node(labels, scene, segments=wanted, name="MedDL scratch")
         try:
-            names = [w.name for w in wanted]
-            ids = mrml.copy_segments(scratch, destination, names, replace_id=segment_id if replace else None)
+            if replace:
+                ids = [i for s in segments for i in mrml.copy_segments(scratch, destination, [s.name],
+                                                                        replace_id=s.segment_id)]
+            else:
+                ids = mrml.copy_segments(scratch, destination, [w.name for w in wanted])
         finally:
             mrml.remove_node(scene, scratch)
         return SegmentationResult(segmentation=destination, segment_ids=ids, process=process)
