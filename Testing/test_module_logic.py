@@ -494,6 +494,18 @@ def test_reconstruction_without_undersampling_sends_no_undersampling_flags(scene
                 "--coil-images"} & set(argv)
 
 
+def test_any_other_command_option_goes_through_by_its_long_name(scene, fake, kspace_file):
+    ReconstructionLogic(runner=fake.runner).run(kspace_file, scene=scene, method="tv", iterations=20,
+                                                regularization=0.01, slices="0:1", probes=None, coil_images=False)
+    argv = fake.record()["argv"]
+    assert _flag(argv, "--iterations") == "20" and _flag(argv, "--regularization") == "0.01"
+    assert _flag(argv, "--slices") == "0:1" and "--probes" not in argv
+    assert RegistrationLogic()._options({"levels": [5, 3], "quick": True, "fold_penalty": 0}) == [
+        "--levels", "5", "3", "--quick", "--fold-penalty", "0"]
+    with pytest.raises(InputError, match=r"meddl reconstruct: option 'coils_out' is set by the Logic itself"):
+        ReconstructionLogic(runner=fake.runner).start(kspace_file, scene=scene, coils_out="/tmp/x.nrrd")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"undersampling": "radial"}, "undersampling: expected one of equispaced, random"),
     ({"undersampling": "random", "center_fraction": 1.5}, "centre fraction: expected a value between 0 and 1"),

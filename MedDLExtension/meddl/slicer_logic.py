@@ -26,7 +26,7 @@ import enum
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
@@ -274,6 +274,9 @@ class Job(Generic[T]):
 class MedDLLogic:
     """What the four Logics share: scene, runner, temporary files, common flags.
 
+    Each ``start`` / ``run`` also takes any other option of its command by its long name
+    (``iterations=30`` -> ``--iterations 30``; see :meth:`_options`); the command checks them.
+
     Args:
         scene: the ``vtkMRMLScene`` results go into (default: the scene of the first input node).
         runner: runs the ``meddl`` command; default ``ProcessRunner()`` (``python -m meddl``,
@@ -347,12 +350,31 @@ class MedDLLogic:
         io.write(labels, path, compress=False)
         return segments
 
-    @staticmethod
-    def _flags(device: Any, seed: int | None) -> list[str]:
+    def _flags(self, device: Any, seed: int | None, options: Mapping[str, Any] | None = None) -> list[str]:
         flags = ["--device", _option(DeviceName, device, "device"), "--progress", "json"]
         if seed is not None:
             flags += ["--seed", str(int(seed))]
-        return flags
+        return flags + self._options(options or {})
+
+    def _options(self, options: Mapping[str, Any]) -> list[str]:
+        """Any other option of the command, by its long name: ``iterations=30`` -> ``--iterations 30``,
+        ``True`` -> the flag alone, ``False`` / ``None`` -> left out, a list -> several values. Options
+        naming the files the Logic writes and reads itself are refused."""
+        argv: list[str] = []
+        for name, value in options.items():
+            flag = "--" + name.replace("_", "-")
+            if name in _MANAGED_OPTIONS:
+                raise InputError(f"meddl {self.command}: option '{name}' is set by the Logic itself (nodes in, "
+                                 "nodes out); use its own argument")
+            if value is None or value is False:
+                continue
+            if value is True:
+                argv.append(flag)
+            elif isinstance(value, (list, tuple)):
+                argv += [flag, *(str(v) for v in value)]
+            else:
+                argv += [flag, str(value)]
+        return argv
 
     @staticmethod
     def _refuse_overwriting_inputs(inputs: Sequence[Any], outputs: dict[str, Any]) -> None:
@@ -373,6 +395,13 @@ class MedDLLogic:
     def _launch(self, what: str, args: list[str], workdir: Path, importer: Callable[[ProcessResult], T],
                 progress: ProgressCallback | None, log: LogCallback | None) -> Job[T]:
         return Job(what, self.runner, args, workdir, importer, progress, log, self.keep_files).start()
+
+
+#: options whose values are the files a Logic writes and reads, or that it sets itself
+_MANAGED_OPTIONS = frozenset({
+    "o", "output", "transform", "jacobian", "inverse", "moving_labels", "labels_out", "uncertainty", "zero_filled",
+    "coils_out", "phase", "stains_out", "annotated", "context", "progress", "device", "seed", "debug",
+})
 
 
 def _wanted(target: Any) -> bool:
@@ -470,6 +499,7 @@ class RegistrationLogic(MedDLLogic):
         inverse_transform: Any = False,
         progress: ProgressCallback | None = None,
         log: LogCallback | None = None,
+        **options: Any,
     ) -> Job[RegistrationResult]:
         """Start registering ``moving`` onto ``fixed`` (scalar volume nodes).
 
@@ -487,7 +517,7 @@ class RegistrationLogic(MedDLLogic):
         method = _option(RegistrationMethod, method, "registration method")
         similarity = _option(Similarity, similarity, "similarity")
         prealignment = _option(Prealignment, prealignment, "pre-alignment")
-        flags = self._flags(device, seed)
+        flags = self._flags(device, seed, options)
         with_labels = moving_segmentation is not None and _wanted(warped_segmentation)
         self._refuse_overwriting_inputs(
             (fixed, moving, moving_segmentation),
@@ -584,6 +614,7 @@ class ReconstructionLogic(MedDLLogic):
         scene: Any = None,
         progress: ProgressCallback | None = None,
         log: LogCallback | None = None,
+        **options: Any,
     ) -> Job[ReconstructionResult]:
         """Start reconstructing ``kspace_path``.
 
@@ -601,7 +632,7 @@ class ReconstructionLogic(MedDLLogic):
         scene = scene if scene is not None else self.scene
         if scene is None:
             raise InputError("meddl reconstruct: no scene to put the results in; pass scene=")
-        flags = self._flags(device, seed)
+        flags = self._flags(device, seed, options)
         if undersampling:
             undersampling = _option(Undersampling, undersampling, "undersampling")
             if not acceleration or float(acceleration) < 1:
@@ -739,6 +770,7 @@ class AdaptationLogic(MedDLLogic):
         separation: str | None = None,
         progress: ProgressCallback | None = None,
         log: LogCallback | None = None,
+        **options: Any,
     ) -> Job[AdaptationResult]:
         """Start adapting ``input_volume`` (scalar or RGB vector volume) to ``references``.
 
@@ -776,7 +808,7 @@ class AdaptationLogic(MedDLLogic):
         self._refuse_overwriting_inputs((input_volume, *references),
                                         {"output volume": output, "hematoxylin volume": hematoxylin,
                                          "eosin volume": eosin, "DAB volume": dab})
-        flags = self._flags(device, seed)
+        flags = self._flags(device, seed, options)
         scene = self._scene_for(input_volume)
 
         def build(d: Path) -> list[str]:
@@ -862,6 +894,7 @@ class InContextSegmentationLogic(MedDLLogic):
         seed: int | None = None,
         progress: ProgressCallback | None = None,
         log: LogCallback | None = None,
+        **options: Any,
     ) -> Job[SegmentationResult]:
         """Start segmenting ``target`` (a scalar volume node).
 
@@ -922,7 +955,7 @@ class InContextSegmentationLogic(MedDLLogic):
         self._refuse_overwriting_inputs(
             [n for n in inputs if n is not segmentation],  # the painted segmentation may receive the result
             {"output segmentation": output_segmentation, "output volume": output_volume})
-        flags = self._flags(device, seed)
+        flags = self._flags(device, seed, options)
         scene = self._scene_for(target)
 
         def build(d: Path) -> tuple[list[str], list]:
