@@ -10,6 +10,7 @@ from meddl.errors import InputError
 from meddl.reconstruction import ReconstructionConfig, read_kspace, reconstruct
 from meddl.reconstruction.cli import parse_slices
 from meddl.reconstruction.fastmri import write_fastmri
+from meddl.reconstruction.metrics import ssim
 from meddl.reconstruction.simulate import simulate_kspace
 from scipy.ndimage import gaussian_filter
 
@@ -43,6 +44,20 @@ def test_zero_filled_of_fully_sampled_data_is_the_truth_on_the_header_grid(kfile
     np.testing.assert_allclose(res.image.spacing, [5.0, 5.0, 3.0])
     assert res.image.same_grid(res.zero_filled)
     assert res.info["acceleration"] == 1.0
+    scored = res.info["reference"]  # the file's reconstruction_rss
+    assert scored["ssim"] > 0.999 and scored["nmse"] < 1e-8 and scored["zero_filled_ssim"] > 0.999
+
+
+def test_a_file_with_a_reference_is_scored_against_it(kfile):
+    path, _ = kfile
+    res = reconstruct(path, ReconstructionConfig(method="tv", undersample="equispaced", acceleration=3))
+    scored = res.info["reference"]
+    truth = np.asarray(read_kspace(path).target)
+    pred = np.moveaxis(res.image.numpy()[0], -1, 0)
+    assert scored["ssim"] == pytest.approx(ssim(truth, pred, float(truth.max())), abs=1e-4)
+    assert scored["ssim"] > scored["zero_filled_ssim"]
+    one = reconstruct(path, ReconstructionConfig(method="zero-filled", slices=(1,)))
+    assert one.info["reference"]["ssim"] > 0.999  # the reference's own slice
 
 
 def test_undersampling_is_refused_on_undersampled_data(tmp_path, kfile):

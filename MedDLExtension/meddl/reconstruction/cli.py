@@ -167,10 +167,13 @@ def run(args, ctx) -> int:
         if out and vol is not None:
             io.write(vol, out)
             ctx.log(f"wrote {out}")
+    if info.get("reference"):
+        ctx.log("against the file's reference image (reconstruction_rss): " + json.dumps(info["reference"]))
     ctx.summary(
         f"reconstruct: {info['method']} -> {args.output}",
         acceleration=info["acceleration"],
         slices=info["slices"],
         seconds_per_slice=info["seconds_per_slice"],
+        **({"ssim_vs_reference": info["reference"]["ssim"]} if "ssim" in info.get("reference", {}) else {}),
     )
     return 0

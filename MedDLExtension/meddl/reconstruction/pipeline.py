@@ -131,6 +131,24 @@ def _volume(stack: list[np.ndarray], data: KSpaceData, **meta: Any) -> Volume:
                   {"source": data.source, **meta, **({"geometry_notice": notice} if notice else {})})
 
 
+def _against_reference(images: list[np.ndarray], zero_filled: list[np.ndarray], target: np.ndarray | None
+                       ) -> dict[str, Any] | None:
+    """SSIM / PSNR / NMSE (fastMRI's conventions) of the result and of the zero-filled image against the
+    file's own reference (``reconstruction_rss``), when it has one of the result's size."""
+    if target is None:
+        return None
+    pred = np.stack(images).astype(np.float64)
+    ref = np.asarray(target, dtype=np.float64)
+    if ref.shape != pred.shape:
+        return {"note": f"reference of shape {list(ref.shape)} against a result of {list(pred.shape)}: not compared"}
+    from .metrics import nmse, psnr, ssim
+
+    zf = np.stack(zero_filled).astype(np.float64)
+    top = float(ref.max())
+    return {"ssim": round(ssim(ref, pred, top), 4), "psnr": round(psnr(ref, pred, top), 2),
+            "nmse": round(nmse(ref, pred), 5), "zero_filled_ssim": round(ssim(ref, zf, top), 4)}
+
+
 def reconstruct(
     source: str | os.PathLike | KSpaceData,
     config: ReconstructionConfig | None = None,
@@ -141,7 +159,9 @@ def reconstruct(
     """Reconstruct every (selected) slice of a fastMRI / ISMRMRD file or of :class:`KSpaceData`.
 
     Returns magnitude volumes ``(1, h, w, S)`` cropped to the header's recon matrix, with
-    the geometry from the header's field of view (:meth:`KSpaceData.affine`).
+    the geometry from the header's field of view (:meth:`KSpaceData.affine`). A file with a
+    reference image (fastMRI's ``reconstruction_rss``) is scored against it:
+    ``info["reference"]`` holds SSIM, PSNR and NMSE with fastMRI's conventions.
     """
     config = config or ReconstructionConfig()
     rep = Reporter.of(progress, cancel)
@@ -278,6 +298,9 @@ def reconstruct(
         "seconds_per_slice": round(float(np.mean(seconds)), 4),
         "device": str(device),
     } | card_info
+    scored = _against_reference(images, zfs, data.target)
+    if scored is not None:
+        info["reference"] = scored
     meta = {"method": method.value, "acceleration": info["acceleration"]}
     result = ReconstructionResult(
         image=_volume(images, data, **meta),
