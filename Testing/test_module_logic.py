@@ -51,7 +51,7 @@ OUTPUT_FLAGS = {"-o", "--transform", "--jacobian", "--labels-out", "--uncertaint
                 "--coil-images", "--stains-out", "--inverse"}
 VALUE_FLAGS = {"--method", "--similarity", "--affine", "--device", "--progress", "--seed", "--undersample", "--acceleration",
                "--center-fraction", "--beta", "--window", "--domain", "--task", "--moving-labels", "--annotated", "--prior",
-               "--align", "--atlas-prior", "--separation"}
+               "--align", "--atlas-prior", "--separation", "--match-points"}
 outputs, options, positional, context = {}, {}, [], []
 i = 1
 while i < len(argv):
@@ -619,10 +619,22 @@ def test_fourier_adaptation_sends_every_reference_beta_and_window(scene, fake, r
     assert _flag(fake.record()["argv"], "--domain") == "log"
 
 
+def test_histogram_matching_baseline_from_the_logic(scene, fake, rng):
+    image = _volume_node(scene, rng.normal(size=(1, 8, 7, 5)).astype(np.float32), "image")
+    ref = _volume_node(scene, rng.normal(size=(1, 8, 7, 5)).astype(np.float32), "ref")
+    result = AdaptationLogic(runner=fake.runner).run(image, [ref], mode="histogram", match_points=9)
+    argv = fake.record()["argv"]
+    assert argv[:2] == ["adapt", "histogram"] and len(argv[2:argv.index("-o")]) == 2
+    assert _flag(argv, "--match-points") == "9" and not {"--window", "--beta", "--method"} & set(argv)
+    assert result.output.GetName() == "image adapted"
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"mode": "stain", "references": 2}, "expected exactly one reference volume, got 2"),
     ({"mode": "fourier", "beta": 0.7}, "beta: expected a value in \\[0, 0.5\\], got 0.7"),
-    ({"mode": "cyclegan"}, "adaptation mode: expected one of stain, fourier"),
+    ({"mode": "cyclegan"}, "adaptation mode: expected one of stain, fourier, histogram"),
+    ({"mode": "histogram", "references": 2}, "meddl adapt histogram: expected exactly one reference volume, got 2"),
+    ({"mode": "fourier", "hematoxylin": True}, "hematoxylin/eosin/DAB outputs: expected stain mode, got fourier"),
     ({"mode": "fourier", "domain": "sqrt"}, "Fourier domain: expected one of intensity, log"),
 ])
 def test_adaptation_refuses_bad_requests(scene, fake, rng, kwargs, message):

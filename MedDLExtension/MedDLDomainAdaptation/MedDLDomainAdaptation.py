@@ -89,9 +89,10 @@ class MedDLDomainAdaptationWidget(MedDLModuleWidget):
         self._parameterNode.referenceVolumes = list(self.ui.referenceVolumesSelector.checkedNodes())
 
     def _updateModeWidgets(self, *args):
-        stain = self.ui.modeComboBox.currentText == AdaptMode.STAIN.value
+        mode = self.ui.modeComboBox.currentText
+        stain = mode == AdaptMode.STAIN.value
         self.ui.stainOptionsGroupBox.visible = stain
-        self.ui.fourierOptionsGroupBox.visible = not stain
+        self.ui.fourierOptionsGroupBox.visible = mode == AdaptMode.FOURIER.value
         for widget in (self.ui.hematoxylinVolumeSelector, self.ui.eosinVolumeSelector, self.ui.dabVolumeSelector):
             widget.enabled = stain
 
@@ -104,6 +105,8 @@ class MedDLDomainAdaptationWidget(MedDLModuleWidget):
             return "Check at least one reference volume"
         if p.mode == AdaptMode.STAIN.value and len(references) != 1:
             return "Stain normalisation takes exactly one reference volume"
+        if p.mode == AdaptMode.HISTOGRAM.value and len(references) != 1:
+            return "Histogram matching takes exactly one reference volume"
         if p.outputVolume and (p.outputVolume == p.inputVolume or p.outputVolume in references):
             return "The output volume is also an input; choose or create another one"
         return ""

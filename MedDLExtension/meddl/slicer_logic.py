@@ -107,6 +107,7 @@ class Undersampling(str, enum.Enum):
 class AdaptMode(str, enum.Enum):
     STAIN = "stain"
     FOURIER = "fourier"
+    HISTOGRAM = "histogram"  #: the baseline: SimpleITK histogram matching to one reference
 
 
 class StainMethod(str, enum.Enum):
@@ -781,6 +782,7 @@ class AdaptationLogic(MedDLLogic):
         more references, ``beta`` (the size of the swapped low-frequency window, as a fraction of
         the image, 0-0.5; ``None``: the command's default for the window), the window shape and
         the ``domain`` (``log`` adapts the logarithm: for multiplicative shifts such as bias fields).
+        Histogram mode (the baseline users expect) matches the histogram to one reference.
         """
         if input_volume is None:
             raise InputError("meddl adapt: the input volume is not set")
@@ -788,23 +790,23 @@ class AdaptationLogic(MedDLLogic):
         mode = _option(AdaptMode, mode, "adaptation mode")
         if not references:
             raise InputError("meddl adapt: expected at least one reference volume, got none")
+        if mode != AdaptMode.FOURIER.value and len(references) != 1:
+            raise InputError(f"meddl adapt {mode}: expected exactly one reference volume, got {len(references)}")
+        if mode != AdaptMode.STAIN.value and (_wanted(hematoxylin) or _wanted(eosin) or _wanted(dab)):
+            raise InputError(f"hematoxylin/eosin/DAB outputs: expected stain mode, got {mode}")
         if mode == AdaptMode.STAIN.value:
             method = _option(StainMethod, method, "stain method")
-            if len(references) != 1:
-                raise InputError(f"meddl adapt stain: expected exactly one reference volume, got {len(references)}")
             if separation is not None:
                 separation = _option(StainSeparation, separation, "stain separation")
             resolved = separation or (StainSeparation.HED.value if method == StainMethod.REINHARD.value else method)
             if _wanted(dab) and resolved != StainSeparation.HED.value:
                 raise InputError(f"DAB volume: expected the hed separation (H, E and DAB), got '{resolved}' "
                                  "(H and E only); pass separation='hed'")
-        else:
+        elif mode == AdaptMode.FOURIER.value:
             window = _option(FourierWindow, window, "Fourier window")
             domain = _option(FourierDomain, domain, "Fourier domain")
             if beta is not None and not 0 <= float(beta) <= 0.5:
                 raise InputError(f"beta: expected a value in [0, 0.5], got {beta}")
-            if _wanted(hematoxylin) or _wanted(eosin) or _wanted(dab):
-                raise InputError("hematoxylin/eosin/DAB outputs: expected stain mode, got fourier")
         self._refuse_overwriting_inputs((input_volume, *references),
                                         {"output volume": output, "hematoxylin volume": hematoxylin,
                                          "eosin volume": eosin, "DAB volume": dab})
@@ -822,7 +824,7 @@ class AdaptationLogic(MedDLLogic):
                     args += ["--stains-out", d / "stains"]  # writes stains_H.nrrd, stains_E.nrrd (, _DAB)
                 if separation is not None:
                     args += ["--separation", separation]
-            else:
+            elif mode == AdaptMode.FOURIER.value:
                 args += ["--window", window, "--domain", domain]
                 if beta is not None:
                     args += ["--beta", f"{float(beta):g}"]

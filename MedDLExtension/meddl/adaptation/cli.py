@@ -83,8 +83,9 @@ def configure(subparsers) -> argparse.ArgumentParser:
     h.add_argument("input")
     h.add_argument("reference")
     h.add_argument("-o", "--output", required=True)
-    h.add_argument("--levels", type=int, default=256)
-    h.add_argument("--match-points", type=int, default=7)
+    h.add_argument("--levels", type=int, default=256, help="histogram bins (SimpleITK's NumberOfHistogramLevels)")
+    h.add_argument("--match-points", type=int, default=7,
+                   help="quantiles matched between the two histograms (SimpleITK's NumberOfMatchPoints)")
     h.set_defaults(_run=run, _adapt="histogram", _compute=True)
 
     c = methods.add_parser("classwise", parents=parents,
