@@ -339,7 +339,8 @@ def write_report(
     ]
     if card is not None:
         lines += [
-            f"VarNet weights: `Resources/models/reconstruction_varnet.pt` (sha256 {card.sha256[:12]}, "
+            f"VarNet weights: `{getattr(args, 'weights', None) or 'Resources/models/reconstruction_varnet.pt'}` "
+            f"(sha256 {card.sha256[:12]}, "
             f"training step {card.extra.get('step')}, {card.extra.get('parameters')} parameters, "
             f"architecture {json.dumps(card.arguments)}).",
             "",
