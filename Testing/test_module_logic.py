@@ -629,6 +629,33 @@ def test_histogram_matching_baseline_from_the_logic(scene, fake, rng):
     assert result.output.GetName() == "image adapted"
 
 
+def test_classwise_baseline_matches_the_two_segmentations_by_segment_name(scene, fake, rng):
+    from meddl import io
+
+    image = _volume_node(scene, rng.normal(size=(1, 8, 7, 5)).astype(np.float32), "image")
+    ref = _volume_node(scene, rng.normal(size=(1, 8, 7, 5)).astype(np.float32), "ref")
+    mine = _segmentation(scene, name="mine")  # liver 1, spleen 2
+    labels = np.zeros((1, 8, 7, 5), np.uint8)
+    labels[0, 2:4, 2:4, 1:3] = 1
+    labels[0, 5:7, 4:6, 2:4] = 2
+    theirs = mrml.labels_to_segmentation_node(  # the same places, the names' order swapped
+        Volume(labels, _affine(), Kind.LABEL), scene,
+        [mrml.SegmentInfo(1, "spleen", (0.2, 0.2, 0.8)), mrml.SegmentInfo(2, "liver", (0.8, 0.2, 0.2))], name="theirs")
+    result = AdaptationLogic(runner=fake.runner, keep_files=True).run(
+        image, [ref], mode="classwise", labels=mine, reference_labels=theirs)
+    argv = fake.record()["argv"]
+    assert argv[:2] == ["adapt", "classwise"] and len(argv[2:argv.index("-o")]) == 4
+    a = io.read(argv[3], kind="label").numpy()[0]
+    b = io.read(argv[5], kind="label").numpy()[0]
+    assert int(a[2, 2, 1]) == int(b[5, 4, 2]) and int(a[5, 4, 2]) == int(b[2, 2, 1])  # liver is liver
+    assert result.output.GetName() == "image adapted"
+    with pytest.raises(InputError, match=r"meddl adapt classwise: expected the labels of the input and of the "
+                                         r"reference, got only one"):
+        AdaptationLogic(runner=fake.runner).start(image, [ref], mode="classwise", labels=mine)
+    with pytest.raises(InputError, match=r"labels: expected classwise mode, got fourier"):
+        AdaptationLogic(runner=fake.runner).start(image, [ref], mode="fourier", labels=mine, reference_labels=theirs)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"mode": "stain", "references": 2}, "expected exactly one reference volume, got 2"),
     ({"mode": "fourier", "beta": 0.7}, "beta: expected a value in \\[0, 0.5\\], got 0.7"),

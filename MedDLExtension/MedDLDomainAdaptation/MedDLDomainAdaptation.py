@@ -11,7 +11,12 @@ import slicer
 from meddl.errors import MedDLError
 from meddl.slicer_logic import AdaptationLogic, AdaptMode, FourierDomain, FourierWindow, StainMethod, choices
 from MedDLCommon import DEVICES, MedDLModuleWidget
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode
+from slicer import (
+    vtkMRMLLabelMapVolumeNode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+    vtkMRMLVectorVolumeNode,
+)
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -57,6 +62,8 @@ class MedDLDomainAdaptationParameterNode:
     hematoxylinVolume: vtkMRMLScalarVolumeNode
     eosinVolume: vtkMRMLScalarVolumeNode
     dabVolume: vtkMRMLScalarVolumeNode
+    inputLabels: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]  # noqa: UP007
+    referenceLabels: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]  # noqa: UP007
 
 
 class MedDLDomainAdaptationWidget(MedDLModuleWidget):
@@ -93,6 +100,7 @@ class MedDLDomainAdaptationWidget(MedDLModuleWidget):
         stain = mode == AdaptMode.STAIN.value
         self.ui.stainOptionsGroupBox.visible = stain
         self.ui.fourierOptionsGroupBox.visible = mode == AdaptMode.FOURIER.value
+        self.ui.classwiseOptionsGroupBox.visible = mode == AdaptMode.CLASSWISE.value
         for widget in (self.ui.hematoxylinVolumeSelector, self.ui.eosinVolumeSelector, self.ui.dabVolumeSelector):
             widget.enabled = stain
 
@@ -105,8 +113,10 @@ class MedDLDomainAdaptationWidget(MedDLModuleWidget):
             return "Check at least one reference volume"
         if p.mode == AdaptMode.STAIN.value and len(references) != 1:
             return "Stain normalisation takes exactly one reference volume"
-        if p.mode == AdaptMode.HISTOGRAM.value and len(references) != 1:
-            return "Histogram matching takes exactly one reference volume"
+        if p.mode in (AdaptMode.HISTOGRAM.value, AdaptMode.CLASSWISE.value) and len(references) != 1:
+            return f"The {p.mode} baseline takes exactly one reference volume"
+        if p.mode == AdaptMode.CLASSWISE.value and not (p.inputLabels and p.referenceLabels):
+            return "Select the labels of the input and of the reference"
         if p.outputVolume and (p.outputVolume == p.inputVolume or p.outputVolume in references):
             return "The output volume is also an input; choose or create another one"
         return ""
@@ -123,6 +133,8 @@ class MedDLDomainAdaptationWidget(MedDLModuleWidget):
             eosin=p.eosinVolume if (stain and p.eosinVolume) else False,
             dab=p.dabVolume if (stain and p.dabVolume) else False,
             separation="hed" if (stain and p.dabVolume) else None,  # DAB needs the fixed H, E, DAB vectors
+            labels=p.inputLabels if p.mode == AdaptMode.CLASSWISE.value else None,
+            reference_labels=p.referenceLabels if p.mode == AdaptMode.CLASSWISE.value else None,
             progress=progress, log=log)
 
     def onJobFinished(self, outputs):

@@ -108,6 +108,7 @@ class AdaptMode(str, enum.Enum):
     STAIN = "stain"
     FOURIER = "fourier"
     HISTOGRAM = "histogram"  #: the baseline: SimpleITK histogram matching to one reference
+    CLASSWISE = "classwise"  #: the baseline: per-class mean / std alignment (needs both images' labels)
 
 
 class StainMethod(str, enum.Enum):
@@ -769,6 +770,8 @@ class AdaptationLogic(MedDLLogic):
         eosin: Any = False,
         dab: Any = False,
         separation: str | None = None,
+        labels: Any = None,
+        reference_labels: Any = None,
         progress: ProgressCallback | None = None,
         log: LogCallback | None = None,
         **options: Any,
@@ -783,6 +786,9 @@ class AdaptationLogic(MedDLLogic):
         the image, 0-0.5; ``None``: the command's default for the window), the window shape and
         the ``domain`` (``log`` adapts the logarithm: for multiplicative shifts such as bias fields).
         Histogram mode (the baseline users expect) matches the histogram to one reference.
+        Classwise mode aligns each class's mean and standard deviation with the reference's: it takes
+        ``labels`` (of the input) and ``reference_labels`` (segmentation or label map nodes; segments
+        of the two segmentations are the same class when they have the same name).
         """
         if input_volume is None:
             raise InputError("meddl adapt: the input volume is not set")
@@ -792,6 +798,12 @@ class AdaptationLogic(MedDLLogic):
             raise InputError("meddl adapt: expected at least one reference volume, got none")
         if mode != AdaptMode.FOURIER.value and len(references) != 1:
             raise InputError(f"meddl adapt {mode}: expected exactly one reference volume, got {len(references)}")
+        classwise = mode == AdaptMode.CLASSWISE.value
+        if classwise and (labels is None or reference_labels is None):
+            raise InputError("meddl adapt classwise: expected the labels of the input and of the reference, got "
+                             + ("neither" if labels is None and reference_labels is None else "only one"))
+        if not classwise and (labels is not None or reference_labels is not None):
+            raise InputError(f"labels: expected classwise mode, got {mode}")
         if mode != AdaptMode.STAIN.value and (_wanted(hematoxylin) or _wanted(eosin) or _wanted(dab)):
             raise InputError(f"hematoxylin/eosin/DAB outputs: expected stain mode, got {mode}")
         if mode == AdaptMode.STAIN.value:
@@ -807,15 +819,27 @@ class AdaptationLogic(MedDLLogic):
             domain = _option(FourierDomain, domain, "Fourier domain")
             if beta is not None and not 0 <= float(beta) <= 0.5:
                 raise InputError(f"beta: expected a value in [0, 0.5], got {beta}")
-        self._refuse_overwriting_inputs((input_volume, *references),
+        self._refuse_overwriting_inputs((input_volume, *references, labels, reference_labels),
                                         {"output volume": output, "hematoxylin volume": hematoxylin,
                                          "eosin volume": eosin, "DAB volume": dab})
         flags = self._flags(device, seed, options)
         scene = self._scene_for(input_volume)
 
+        def classes(node: Any, path: Path, role: str, reference: Any, known: list | None) -> tuple[Path, list]:
+            if node.IsA("vtkMRMLSegmentationNode"):
+                return path, self._write_labels(node, path, role, reference=reference, known=known)
+            return self._write_volume(node, path, role, kind="label"), []
+
         def build(d: Path) -> list[str]:
             args: list[Any] = ["adapt", mode, self._write_volume(input_volume, d / f"input{_EXT}", "input volume")]
-            for i, ref in enumerate(references):
+            if classwise:
+                path, known = classes(labels, d / f"labels{_EXT}", "input labels", input_volume, None)
+                args.append(path)
+                args.append(self._write_volume(references[0], d / f"reference0{_EXT}", "reference volume"))
+                # segments named like the input's take their values (label maps: by value)
+                args.append(classes(reference_labels, d / f"reference-labels{_EXT}", "reference labels",
+                                    references[0], known or None)[0])
+            for i, ref in enumerate(() if classwise else references):
                 args.append(self._write_volume(ref, d / f"reference{i}{_EXT}", "reference volume"))
             args += ["-o", d / f"output{_EXT}"]
             if mode == AdaptMode.STAIN.value:

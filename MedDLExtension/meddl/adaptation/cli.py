@@ -90,10 +90,10 @@ def configure(subparsers) -> argparse.ArgumentParser:
 
     c = methods.add_parser("classwise", parents=parents,
                            help="baseline: per-class mean/std alignment where labels exist (CateNorm)")
-    c.add_argument("input")
-    c.add_argument("labels")
-    c.add_argument("reference")
-    c.add_argument("reference_labels")
+    c.add_argument("input", help="image to adapt")
+    c.add_argument("labels", help="label map of the input on its grid (classes by value)")
+    c.add_argument("reference", help="image whose per-class statistics are the target")
+    c.add_argument("reference_labels", help="label map of the reference on its grid (the same values)")
     c.add_argument("-o", "--output", required=True)
     c.set_defaults(_run=run, _adapt="classwise", _compute=True)
 
