@@ -59,6 +59,8 @@ def test_jobs_run_through_the_logic_save_outputs_and_resume(tmp_path, script, ca
          "output": "out/case_adapted.nii.gz", "beta": 0.2, "window": "square"},
         {"operation": "adapt fourier", "id": "each", "input": "case.nii.gz", "references": ["ref.nii.gz"],
          "output": "out/each.nii.gz", "combine": "each"},
+        {"operation": "adapt fourier", "id": "log", "input": "case.nii.gz", "references": ["ref.nii.gz"],
+         "output": "out/log.nii.gz", "domain": "log", "no-clip": True, "beta": 0.1},
     ]
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -67,13 +69,13 @@ def test_jobs_run_through_the_logic_save_outputs_and_resume(tmp_path, script, ca
 
     assert script.main([str(manifest), "--device", "cpu"], scene=scene, runner=ProcessRunner()) == 1
     out = capsys.readouterr().out
-    assert "slicer batch: 2 jobs: 1 done, 0 skipped (already complete), 1 failed" in out
+    assert "slicer batch: 3 jobs: 2 done, 0 skipped (already complete), 1 failed" in out
     report = json.loads((tmp_path / batch.STATE_DIR / "report.json").read_text())
-    ok, each = report["jobs"]
-    assert ok["status"] == "done" and each["status"] == "failed"
+    ok, each, log = report["jobs"]
+    assert ok["status"] == "done" and each["status"] == "failed" and log["status"] == "done", log
     assert "the Slicer module does not take --combine; run this job with 'meddl batch'" in each["error"]
     assert _node_ids(scene) == before  # the job's nodes are removed after saving
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case_adapted.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case_adapted.nii.gz", "log.nii.gz"]
     written = tmp_path / "out" / "case_adapted.nii.gz"
     assert batch.sha256_of(written) == ok["outputs"][str(written)]
 
@@ -84,11 +86,16 @@ def test_jobs_run_through_the_logic_save_outputs_and_resume(tmp_path, script, ca
     got, want = io.read(written), io.read(by_hand)
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-4)
     np.testing.assert_allclose(got.affine, want.affine, atol=1e-6)
+    # options the panel does not show go through the Logic by name (--domain log --no-clip)
+    assert meddl_main(["adapt", "fourier", str(case), str(ref), "-o", str(by_hand), "--beta", "0.1", "--domain", "log",
+                       "--no-clip", "--progress", "none", "--device", "cpu"]) == 0
+    np.testing.assert_allclose(io.read(tmp_path / "out" / "log.nii.gz").numpy(), io.read(by_hand).numpy(),
+                               rtol=1e-6, atol=1e-4)
 
     # a second run skips the finished job without running anything, and meddl batch would too
     assert script.main([str(manifest)], scene=scene, runner=_MustNotRun()) == 1
     report = json.loads((tmp_path / batch.STATE_DIR / "report.json").read_text())
-    assert [j["status"] for j in report["jobs"]] == ["skipped", "failed"]
+    assert [j["status"] for j in report["jobs"]] == ["skipped", "failed", "skipped"]
     job = batch.read_manifest(manifest).jobs[0]
     assert batch.job_is_complete(job, tmp_path / batch.STATE_DIR)
 
@@ -111,3 +118,48 @@ def test_arguments_after_the_double_dash(script, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["batch.py", "m.csv"])
     assert script._script_arguments() == ["m.csv"]
     assert script.main(["--no-such-flag"]) == 2
+
+
+def test_a_painted_label_map_of_several_labels_segments_every_label(tmp_path, script):
+    """As `meddl segment --annotated` does: every painted label, not only the first segment."""
+    from meddl.volume import Kind
+
+    y, x, z = np.meshgrid(np.arange(24), np.arange(24), np.arange(12), indexing="ij")
+    a = ((y - 8) ** 2 + (x - 12) ** 2 < 16).astype(np.uint8)
+    b = ((y - 17) ** 2 + (x - 12) ** 2 < 12).astype(np.uint8) * 2
+    truth = (a + b)[None]
+    image = (truth * 50.0 + np.random.default_rng(0).normal(0, 2, truth.shape)).astype(np.float32)
+    io.write(Volume(image, np.eye(4)), tmp_path / "t.nii.gz")
+    painted = np.zeros_like(truth)
+    painted[..., ::4] = truth[..., ::4]
+    io.write(Volume(painted, np.eye(4), Kind.LABEL), tmp_path / "painted.nii.gz")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"operation": "segment", "target": "t.nii.gz", "annotated": "painted.nii.gz",
+                                    "output": "seg.nii.gz"}) + "\n")
+    job = batch.read_manifest(manifest).jobs[0]
+    scene = vtkMRMLScene()
+    script.run_job_in_scene(job, scene, [str(tmp_path / "seg.nii.gz")], device="cpu", runner=ProcessRunner())
+    out = io.read(tmp_path / "seg.nii.gz", kind="label").numpy()
+    assert set(np.unique(out)) == {0, 1, 2}
+    for label in (1, 2):
+        got, want = out[..., 1::4] == label, truth[..., 1::4] == label
+        assert 2 * (got & want).sum() / (got.sum() + want.sum()) > 0.7
+
+
+def test_reconstruction_and_registration_jobs_through_the_logic(tmp_path, script):
+    from meddl.reconstruction.demo import simulated_file
+
+    simulated_file(tmp_path / "k.h5", size=48, coils=4)
+    fixed, moving = _volume(tmp_path / "f.nii.gz", 1), _volume(tmp_path / "m.nii.gz", 1)
+    rows = [{"operation": "reconstruct", "kspace": "k.h5", "output": "recon.nii.gz", "method": "tv",
+             "undersample": "equispaced", "acceleration": 2, "iterations": 5, "zero-filled": "zf.nii.gz"},
+            {"operation": "register", "fixed": "f.nii.gz", "moving": "m.nii.gz", "output": "w.nii.gz",
+             "method": "optimisation", "affine": "none", "levels": [4], "iterations": 2, "transform": "t.h5"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scene = vtkMRMLScene()
+    assert script.main([str(manifest), "--device", "cpu"], scene=scene, runner=ProcessRunner()) == 0
+    recon, zf = io.read(tmp_path / "recon.nii.gz"), io.read(tmp_path / "zf.nii.gz")
+    assert recon.spatial_shape == zf.spatial_shape and not np.allclose(recon.numpy(), zf.numpy())
+    warped = io.read(tmp_path / "w.nii.gz")
+    assert warped.same_grid(io.read(fixed)) and (tmp_path / "t.h5").is_file()

@@ -40,28 +40,42 @@ from meddl.errors import Cancelled, InputError, MedDLError  # noqa: E402
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-# Options each Logic takes, besides the inputs and outputs it handles below.
+# Options each branch below gives its Logic by name, besides the inputs and outputs it handles.
 _SUPPORTED = {
     "adapt stain": {"method"},
     "adapt fourier": {"beta", "window"},
-    "register": {"method", "similarity"},
+    "register": {"method", "similarity", "affine"},
     "reconstruct": {"method", "undersample", "acceleration", "center_fraction"},
     "segment": {"task"},
 }
 _ALWAYS = {"device", "progress", "seed", "debug", "help"}
+#: options that change which files a job writes, beyond the one output a Logic imports
+_OUTPUT_SHAPING = {"combine"}
 
 
-def _unsupported(job: batch.Job, args: argparse.Namespace, handled: set[str]) -> list[str]:
-    """Options of the command set to something other than their default that this Logic cannot take."""
+def _other_options(job: batch.Job, args: argparse.Namespace, handled: set[str]) -> tuple[dict[str, Any], list[str]]:
+    """Options of the command set to something other than their default, besides those handled:
+    ``(by long name, for the Logic's **options; those it cannot take)``. The Logics take every option
+    except those naming the files they write and read themselves (and ``--combine``, which writes
+    one file per reference)."""
+    from meddl.slicer_logic import _MANAGED_OPTIONS
+
     parser = batch.job_parser(job)
     allowed = _SUPPORTED.get(job.operation, set()) | handled | _ALWAYS
-    found = []
+    passed, refused = {}, []
     for action in parser._actions:
         if not action.option_strings or action.dest in allowed:
             continue
-        if getattr(args, action.dest, action.default) != action.default:
-            found.append(action.option_strings[-1])
-    return found
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        name = next((o for o in action.option_strings if o.startswith("--")), action.option_strings[-1])
+        key = name.lstrip("-").replace("-", "_")
+        if key in _MANAGED_OPTIONS or key in _OUTPUT_SHAPING:
+            refused.append(action.option_strings[-1])
+        else:
+            passed[key] = value
+    return passed, refused
 
 
 def _volume_node(path: str, scene, kind: str | None = None):
@@ -103,10 +117,11 @@ def run_job_in_scene(job: batch.Job, scene, outputs: Sequence[str], *, device: s
     op = job.operation
 
     def check(handled: set[str]) -> None:
-        bad = _unsupported(job, args, handled)
+        extra, bad = _other_options(job, args, handled)
         if bad:
             raise InputError(f"{op}: the Slicer module does not take {', '.join(bad)}; run this job with "
                              "'meddl batch' (same manifest) instead")
+        common.update(extra)  # every other option, by name, as the console gives it
 
     if op in ("adapt stain", "adapt fourier"):
         check({"output"})
@@ -124,7 +139,7 @@ def run_job_in_scene(job: batch.Job, scene, outputs: Sequence[str], *, device: s
         fixed, moving = _volume_node(args.fixed, scene), _volume_node(args.moving, scene)
         labels = _segmentation_node(args.moving_labels, scene) if args.moving_labels else None
         result = logic.RegistrationLogic(scene=scene, runner=runner).run(
-            fixed, moving, labels, method=args.method, similarity=args.similarity, warped=True,
+            fixed, moving, labels, method=args.method, similarity=args.similarity, prealignment=args.affine, warped=True,
             transform=bool(args.transform), jacobian=bool(args.jacobian), warped_segmentation=bool(args.labels_out),
             **common)
         _save_volume(result.warped, args.output)
@@ -154,7 +169,9 @@ def run_job_in_scene(job: batch.Job, scene, outputs: Sequence[str], *, device: s
         kwargs: dict[str, Any] = {"task": args.task, "output_mode": logic.SegmentOutput.NEW_VOLUME}
         if args.annotated:
             painted = _segmentation_node(args.annotated, scene)
-            kwargs.update(segmentation=painted, segment_id=painted.GetSegmentation().GetNthSegmentID(0))
+            segments = painted.GetSegmentation()  # every painted label, as meddl segment does
+            kwargs.update(segmentation=painted,
+                          segment_id=[segments.GetNthSegmentID(i) for i in range(segments.GetNumberOfSegments())])
         else:
             paths = list(args.context)
             if len(paths) % 2:
@@ -162,7 +179,7 @@ def run_job_in_scene(job: batch.Job, scene, outputs: Sequence[str], *, device: s
             kwargs["context"] = [(_volume_node(paths[i], scene), _segmentation_node(paths[i + 1], scene))
                                  for i in range(0, len(paths), 2)]
         result = logic.InContextSegmentationLogic(scene=scene, runner=runner).run(target, **kwargs, **common)
-        _save_volume(result.label_volume, args.output, kind="label")
+        _save_volume(result.volume, args.output, kind="label")
     else:
         raise InputError(f"{op}: no Slicer module runs this operation; run this manifest with 'meddl batch'")
     return [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())
