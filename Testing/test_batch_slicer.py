@@ -150,7 +150,8 @@ def test_reconstruction_and_registration_jobs_through_the_logic(tmp_path, script
     from meddl.reconstruction.demo import simulated_file
 
     simulated_file(tmp_path / "k.h5", size=48, coils=4)
-    fixed, moving = _volume(tmp_path / "f.nii.gz", 1), _volume(tmp_path / "m.nii.gz", 1)
+    fixed = _volume(tmp_path / "f.nii.gz", 1)
+    _volume(tmp_path / "m.nii.gz", 2)
     rows = [{"operation": "reconstruct", "kspace": "k.h5", "output": "recon.nii.gz", "method": "tv",
              "undersample": "equispaced", "acceleration": 2, "iterations": 5, "zero-filled": "zf.nii.gz"},
             {"operation": "register", "fixed": "f.nii.gz", "moving": "m.nii.gz", "output": "w.nii.gz",
