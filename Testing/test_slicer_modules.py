@@ -396,3 +396,47 @@ def test_sample_data_sources_point_at_the_local_cache(monkeypatch):
         assert call["category"] == "MedDL" and callable(call["customDownloader"])
         assert call["uris"].startswith("file://") and call["uris"].endswith(call["fileNames"].removeprefix("MedDL-"))
         assert Path(call["thumbnailFileName"]).is_file()
+
+
+_LOGIC_OF = {"MedDLRegistration": ("RegistrationLogic", "RegistrationResult"),
+             "MedDLReconstruction": ("ReconstructionLogic", "ReconstructionResult"),
+             "MedDLDomainAdaptation": ("AdaptationLogic", "AdaptationResult"),
+             "MedDLInContextSegmentation": ("InContextSegmentationLogic", "SegmentationResult")}
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_the_widget_calls_its_logic_with_real_arguments_and_reads_real_results(module):
+    """The widget code never runs here (no Qt): check by reading it that ``self.logic.start(...)`` names
+    parameters the Logic has (not left to its **options, which are the command's) and that
+    ``onJobFinished`` reads fields the result has."""
+    import dataclasses
+    import inspect
+
+    from meddl import slicer_logic
+
+    logic_name, result_name = _LOGIC_OF[module]
+    start = inspect.signature(getattr(slicer_logic, logic_name).start).parameters
+    fields = {f.name for f in dataclasses.fields(getattr(slicer_logic, result_name))}
+    tree = ast.parse((EXT / module / f"{module}.py").read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+             and n.func.attr == "start" and ast.unparse(n.func.value) == "self.logic"]
+    assert len(calls) == 1, f"{module}: expected one self.logic.start(...) call"
+    named = [k.arg for k in calls[0].keywords if k.arg]
+    assert named and set(named) <= set(start), f"{module}: start() has no {set(named) - set(start)}"
+    finished = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "onJobFinished")
+    read = {n.attr for n in ast.walk(finished) if isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Name) and n.value.id == "outputs"}
+    assert read <= fields, f"{module}: the result has no {read - fields}"
+
+
+def test_the_slicer_batch_script_reads_real_result_fields():
+    import dataclasses
+
+    from meddl import slicer_logic
+
+    fields = set().union(*({f.name for f in dataclasses.fields(getattr(slicer_logic, r))}
+                           for _, r in _LOGIC_OF.values()))
+    tree = ast.parse((ROOT / "Resources" / "Scripts" / "batch.py").read_text())
+    read = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Name) and n.value.id == "result"}
+    assert read and read <= fields, f"batch.py reads result fields that do not exist: {read - fields}"
