@@ -48,6 +48,26 @@ def test_zero_filled_of_fully_sampled_data_is_the_truth_on_the_header_grid(kfile
     assert scored["ssim"] > 0.999 and scored["nmse"] < 1e-8 and scored["zero_filled_ssim"] > 0.999
 
 
+def test_sensitivity_weighted_zero_filled_combination(kfile, capsys, tmp_path):
+    path, img = kfile
+    rss_image = reconstruct(path, ReconstructionConfig(method="zero-filled")).image.numpy()[0, :, :, 0]
+    res = reconstruct(path, ReconstructionConfig(method="zero-filled", combine="sense"))
+    sense = res.image.numpy()[0, :, :, 0]
+    truth = img[4:44]
+    inside = truth > 0.1
+    # fully sampled data: both give the image (the simulated maps are normalised); ESPIRiT's maps up to a small error
+    assert np.abs(sense - truth)[inside].mean() < 0.03 * truth[inside].mean()
+    assert not np.allclose(sense, rss_image)
+    np.testing.assert_allclose(res.zero_filled.numpy(), res.image.numpy())  # the companion output combines alike
+    out = tmp_path / "zf.nii.gz"
+    assert main(["reconstruct", str(path), "-o", str(out), "--method", "zero-filled", "--combine", "sense",
+                 "--undersample", "equispaced", "--acceleration", "2", "--progress", "none", "--device", "cpu"]) == 0
+    assert main(["reconstruct", str(path), "-o", str(out), "--combine", "adaptive", "--progress", "none"]) == 2
+    assert "invalid choice: 'adaptive'" in capsys.readouterr().err
+    with pytest.raises(InputError, match=r"--combine: expected rss or sense, got 'mean'"):
+        ReconstructionConfig(combine="mean")
+
+
 def test_a_file_with_a_reference_is_scored_against_it(kfile):
     path, _ = kfile
     res = reconstruct(path, ReconstructionConfig(method="tv", undersample="equispaced", acceleration=3))

@@ -74,6 +74,9 @@ def configure(subparsers) -> None:
         help="also write the per-coil zero-filled magnitude images (one channel per coil)",
     )
     p.add_argument("--phase", metavar="OUT", help="also write the phase (radians) of the complex image")
+    p.add_argument("--combine", choices=("rss", "sense"), default="rss",
+                   help="coil combination of the zero-filled image (--method zero-filled, --zero-filled): root sum "
+                        "of squares, or sensitivity-weighted with ESPIRiT maps from the calibration region")
     p.add_argument("--weights", help="VarNet weights file (a state dict with its JSON card beside it)")
     p.add_argument("--slices", help="slices to reconstruct: 0,3,5 or 2:6 (default all)")
     p.add_argument("--iterations", type=int, help="solver iterations (classical methods)")
@@ -147,6 +150,7 @@ def run(args, ctx) -> int:
         probes=args.probes,
         coil_images=bool(args.coils_out),
         phase=bool(args.phase),
+        combine=args.combine,
         slices=parse_slices(args.slices),
         weights=args.weights,
     )
