@@ -264,12 +264,13 @@ def reconstruct(
                 return classical.l1_wavelet(kk, maps, mask_t, lam=lam, iterations=iters)
             return classical.tv_cs(kk, maps, mask_t, lam=lam, iterations=iters)
 
-        def zero_filled(kk: torch.Tensor, maps: torch.Tensor | None = maps) -> torch.Tensor:
-            return sense_combine(ifft2c(kk), maps).abs() if sense_zf else rss(ifft2c(kk))
+        def combined(coil_images: torch.Tensor, maps: torch.Tensor | None = maps) -> torch.Tensor:
+            """The zero-filled magnitude (``--combine``)."""
+            return sense_combine(coil_images, maps).abs() if sense_zf else rss(coil_images)
 
         def run(kk: torch.Tensor, maps: torch.Tensor | None = maps) -> torch.Tensor:
             if method is Method.ZERO_FILLED:
-                return zero_filled(kk, maps)
+                return combined(ifft2c(kk), maps)
             if method is Method.VARNET:
                 with torch.no_grad():
                     return net(kk[None], mask_t)[0]
@@ -291,7 +292,8 @@ def reconstruct(
                 complex_out = sense_combine(ifft2c(k), maps)
             phases.append(_crop(torch.angle(complex_out), shape).cpu().numpy())
         coil_imgs = ifft2c(k)
-        zfs.append((_crop(zero_filled(k) if sense_zf else rss(coil_imgs), shape) * scale).cpu().numpy())
+        zf = out if method is Method.ZERO_FILLED else combined(coil_imgs)  # the zero-filled method's result is it
+        zfs.append((_crop(zf, shape) * scale).cpu().numpy())
         if config.coil_images:
             coils.append((_crop(coil_imgs.abs(), shape) * scale).cpu().numpy())
         if config.uncertainty:
