@@ -16,7 +16,9 @@ maps; no benchmark image is a training image).
 
 Methods: identity, affine only (SimpleITK, as our pre-alignment), SimpleITK B-spline (affine then
 a B-spline FFD with Mattes MI), ANTs SyN (``antspyx`` in the separate venv ``.venv-ants``, run as a
-subprocess because it pins an older numpy), and ours: network, optimisation, network+optimisation
+subprocess because it pins an older numpy) in two presets: antspyx's default ``SyN`` (fast: no
+iterations at full resolution) and ``antsRegistrationSyN[s]`` (ANTs' antsRegistrationSyN.sh script:
+CC, 100x70x50x20), and ours: network, optimisation, network+optimisation
 (LNCC for same-contrast pairs, MI otherwise) and network+optimisation with DeepSim.
 
 Every method runs in its own process (peak memory = that process's max RSS, Python and libraries
@@ -54,10 +56,11 @@ ANTS_PYTHON = ROOT / ".venv-ants" / "bin" / "python"
 PAIRS = ("mni-warp-same", "mni-warp-t2like", "colin-warp-gamma", "colin-to-mni", "mni-small-warp")
 #: the macaque-sized pair is opt-in (it checks the working grids' scaling with the field of view)
 DEFAULT_PAIRS = PAIRS[:4]
-METHODS = ("identity", "affine", "bspline", "syn", "ours-network", "ours-optimisation", "ours-netopt",
+METHODS = ("identity", "affine", "bspline", "syn", "syn-script", "ours-network", "ours-optimisation", "ours-netopt",
            "ours-netopt-deepsim")
 LABELS = {"identity": "identity", "affine": "affine only (SimpleITK MI)", "bspline": "SimpleITK B-spline (MI)",
-          "syn": "ANTs SyN (antspyx)", "ours-network": "ours: network",
+          "syn": "ANTs SyN (antspyx)",
+          "syn-script": "ANTs antsRegistrationSyN.sh preset (antspyx 'antsRegistrationSyN[s]')", "ours-network": "ours: network",
           "ours-optimisation": "ours: optimisation", "ours-netopt": "ours: network+optimisation",
           "ours-netopt-deepsim": "ours: network+optimisation, DeepSim"}
 
@@ -238,15 +241,21 @@ def _bspline(fixed: Volume, moving: Volume) -> Volume:
     return transforms._sample_transform(composite, fixed)
 
 
+#: antspyx's type_of_transform per method: "SyN" is antspyx's default (affine, then SyN on MI with
+#: 40x20x0 iterations at shrink 4x2x1, i.e. nothing at full resolution); "antsRegistrationSyN[s]"
+#: recreates ANTs' antsRegistrationSyN.sh script (rigid + affine on MI, then SyN on CC radius 4 with
+#: 100x70x50x20 iterations at shrink 8x4x2x1), the configuration most papers mean by "ANTs SyN".
+ANTS_PRESETS = {"syn": "SyN", "syn-script": "antsRegistrationSyN[s]"}
+
 ANTS_SCRIPT = textwrap.dedent("""
     import json, resource, sys, time, os
     import ants
-    fixed_path, moving_path, out_field, threads = sys.argv[1:5]
+    fixed_path, moving_path, out_field, threads, preset = sys.argv[1:6]
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = threads
     fixed = ants.image_read(fixed_path)
     moving = ants.image_read(moving_path)
     t0 = time.perf_counter()
-    reg = ants.registration(fixed, moving, type_of_transform="SyN", random_seed=1)
+    reg = ants.registration(fixed, moving, type_of_transform=preset, random_seed=1)
     seconds = time.perf_counter() - t0
     composed = ants.apply_transforms(fixed, moving, reg["fwdtransforms"], compose=out_field[:-len(".nii.gz")])
     hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")] if os.path.exists("/proc/self/status") else []
@@ -259,12 +268,12 @@ ANTS_SCRIPT = textwrap.dedent("""
 def run_method(method: str, pair_json: Path, folder: Path, threads: int, timeout: float) -> dict:
     out_field = folder / f"{method}_field.nii.gz"
     env = {**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-    if method == "syn":
+    if method in ANTS_PRESETS:
         if not ANTS_PYTHON.is_file():
             return {"error": f"ANTs venv missing ({ANTS_PYTHON}); python -m venv .venv-ants && .venv-ants/bin/pip install antspyx"}
         pair = json.loads(pair_json.read_text())
         cmd = [str(ANTS_PYTHON), "-c", ANTS_SCRIPT, pair["paths"]["fixed"], pair["paths"]["moving"], str(out_field),
-               str(threads)]
+               str(threads), ANTS_PRESETS[method]]
     else:
         cmd = [sys.executable, __file__, "--worker", method, str(pair_json), str(out_field), "--threads", str(threads)]
     try:
@@ -277,7 +286,7 @@ def run_method(method: str, pair_json: Path, folder: Path, threads: int, timeout
     info = json.loads(lines[-1])
     if proc.returncode != 0:  # answered, then crashed while exiting (seen with SimpleITK threads)
         info["exit_code"] = proc.returncode
-    if method == "syn":
+    if method in ANTS_PRESETS:
         # antspy's composed field: a displacement image in the resampling convention (ITK/LPS)
         out_field = Path(info.pop("composed"))
     info["field"] = str(out_field)

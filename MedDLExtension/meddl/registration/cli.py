@@ -45,7 +45,9 @@ def configure(sub) -> None:
                    help="lncc (same contrast), mi or mind (across contrasts), deepsim (semantic features)")
     p.add_argument("--affine", choices=("affine", "center", "none"), default="affine",
                    help="pre-alignment (default affine; none trusts the scanner coordinates)")
-    p.add_argument("--iterations", type=int, default=None, help="most optimisation steps per resolution level (default 15)")
+    p.add_argument("--iterations", type=int, nargs="+", default=None, metavar="N",
+                   help="most optimisation steps per resolution level: one number, or one per level coarse to "
+                        "fine (default 15)")
     p.add_argument("--regularisation", "--regularization", dest="regularisation", type=float, default=None,
                    help="weight of the smoothness term (default: 1, or 0.1 with --similarity mind)")
     p.add_argument("--fold-penalty", type=float, default=None,
@@ -74,8 +76,8 @@ def run(args, ctx) -> int:
                 f"{flag} '{path}': unknown transform format; expected one of "
                 f"{', '.join(TRANSFORM_SUFFIXES + FIELD_IMAGE_SUFFIXES)}"
             )
-    if args.iterations is not None and args.iterations < 0:
-        raise InputError(f"--iterations: expected an integer >= 0, got {args.iterations}")
+    if args.iterations is not None and min(args.iterations) < 0:
+        raise InputError(f"--iterations: expected integers >= 0, got {' '.join(map(str, args.iterations))}")
     fixed = _cli.load_input(args.fixed, "fixed image", scalar=True, ndim=(2, 3))
     moving = _cli.load_input(args.moving, "moving image", scalar=True, ndim=(2, 3))
     if fixed.ndim != moving.ndim:
@@ -89,7 +91,7 @@ def run(args, ctx) -> int:
         labels = _cli.load_input(args.moving_labels, "--moving-labels", kind=Kind.LABEL, scalar=True, ndim=(2, 3))
     overrides = {}
     if args.iterations is not None:
-        overrides["iterations"] = args.iterations
+        overrides["iterations"] = args.iterations[0] if len(args.iterations) == 1 else tuple(args.iterations)
     if args.regularisation is not None:
         overrides["regularisation"] = args.regularisation
     if args.fold_penalty is not None:

@@ -12,7 +12,8 @@ of view, along its axes; tensors are ``(1, C, *shape)`` and velocities are in vo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,7 +34,7 @@ from .svf import (
     warp,
 )
 
-__all__ = ["Grid", "make_grid", "coarser_grid", "corner_aligned", "upsample_field", "to_grid", "regrid_field",
+__all__ = ["Grid", "make_grid", "block_average", "coarser_grid", "corner_aligned", "upsample_field", "to_grid", "regrid_field",
            "optimise_velocity", "LevelReport"]
 
 
@@ -146,15 +147,44 @@ def _blur_axes(x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
     return x
 
 
+def block_average(data: torch.Tensor, affine: np.ndarray, factors: list[int]) -> tuple[torch.Tensor, np.ndarray]:
+    """``data`` ``(1, C, *S)`` averaged over blocks of ``factors`` voxels per axis, with its affine.
+
+    The last voxels are replicated up to whole blocks, so the copy reaches as far as the image;
+    the new voxel centres are the blocks' centres.
+    """
+    nd = data.dim() - 2
+    if max(factors) < 2:
+        return data, affine
+    pad = [0, 0] * nd
+    for d, (f, n) in enumerate(zip(factors, data.shape[2:], strict=True)):
+        pad[2 * (nd - 1 - d) + 1] = (-n) % f
+    if any(pad):
+        data = F.pad(data, pad, mode="replicate")
+    pool = F.avg_pool3d if nd == 3 else F.avg_pool2d
+    pooled = pool(data, kernel_size=factors, stride=factors)
+    out = np.array(affine, dtype=np.float64, copy=True)  # 4 x 4 (a 2D image's too)
+    f = np.asarray(factors, dtype=np.float64)
+    out[:3, 3] += out[:3, :nd] @ ((f - 1.0) / 2.0)
+    out[:3, :nd] = out[:3, :nd] * f
+    return pooled, out
+
+
 def to_grid(data: torch.Tensor, src_affine: np.ndarray, dst: Grid, matrix: np.ndarray | None = None,
             mode: str = "bilinear", antialias: bool = True) -> torch.Tensor:
     """Resample ``data`` ``(1, C, *S_src)`` on grid ``dst``: ``out(x) = data(matrix @ x)`` (RAS points).
 
-    With ``antialias``, the source is Gaussian-smoothed first where it is finer than ``dst``.
+    With ``antialias``, a source finer than ``dst`` is first averaged over blocks of up to half
+    ``dst``'s spacing (:func:`block_average`: the smoothing and sampling then run on a volume up to
+    ``(ratio / 2)**ndim`` times smaller), then Gaussian-smoothed for the rest of the way.
     Points outside the source read 0.
     """
     nd = len(dst.shape)
     if antialias and mode != "nearest":
+        src_spacing = geometry_from_affine(src_affine)[0][:nd]
+        factors = [max(1, int(math.floor(float(dst.spacing.mean()) / (2.0 * s) + 1e-6))) for s in src_spacing]
+        factors = [f if n // f >= 2 else 1 for f, n in zip(factors, data.shape[2:], strict=True)]
+        data, src_affine = block_average(data, src_affine, factors)
         src_spacing = geometry_from_affine(src_affine)[0][:nd]
         ratio = float(dst.spacing.mean()) / src_spacing
         sigmas = [0.5 * math.sqrt(max(r * r - 1.0, 0.0)) for r in ratio]
@@ -182,6 +212,7 @@ class LevelReport:
     converged: bool
     history: list[float] = field(default_factory=list)
     init_rejected: bool = False  #: the given start (network) lost to the identity and was dropped
+    seconds: float = 0.0  #: wall time of the level (resampling the images included)
 
 
 def optimise_velocity(
@@ -195,7 +226,7 @@ def optimise_velocity(
     init: tuple[torch.Tensor, Grid] | None = None,
     lam: float = 1.0,
     fold_penalty: float = 0.0,
-    iterations: int = 100,
+    iterations: int | Sequence[int] = 100,
     lr: float = 0.1,
     tolerance: float = 1e-4,
     steps: int = 7,
@@ -217,8 +248,9 @@ def optimise_velocity(
             must not make the answer worse).
         lam: weight of the diffusion regulariser on ``exp(v)`` (voxel units: dimensionless).
         fold_penalty: weight of :func:`~meddl.registration.svf.folding_barrier` on the displacement
-            of each image grid (0: none).
-        iterations: at most this many Adam steps per level.
+            of each image grid (0: none), evaluated at every k-th voxel for a velocity grid k times
+            coarser.
+        iterations: at most this many Adam steps per level, or one number per level.
         lr: Adam step (voxels).
         tolerance: a level stops when the loss improved by less than this (relative) over 10 steps.
 
@@ -229,15 +261,22 @@ def optimise_velocity(
     v_prev, g_prev = init if init is not None else (None, None)
     reports: list[LevelReport] = []
     init_rejected = False
-    total = max(1, len(grids) * iterations)
+    per_level = [int(iterations)] * len(grids) if isinstance(iterations, int) else [int(n) for n in iterations]
+    if len(per_level) != len(grids):
+        raise ValueError(f"optimise_velocity: {len(per_level)} iteration counts for {len(grids)} levels")
+    total = max(1, sum(per_level))
     done = 0
-    for grid, vgrid in grids:
+    for level, (grid, vgrid) in enumerate(grids):
+        iterations = per_level[level]
+        started = time.perf_counter()
         f = to_grid(fixed, fixed_affine, grid)
         m = to_grid(moving, moving_affine, grid, matrix)
         compare = loss_fn
         if getattr(loss_fn, "warps_descriptors", False):  # warp descriptors computed once (MIND)
             f, m, compare = loss_fn.descriptors(f), loss_fn.descriptors(m), loss_fn.compare
         nd = len(grid.shape)
+        # the barrier at every ``stride``-th voxel: u is interpolated from the ``stride``x coarser vgrid
+        stride = max(1, min(int((n - 1) // max(k - 1, 1)) for n, k in zip(grid.shape, vgrid.shape, strict=True)))
         zero = torch.zeros((1, nd, *vgrid.shape), dtype=f.dtype, device=f.device)
         if v_prev is None:
             v0 = zero
@@ -262,7 +301,7 @@ def optimise_velocity(
             u = upsample_field(u_v, vgrid, grid)
             loss = compare(warp(m, u), f) + lam * diffusion(u_v)
             if fold_penalty > 0:
-                loss = loss + fold_penalty * folding_barrier(u)
+                loss = loss + fold_penalty * folding_barrier(u, stride=stride)
             value = float(loss.detach())
             history.append(value)
             if value < best[0]:  # the loss belongs to v before this step
@@ -278,10 +317,11 @@ def optimise_velocity(
                 if (ref - value) <= tolerance * max(abs(ref), 1e-8):
                     converged = True
                     break
-        done = (len(reports) + 1) * iterations
+        done = sum(per_level[: level + 1])
         reports.append(LevelReport(float(grid.spacing[0]), tuple(grid.shape), len(history),
                                    history[0] if history else math.nan, history[-1] if history else math.nan,
-                                   converged, history[:: max(1, len(history) // 20)]))
+                                   converged, history[:: max(1, len(history) // 20)],
+                                   seconds=time.perf_counter() - started))
         v_prev, g_prev = best[1], vgrid
     if reports:
         reports[0].init_rejected = init_rejected
