@@ -150,6 +150,42 @@ def test_convert_keeps_values_and_geometry(tmp_path, volume_factory, capsys):
     np.testing.assert_allclose(back.affine, vol.affine, atol=1e-5)
 
 
+def test_convert_takes_one_component_of_complex_and_rgb_images(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    z = (rng.normal(size=(20, 24)) + 1j * rng.normal(size=(20, 24))).astype(np.complex64)
+    image = sitk.GetImageFromArray(z)  # MetaImage keeps complex voxels as (real, imaginary) channel pairs
+    image.SetSpacing((0.8, 1.1))
+    src = tmp_path / "complex.mha"
+    sitk.WriteImage(image, str(src))
+    assert main(["info", str(src)]) == 0
+    assert "channels: 2 (a complex image's real and imaginary parts?" in capsys.readouterr().out
+    expected = {"magnitude": np.abs(z), "phase": np.angle(z), "real": z.real, "imaginary": z.imag, "1": z.imag}
+    for which, want in expected.items():
+        out = tmp_path / f"{which}.nii.gz"
+        assert main(["convert", str(src), "-o", str(out), "--component", which]) == 0
+        back = io.read(out)
+        assert back.channels == 1 and back.spacing.tolist()[:2] == pytest.approx([0.8, 1.1])
+        np.testing.assert_allclose(back.numpy()[0], want.T, atol=1e-5)  # SimpleITK's (y, x) -> our (i, j)
+    rgb = io.write(Volume(rng.integers(0, 256, (3, 16, 12)).astype(np.uint8), np.eye(4)), tmp_path / "rgb.png")
+    assert main(["convert", str(rgb), "-o", str(tmp_path / "grey.png"), "--component", "grey"]) == 0
+    grey = io.read(tmp_path / "grey.png").numpy()[0]
+    colour = io.read(rgb).numpy().astype(np.float64)
+    assert grey.dtype == np.uint8
+    np.testing.assert_allclose(grey, np.rint(0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]), atol=0)
+    capsys.readouterr()
+    for path, which, message in ((rgb, "phase", r"phase: expected a complex image or two channels"),
+                                 (src, "grey", r"grey: expected an RGB image \(3 or 4 channels\), got 2"),
+                                 (src, "2", r"component 2: expected a channel number from 0 to 1"),
+                                 (src, "hue", r"component 'hue': expected one of grey, magnitude")):
+        assert main(["convert", str(path), "-o", str(tmp_path / "x.nii.gz"), "--component", which]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and re.search(message, err), err
+    assert not (tmp_path / "x.nii.gz").exists()
+    # what a command that needs a scalar image says about the two-channel file
+    assert main(["register", str(src), str(src), "-o", str(tmp_path / "w.nii.gz")]) == 2
+    assert "meddl convert IN -o OUT --component magnitude" in capsys.readouterr().err
+
+
 def test_main_returns_exit_codes_without_exiting(capsys):
     assert main(["--version"]) == 0
     assert main(["info"]) == 2

@@ -350,10 +350,14 @@ def _info(sub) -> None:
             print(json.dumps(facts))
         else:
             print(repr(vol))
-            hint = (" (as read: --kind label reads it as a label map)" if kind is None and vol.kind.value == "intensity"
-                    and facts.get("distinct_values", 1001) <= 1000 else "")
+            hints = {}
+            if kind is None and vol.kind.value == "intensity" and facts.get("distinct_values", 1001) <= 1000:
+                hints["kind"] = " (as read: --kind label reads it as a label map)"
+            if vol.channels == 2 and vol.kind.value == "intensity":
+                hints["channels"] = (" (a complex image's real and imaginary parts? meddl convert --component "
+                                     "magnitude writes its magnitude)")
             for k, v in facts.items():
-                print(f"  {k}: {v}{hint if k == 'kind' else ''}")
+                print(f"  {k}: {v}{hints.get(k, '')}")
         return EXIT_OK
 
     p.set_defaults(_run=run, _compute=False)
@@ -368,12 +372,18 @@ def _convert(sub) -> None:
                                                           ".mha, .png, .tif, ...)")
     p.add_argument("--kind", choices=("intensity", "label"),
                    help="read the input as a label map (integer values kept exactly) or as an intensity image")
+    p.add_argument("--component", metavar="WHICH",
+                   help="write one scalar image: grey (of RGB), magnitude, phase, real or imaginary (of a complex "
+                        "image, or of two channels holding its real and imaginary parts), or a channel number")
 
     def run(args, ctx) -> int:
         from . import io
+        from .volume import component
 
         check_outputs([args.output], [args.input])
         vol = io.read(args.input, kind=args.kind)
+        if args.component is not None:
+            vol = component(vol, args.component)
         io.write(vol, args.output)
         print(f"wrote {args.output}: {vol!r}")
         return EXIT_OK

@@ -23,7 +23,8 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["Kind", "Volume", "affine_from_geometry", "geometry_from_affine", "one_slice_axis", "as_plain_2d"]
+__all__ = ["Kind", "Volume", "affine_from_geometry", "geometry_from_affine", "one_slice_axis", "as_plain_2d",
+           "component", "COMPONENTS"]
 
 
 class Kind(str, enum.Enum):
@@ -220,6 +221,54 @@ def as_plain_2d(vol: Volume) -> Volume:
     return Volume(np.ascontiguousarray(arr), np.diag([*spacing, 1.0, 1.0]), vol.kind, dict(vol.meta))
 
 
+#: what :func:`component` can take out of a multi-component image (besides a channel number)
+COMPONENTS = ("grey", "magnitude", "phase", "real", "imaginary")
+
+
+def component(vol: Volume, which: str | int) -> Volume:
+    """One scalar image out of a multi-component one, same grid.
+
+    ``which``:
+
+    * ``grey``: luminance ``0.299 R + 0.587 G + 0.114 B`` of an RGB(A) image (ITU-R BT.601), in
+      the input's type (8-bit stays 8-bit, rounded);
+    * ``magnitude``, ``phase`` (radians), ``real``, ``imaginary``: of a complex image, or of two
+      channels holding its real and imaginary parts (how MetaImage and NRRD files store complex
+      voxels, so that is how such a file reads);
+    * a channel number ``0 .. C-1``.
+    """
+    data = vol.numpy()
+    name = str(which).strip().lower()
+    if name.lstrip("-").isdigit():
+        index = int(name)
+        if not 0 <= index < vol.channels:
+            raise InputError(f"component {index}: expected a channel number from 0 to {vol.channels - 1}")
+        return Volume(np.ascontiguousarray(data[index : index + 1]), vol.affine,
+                      Kind.INTENSITY if vol.kind is Kind.DISPLACEMENT else vol.kind, dict(vol.meta))
+    if name not in COMPONENTS:
+        raise InputError(f"component '{which}': expected one of {', '.join(COMPONENTS)} or a channel number")
+    if name == "grey":
+        if vol.channels not in (3, 4):
+            raise InputError(f"component grey: expected an RGB image (3 or 4 channels), got {vol.channels}")
+        grey = np.tensordot(np.array([0.299, 0.587, 0.114]), data[:3].astype(np.float64), axes=1)
+        if np.issubdtype(data.dtype, np.integer):
+            info = np.iinfo(data.dtype)
+            grey = np.clip(np.rint(grey), info.min, info.max)
+        return Volume(grey.astype(data.dtype if np.issubdtype(data.dtype, np.integer) else np.float32)[None],
+                      vol.affine, Kind.INTENSITY, dict(vol.meta))
+    if np.iscomplexobj(data):
+        if vol.channels != 1:
+            raise InputError(f"component {name}: expected one complex channel, got {vol.channels}")
+        z = data[0]
+    elif vol.channels == 2:
+        z = data[0].astype(np.float64) + 1j * data[1].astype(np.float64)
+    else:
+        raise InputError(f"component {name}: expected a complex image or two channels (real, imaginary), "
+                         f"got {vol.channels} real channel(s)")
+    part = {"magnitude": np.abs, "phase": np.angle, "real": np.real, "imaginary": np.imag}[name](z)
+    return Volume(part.astype(np.float32)[None], vol.affine, Kind.INTENSITY, dict(vol.meta))
+
+
 def require(
     volume: Volume,
     role: str,
@@ -248,7 +297,11 @@ def require(
         raise InputError(f"{role}: expected a {want} volume, got a {volume.kind.value} volume")
     if scalar and volume.channels != 1:
         what = "an RGB" if volume.channels in (3, 4) else f"a {volume.channels}-component"
-        raise InputError(f"{role}: expected a scalar (single-component) image, got {what} image; convert it to grey first")
+        how = ("--component grey" if volume.channels in (3, 4) else
+               "--component magnitude (a complex image's real and imaginary parts) or a channel number"
+               if volume.channels == 2 or np.iscomplexobj(volume.numpy()) else "--component N (a channel number)")
+        raise InputError(f"{role}: expected a scalar (single-component) image, got {what} image; take one "
+                         f"component first: meddl convert IN -o OUT {how}")
     if rgb and (volume.channels not in (3, 4)):
         raise InputError(f"{role}: expected an RGB colour image (3 components), got {volume.channels} component(s)")
     if finite:

@@ -510,7 +510,7 @@ def _check_target(target: Volume, net: InContextNet) -> None:
     if target.channels > net.in_channels:
         raise InputError(
             f"target image: expected at most {net.in_channels} channels, got {target.channels}; "
-            "convert colour images to grey first"
+            "take one component first: meddl convert IN -o OUT --component grey (or magnitude, or a channel number)"
         )
 
 
