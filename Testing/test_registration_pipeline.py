@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -488,6 +490,35 @@ def test_optimisation_on_the_foreground_box_answers_like_the_whole_field_of_view
     # beyond the box the field continues smoothly: finite, no folding anywhere
     assert np.all(np.isfinite(cropped.displacement.numpy())) and cropped.summary["folding_percent"] == 0.0
     assert float(cropped.jacobian.numpy().min()) > 0.5
+
+
+def test_mutual_information_check_flags_a_deformation_that_matches_worse_than_the_affine(monkeypatch):
+    import meddl.registration.pipeline as pipeline
+    from meddl.registration.optimise import make_grid
+    from meddl.registration.pipeline import _information_check
+
+    img = phantom(oblique=False)
+    moving, truth = shifted(img, [4.0, -4.0, 2.0])
+    good = register(img, moving, RegistrationConfig(**FAST))
+    facts = good.summary["mutual_information"]
+    assert facts["deformable"] > facts["affine"] and "notes" not in good.summary
+    # the check itself: the true field raises the information, a scrambling one lowers it
+    grid = make_grid(img, 2.0)
+    t = lambda v: torch.from_numpy(v.numpy().astype(np.float32))[None]  # noqa: E731
+    f, m = t(img) / float(img.numpy().max()), t(moving) / float(img.numpy().max())
+    true_u = torch.tensor([-2.0, 2.0, -1.0]).view(1, 3, 1, 1, 1).expand(1, 3, *grid.shape).contiguous()
+    before, after = _information_check(f, img.affine, m, img.affine, np.eye(4), true_u, grid, grid)
+    assert after > before
+    scramble = 3.0 * torch.sin(torch.arange(grid.shape[0], dtype=torch.float32) * 1.7).view(1, 1, -1, 1, 1)
+    scramble = scramble.expand(1, 3, *grid.shape).contiguous()
+    _, worse = _information_check(f, img.affine, m, img.affine, np.eye(4), scramble, grid, grid)
+    assert worse < before
+    # what the user sees when it fires (threshold raised so that a good result trips it)
+    monkeypatch.setattr(pipeline, "MI_WARNING_RATIO", 10.0)
+    flagged = register(img, moving, RegistrationConfig(**FAST))
+    assert any(re.search(r"shares less information with the fixed image than the affine alone \(mutual "
+                         r"information [0-9.]+ -> [0-9.]+\): the lncc similarity may not suit", n)
+               for n in flagged.summary["notes"])
 
 
 def test_iterations_per_level():
