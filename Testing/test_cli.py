@@ -180,7 +180,18 @@ def test_convert_takes_one_component_of_complex_and_rgb_images(tmp_path, capsys)
         assert main(["convert", str(path), "-o", str(tmp_path / "x.nii.gz"), "--component", which]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and re.search(message, err), err
+    labels = io.write(Volume(rng.integers(0, 4, (1, 8, 8, 8)).astype(np.int16), np.eye(4), Kind.LABEL),
+                      tmp_path / "labels.nii.gz")
+    assert main(["convert", str(labels), "-o", str(tmp_path / "x.nii.gz"), "--kind", "label",
+                 "--component", "magnitude"]) == 2
+    assert re.search(r"component magnitude: expected an intensity, RGB or complex image, got a label volume",
+                     capsys.readouterr().err)
     assert not (tmp_path / "x.nii.gz").exists()
+    # a complex NIfTI reads as one complex channel: commands that need real voxels say how to get them
+    cplx = io.write(Volume(z[None], np.eye(4), Kind.COMPLEX), tmp_path / "complex.nii.gz")
+    assert main(["register", str(cplx), str(cplx), "-o", str(tmp_path / "w.nii.gz")]) == 2
+    assert re.search(r"got complex voxels; take one component first: meddl convert IN -o OUT --component magnitude",
+                     capsys.readouterr().err)
     # what a command that needs a scalar image says about the two-channel file
     assert main(["register", str(src), str(src), "-o", str(tmp_path / "w.nii.gz")]) == 2
     assert "meddl convert IN -o OUT --component magnitude" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -527,12 +528,53 @@ def test_iterations_per_level():
     config = RegistrationConfig(**{**FAST, "levels_mm": (6.0, 4.0), "iterations": (7, 3), "tolerance": 0.0})
     result = register(img, moving, config)
     assert [level["iterations"] for level in result.summary["levels"]] == [7, 3]
-    with pytest.raises(InputError, match=r"--iterations: expected one number, or one per level \(2: 6 4 mm\), got 3"):
+    # a level given 0 steps is skipped, not reported with an empty loss (the summary stays valid JSON)
+    skipped = register(img, moving, RegistrationConfig(**{**config.__dict__, "iterations": (0, 4)}))
+    assert [level["spacing_mm"] for level in skipped.summary["levels"]] == [4.0]
+    json.dumps(skipped.summary, allow_nan=False)
+    with pytest.raises(InputError, match=r"^iterations: expected one number, or one per level \(2: 6 4 mm\), got 3"):
         register(img, moving, RegistrationConfig(**{**FAST, "levels_mm": (6.0, 4.0), "iterations": (7, 3, 2)}))
     for bad in ((5, -1), (), (2.5,), True):
         with pytest.raises(InputError, match="registration iterations: expected"):
             RegistrationConfig(iterations=bad)
 
+
+def test_per_level_iterations_follow_the_automatic_levels():
+    from meddl.registration.pipeline import _level_iterations
+
+    assert _level_iterations(15, (5.0, 3.0, 2.0), 3) == [15, 15, 15]
+    assert _level_iterations((20, 15, 8), (3.0, 2.0), 3) == [15, 8]  # a small field of view dropped 5 mm
+    with pytest.raises(InputError, match=r"one per level \(2: 3 2 mm\), got 5"):
+        _level_iterations((1, 2, 3, 4, 5), (3.0, 2.0), 3)  # not the pyramid's length: refused, not trimmed
+    with pytest.raises(InputError, match="got 3"):
+        _level_iterations((20, 15, 8), (3.0, 2.0), None)  # levels given: counts must match them
+    # counts that do not fit the levels are refused before any work, and only where they are used
+    img = phantom()
+    calls = []
+    import meddl.registration.pipeline as pipeline
+
+    original = pipeline.prealign
+    try:
+        pipeline.prealign = lambda *a, **k: calls.append(1) or original(*a, **k)
+        with pytest.raises(InputError, match="iterations"):
+            register(img, img, RegistrationConfig(method="optimisation", affine="affine", levels_mm=(6.0, 4.0),
+                                                  iterations=(5, 5, 5)))
+    finally:
+        pipeline.prealign = original
+    assert calls == []
+
+
+def test_content_beyond_the_box_still_moves_in():
+    # a 2D phantom in 50 mm of air, shifted by 20 mm (twice the box's margin), no pre-alignment
+    img = padded(phantom(nd=2), 25)
+    moving, truth = shifted(img, [20.0, 0.0])
+    config = dict(method="optimisation", affine="none", levels_mm=(6.0, 4.0, 3.0), iterations=40, inverse=False)
+    cropped = register(img, moving, RegistrationConfig(**config))
+    whole = register(img, moving, RegistrationConfig(**config, crop_margin_mm=None))
+    assert cropped.summary["optimised_box"]["fraction"] < 0.7
+    mask = inside(img)
+    assert epe(whole.displacement, truth, mask) < 1.0
+    assert epe(cropped.displacement, truth, mask) < epe(whole.displacement, truth, mask) + 0.15
 
 def test_fine_images_are_block_averaged_once_keeping_their_physical_positions():
     from meddl.registration.pipeline import _working_copy

@@ -239,6 +239,9 @@ def component(vol: Volume, which: str | int) -> Volume:
     """
     data = vol.numpy()
     name = str(which).strip().lower()
+    if not name.lstrip("-").isdigit() and vol.kind in (Kind.LABEL, Kind.DISPLACEMENT):
+        raise InputError(f"component {name}: expected an intensity, RGB or complex image, got a {vol.kind.value} "
+                         "volume (a channel number takes one of its channels)")
     if name.lstrip("-").isdigit():
         index = int(name)
         if not 0 <= index < vol.channels:
@@ -302,6 +305,9 @@ def require(
                if volume.channels == 2 or np.iscomplexobj(volume.numpy()) else "--component N (a channel number)")
         raise InputError(f"{role}: expected a scalar (single-component) image, got {what} image; take one "
                          f"component first: meddl convert IN -o OUT {how}")
+    if scalar and np.iscomplexobj(volume.numpy()):
+        raise InputError(f"{role}: expected a real image, got complex voxels; take one component first: "
+                         "meddl convert IN -o OUT --component magnitude (or phase, real, imaginary)")
     if rgb and (volume.channels not in (3, 4)):
         raise InputError(f"{role}: expected an RGB colour image (3 components), got {volume.channels} component(s)")
     if finite:

@@ -34,7 +34,7 @@ from .svf import (
     warp,
 )
 
-__all__ = ["Grid", "make_grid", "block_average", "coarser_grid", "corner_aligned", "upsample_field", "to_grid", "regrid_field",
+__all__ = ["Grid", "make_grid", "block_average", "padded_grid", "warp_padded", "coarser_grid", "corner_aligned", "upsample_field", "to_grid", "regrid_field",
            "optimise_velocity", "LevelReport"]
 
 
@@ -108,6 +108,26 @@ def corner_aligned(src: Grid, dst: Grid, atol: float = 1e-4) -> bool:
     scale = float(np.abs(b[:nd, :nd]).max())
     return bool(np.allclose(a[:nd, 3], b[:nd, 3], atol=atol * scale) and np.allclose(far_src, far_dst, atol=atol * scale)
                 and np.allclose(dir_src, dir_dst, atol=1e-6))
+
+
+def padded_grid(grid: Grid, pad: int) -> Grid:
+    """``grid`` grown by ``pad`` voxels on every side (same spacing and axes; voxel ``i`` of ``grid``
+    is voxel ``i + pad`` of the result)."""
+    if pad <= 0:
+        return grid
+    nd = len(grid.shape)
+    affine = np.array(grid.affine, dtype=np.float64, copy=True)
+    affine[:3, 3] -= affine[:3, :nd] @ np.full(nd, float(pad))
+    return Grid(affine, tuple(n + 2 * pad for n in grid.shape))
+
+
+def warp_padded(x: torch.Tensor, u: torch.Tensor, pad: int) -> torch.Tensor:
+    """:func:`~meddl.registration.svf.warp` of ``x`` given on :func:`padded_grid` ``(grid, pad)`` by a
+    displacement ``u`` on ``grid``: ``x(p + pad + u(p))``, so content up to ``pad`` voxels beyond
+    ``grid`` can move in."""
+    if pad <= 0:
+        return warp(x, u)
+    return sample(x, identity_grid(tuple(u.shape[2:]), u.device, u.dtype) + (u + float(pad)))
 
 
 def upsample_field(u: torch.Tensor, src: Grid, dst: Grid) -> torch.Tensor:
@@ -231,6 +251,7 @@ def optimise_velocity(
     tolerance: float = 1e-4,
     steps: int = 7,
     reporter=None,
+    moving_pad_mm: float = 0.0,
 ) -> tuple[torch.Tensor, Grid, list[LevelReport]]:
     """Optimise ``v`` on each grid in turn (coarse to fine).
 
@@ -253,6 +274,9 @@ def optimise_velocity(
         iterations: at most this many Adam steps per level, or one number per level.
         lr: Adam step (voxels).
         tolerance: a level stops when the loss improved by less than this (relative) over 10 steps.
+        moving_pad_mm: the moving image is resampled on each image grid grown by this margin, so
+            content from beyond the grid can move in (the grids may cover only the fixed image's
+            foreground). A level with 0 iterations is skipped (no report).
 
     Returns:
         ``(v, grid, reports)``: the final velocity ``(1, nd, *grid.shape)`` in voxels of ``grid``
@@ -268,15 +292,19 @@ def optimise_velocity(
     done = 0
     for level, (grid, vgrid) in enumerate(grids):
         iterations = per_level[level]
+        if iterations <= 0:
+            continue
         started = time.perf_counter()
         f = to_grid(fixed, fixed_affine, grid)
-        m = to_grid(moving, moving_affine, grid, matrix)
+        pad = int(math.ceil(moving_pad_mm / float(grid.spacing.min()))) if moving_pad_mm > 0 else 0
+        m = to_grid(moving, moving_affine, padded_grid(grid, pad), matrix)
         compare = loss_fn
         if getattr(loss_fn, "warps_descriptors", False):  # warp descriptors computed once (MIND)
             f, m, compare = loss_fn.descriptors(f), loss_fn.descriptors(m), loss_fn.compare
         nd = len(grid.shape)
-        # the barrier at every ``stride``-th voxel: u is interpolated from the ``stride``x coarser vgrid
-        stride = max(1, min(int((n - 1) // max(k - 1, 1)) for n, k in zip(grid.shape, vgrid.shape, strict=True)))
+        # the barrier at every ``stride``-th voxel: u is interpolated from the about ``stride``x coarser vgrid
+        stride = max(1, min(int(round((n - 1) / max(k - 1, 1))) for n, k in zip(grid.shape, vgrid.shape,
+                                                                                 strict=True)))
         zero = torch.zeros((1, nd, *vgrid.shape), dtype=f.dtype, device=f.device)
         if v_prev is None:
             v0 = zero
@@ -285,9 +313,10 @@ def optimise_velocity(
             if not reports and init is not None:
                 # keep the network's start only if it beats the identity on this pair
                 with torch.no_grad():
-                    def cost(vv, m=m, f=f, grid=grid, vgrid=vgrid, compare=compare):
+                    def cost(vv, m=m, f=f, grid=grid, vgrid=vgrid, compare=compare, pad=pad):
                         u_v = integrate(vv, steps)
-                        return float(compare(warp(m, upsample_field(u_v, vgrid, grid)), f) + lam * diffusion(u_v))
+                        moved = warp_padded(m, upsample_field(u_v, vgrid, grid), pad)
+                        return float(compare(moved, f) + lam * diffusion(u_v))
                     if cost(zero) <= cost(v0):
                         v0 = zero
                         init_rejected = True
@@ -299,7 +328,7 @@ def optimise_velocity(
         for it in range(iterations):
             u_v = integrate(v, steps)
             u = upsample_field(u_v, vgrid, grid)
-            loss = compare(warp(m, u), f) + lam * diffusion(u_v)
+            loss = compare(warp_padded(m, u, pad), f) + lam * diffusion(u_v)
             if fold_penalty > 0:
                 loss = loss + fold_penalty * folding_barrier(u, stride=stride)
             value = float(loss.detach())

@@ -27,8 +27,10 @@ from .optimise import (
     coarser_grid,
     make_grid,
     optimise_velocity,
+    padded_grid,
     to_grid,
     upsample_field,
+    warp_padded,
 )
 from .similarity import DeepSimLoss, LnccLoss, MindLoss, Similarity, mi_loss
 from .svf import identity_grid, integrate, sample, voxel_to_mm, warp
@@ -157,7 +159,8 @@ class RegistrationConfig:
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise InputError(f"registration {name}: expected a finite number >= 0, got {value!r}")
         margin = self.crop_margin_mm
-        if margin is not None and (not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0):
+        if margin is not None and (isinstance(margin, (bool, np.bool_)) or not isinstance(margin, (int, float, np.number))
+                                   or not math.isfinite(margin) or margin < 0):
             raise InputError(f"registration crop_margin_mm: expected a finite number >= 0 or None, got {margin!r}")
         if not 0 <= int(self.steps) <= 12:
             raise InputError(f"registration steps: expected 0..12 scaling-and-squaring steps, got {self.steps}")
@@ -349,19 +352,26 @@ def _fixed_points_field(u_vox: torch.Tensor, grid: Grid, target: Volume, matrix:
     return out
 
 
+#: how far beyond the optimised box (mm) the moving image is sampled, i.e. the largest displacement
+#: that brings content from outside the box in (beyond the crop margin itself)
+MOVING_PAD_MM = 30.0
+
 #: a deformable answer whose mutual information with the fixed image falls below this share of the
 #: affine start's is flagged in the notes (DeepSim across contrasts on the benchmark: 0.609 -> 0.527;
 #: good registrations raise it, e.g. 0.609 -> 0.739 with MIND on the same pair)
 MI_WARNING_RATIO = 0.97
 
 
-def _information_check(fixed_t, fixed_aff, moving_t, moving_aff, matrix, u, vgrid: Grid, grid: Grid) -> tuple[float, float]:
+def _information_check(fixed_t, fixed_aff, moving_t, moving_aff, matrix, u, vgrid: Grid, grid: Grid,
+                       moving_pad_mm: float = 0.0) -> tuple[float, float]:
     """Mutual information (nats, 32 bins) between the fixed image and the moving one after the affine
     alone and after the whole registration, on ``grid`` (a check independent of the similarity used)."""
     f = to_grid(fixed_t, fixed_aff, grid)
-    m = to_grid(moving_t, moving_aff, grid, matrix)
-    moved = warp(m, upsample_field(u, vgrid, grid))
-    return -float(mi_loss(m, f)), -float(mi_loss(moved, f))
+    pad = int(math.ceil(moving_pad_mm / float(grid.spacing.min()))) if moving_pad_mm > 0 else 0
+    m = to_grid(moving_t, moving_aff, padded_grid(grid, pad), matrix)
+    start = m[(slice(None), slice(None), *[slice(pad, pad + n) for n in grid.shape])]
+    moved = warp_padded(m, upsample_field(u, vgrid, grid), pad)
+    return -float(mi_loss(start, f)), -float(mi_loss(moved, f))
 
 
 class _TooSmallForNetwork(InputError):
@@ -415,22 +425,27 @@ DEFAULT_LEVELS_MM = (5.0, 3.0, 2.0)
 REFERENCE_EXTENT_MM = 180.0
 
 
+def _json_number(x: float, digits: int = 5) -> float | None:
+    return round(float(x), digits) if math.isfinite(x) else None
+
+
 def _level_iterations(iterations: int | tuple[int, ...], levels_mm: tuple[float, ...],
-                      explicit_levels: bool) -> list[int]:
+                      pyramid: int | None) -> list[int]:
     """Adam steps per level: one number for every level, or one per level (coarse to fine).
 
-    With the automatic levels a tiny field of view drops the coarsest ones; per-level counts then
-    keep their finest entries (they were written for the full pyramid).
+    ``pyramid``: the number of automatic levels before a tiny field of view dropped the coarsest
+    ones (None when the levels were given); counts written for that whole pyramid keep their finest
+    entries.
     """
     if isinstance(iterations, int):
         return [iterations] * len(levels_mm)
     counts = list(iterations)
     if len(counts) == len(levels_mm):
         return counts
-    if not explicit_levels and len(counts) > len(levels_mm):
+    if pyramid is not None and len(counts) == pyramid > len(levels_mm):
         return counts[-len(levels_mm):]
     raise InputError(
-        f"--iterations: expected one number, or one per level ({len(levels_mm)}: "
+        f"iterations: expected one number, or one per level ({len(levels_mm)}: "
         f"{' '.join(f'{s:g}' for s in levels_mm)} mm), got {len(counts)}"
     )
 
@@ -583,6 +598,7 @@ def register(
         )
 
     widest = float(_extent_mm(fixed).max())
+    automatic: tuple[float, ...] = ()
     if config.levels_mm is None:
         automatic = auto_levels(fixed)  # a tiny field of view keeps only the levels that fit in it
         levels_mm = tuple(level for level in automatic if level <= widest / 2) or automatic[-1:]
@@ -593,6 +609,9 @@ def register(
             f"--levels: expected working-grid spacings below half the fixed image's field of view "
             f"({widest:.0f} mm), got {max(levels_mm):g} mm"
         )
+    iterations = [0] * len(levels_mm)
+    if method in (Method.OPTIMISATION, Method.NETWORK_OPTIMISATION):
+        iterations = _level_iterations(config.iterations, levels_mm, len(automatic) if config.levels_mm is None else None)
     rep(0.0, "affine pre-alignment")
     timings: dict[str, float] = {}
     tick = time.perf_counter()
@@ -604,7 +623,10 @@ def register(
     rep(0.15, "preparing")
     facts: dict[str, Any] = {}
     fixed_norm = _normalise(fixed)
-    box = _foreground_box(fixed_norm, fixed, config.crop_margin_mm)
+    optimising = method in (Method.OPTIMISATION, Method.NETWORK_OPTIMISATION) and max(iterations) > 0
+    box = _foreground_box(fixed_norm, fixed, config.crop_margin_mm) if optimising else fixed
+    # the moving image is sampled beyond the box, so its content there can still move in
+    moving_pad_mm = MOVING_PAD_MM if box is not fixed else 0.0
     if box is not fixed:
         facts["optimised_box"] = {"shape": list(box.spatial_shape), "fraction": round(
             float(np.prod(box.spatial_shape) / np.prod(fixed.spatial_shape)), 3)}
@@ -633,8 +655,7 @@ def register(
         timings["network"] = time.perf_counter() - tick
     tick = time.perf_counter()
     reports: list[LevelReport] = []
-    iterations = _level_iterations(config.iterations, levels_mm, config.levels_mm is not None)
-    if method in (Method.OPTIMISATION, Method.NETWORK_OPTIMISATION) and max(iterations) > 0:
+    if optimising:
         image_grids = [make_grid(box, s, max_size=config.max_grid) for s in levels_mm]
         grids = [(g, coarser_grid(g, config.velocity_factor)) for g in image_grids]
         loss_fn = _similarity(config, device)
@@ -644,7 +665,7 @@ def register(
                 init=(v, grid) if v is not None else None, lam=config.regularisation,
                 fold_penalty=config.fold_penalty,
                 iterations=iterations, lr=config.learning_rate, tolerance=config.tolerance,
-                steps=config.steps, reporter=rep.stage(0.25, 0.8))
+                steps=config.steps, reporter=rep.stage(0.25, 0.8), moving_pad_mm=moving_pad_mm)
         timings["optimisation"] = time.perf_counter() - tick
     tick = time.perf_counter()
     if v is None:  # optimisation with 0 iterations: identity deformable part
@@ -656,14 +677,17 @@ def register(
         u = integrate(v.detach(), config.steps)
         if bool(u.abs().max() > 0):
             check_grid = image_grids[-1] if reports else make_grid(box, levels_mm[-1], max_size=config.max_grid)
-            before, after = _information_check(fixed_t, fixed_aff, moving_t, moving_aff, matrix, u, grid, check_grid)
+            before, after = _information_check(fixed_t, fixed_aff, moving_t, moving_aff, matrix, u, grid, check_grid,
+                                               moving_pad_mm)
             facts["mutual_information"] = {"affine": round(before, 4), "deformable": round(after, 4)}
             if after < MI_WARNING_RATIO * before:
+                cause = ("the network's field may not suit these images; try --method network+optimisation"
+                         if method is Method.NETWORK else
+                         f"the {config.similarity.value} similarity may not suit these images; check the result, "
+                         "or try --similarity mind (across contrasts) or lncc (same contrast)")
                 notes.append(
                     f"the deformable result shares less information with the fixed image than the affine "
-                    f"alone (mutual information {before:.3f} -> {after:.3f}): the {config.similarity.value} "
-                    "similarity may not suit these images; check the result, or try --similarity mind "
-                    "(across contrasts) or lncc (same contrast)")
+                    f"alone (mutual information {before:.3f} -> {after:.3f}): {cause}")
         field_np = _fixed_points_field(u, grid, fixed, matrix)
         displacement = Volume(field_np, fixed.affine, Kind.DISPLACEMENT, {"description": "meddl registration"})
         inverse = None
@@ -698,7 +722,7 @@ def register(
         "grid_mm": round(float(grid.spacing[0]), 3),
         "stage_seconds": {k: round(t, 2) for k, t in timings.items()},
         "levels": [{"spacing_mm": round(r.spacing_mm, 3), "shape": list(r.shape), "iterations": r.iterations,
-                    "loss_start": round(r.loss_start, 5), "loss_end": round(r.loss_end, 5), "converged": r.converged,
+                    "loss_start": _json_number(r.loss_start), "loss_end": _json_number(r.loss_end), "converged": r.converged,
                     "seconds": round(r.seconds, 2)}
                    for r in reports],
         **facts,
