@@ -252,6 +252,7 @@ def optimise_velocity(
     steps: int = 7,
     reporter=None,
     moving_pad_mm: float = 0.0,
+    last_images: dict | None = None,
 ) -> tuple[torch.Tensor, Grid, list[LevelReport]]:
     """Optimise ``v`` on each grid in turn (coarse to fine).
 
@@ -277,6 +278,8 @@ def optimise_velocity(
         moving_pad_mm: the moving image is resampled on each image grid grown by this margin, so
             content from beyond the grid can move in (the grids may cover only the fixed image's
             foreground). A level with 0 iterations is skipped (no report).
+        last_images: a dict that receives the last level's resampled images (before any
+            descriptors): ``grid``, ``fixed``, ``moving`` (on ``padded_grid(grid, pad)``) and ``pad``.
 
     Returns:
         ``(v, grid, reports)``: the final velocity ``(1, nd, *grid.shape)`` in voxels of ``grid``
@@ -298,6 +301,8 @@ def optimise_velocity(
         f = to_grid(fixed, fixed_affine, grid)
         pad = int(math.ceil(moving_pad_mm / float(grid.spacing.min()))) if moving_pad_mm > 0 else 0
         m = to_grid(moving, moving_affine, padded_grid(grid, pad), matrix)
+        if last_images is not None:
+            last_images.update(grid=grid, fixed=f, moving=m, pad=pad)
         compare = loss_fn
         if getattr(loss_fn, "warps_descriptors", False):  # warp descriptors computed once (MIND)
             f, m, compare = loss_fn.descriptors(f), loss_fn.descriptors(m), loss_fn.compare

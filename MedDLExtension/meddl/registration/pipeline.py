@@ -369,6 +369,12 @@ def _information_check(fixed_t, fixed_aff, moving_t, moving_aff, matrix, u, vgri
     f = to_grid(fixed_t, fixed_aff, grid)
     pad = int(math.ceil(moving_pad_mm / float(grid.spacing.min()))) if moving_pad_mm > 0 else 0
     m = to_grid(moving_t, moving_aff, padded_grid(grid, pad), matrix)
+    return _information_from(f, m, pad, u, vgrid, grid)
+
+
+def _information_from(f: torch.Tensor, m: torch.Tensor, pad: int, u: torch.Tensor, vgrid: Grid,
+                      grid: Grid) -> tuple[float, float]:
+    """:func:`_information_check` on images already on ``grid`` (the moving one ``pad`` voxels wider)."""
     start = m[(slice(None), slice(None), *[slice(pad, pad + n) for n in grid.shape])]
     moved = warp_padded(m, upsample_field(u, vgrid, grid), pad)
     return -float(mi_loss(start, f)), -float(mi_loss(moved, f))
@@ -655,6 +661,7 @@ def register(
         timings["network"] = time.perf_counter() - tick
     tick = time.perf_counter()
     reports: list[LevelReport] = []
+    last_images: dict = {}
     if optimising:
         image_grids = [make_grid(box, s, max_size=config.max_grid) for s in levels_mm]
         grids = [(g, coarser_grid(g, config.velocity_factor)) for g in image_grids]
@@ -665,7 +672,8 @@ def register(
                 init=(v, grid) if v is not None else None, lam=config.regularisation,
                 fold_penalty=config.fold_penalty,
                 iterations=iterations, lr=config.learning_rate, tolerance=config.tolerance,
-                steps=config.steps, reporter=rep.stage(0.25, 0.8), moving_pad_mm=moving_pad_mm)
+                steps=config.steps, reporter=rep.stage(0.25, 0.8), moving_pad_mm=moving_pad_mm,
+                last_images=last_images)
         timings["optimisation"] = time.perf_counter() - tick
     tick = time.perf_counter()
     if v is None:  # optimisation with 0 iterations: identity deformable part
@@ -676,9 +684,12 @@ def register(
     with torch.no_grad():
         u = integrate(v.detach(), config.steps)
         if bool(u.abs().max() > 0):
-            check_grid = image_grids[-1] if reports else make_grid(box, levels_mm[-1], max_size=config.max_grid)
-            before, after = _information_check(fixed_t, fixed_aff, moving_t, moving_aff, matrix, u, grid, check_grid,
-                                               moving_pad_mm)
+            if last_images:  # the images the last level compared, as they are
+                before, after = _information_from(last_images["fixed"], last_images["moving"], last_images["pad"],
+                                                  u, grid, last_images["grid"])
+            else:
+                before, after = _information_check(fixed_t, fixed_aff, moving_t, moving_aff, matrix, u, grid,
+                                                   make_grid(box, levels_mm[-1], max_size=config.max_grid))
             facts["mutual_information"] = {"affine": round(before, 4), "deformable": round(after, 4)}
             if after < MI_WARNING_RATIO * before:
                 cause = ("the network's field may not suit these images; try --method network+optimisation"
