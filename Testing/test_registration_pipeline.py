@@ -589,18 +589,18 @@ def test_fine_images_are_block_averaged_once_keeping_their_physical_positions():
     ras = ijk @ affine[:3, :3].T + affine[:3, 3]
     coeff = np.array([0.3, -0.2, 0.5])
     data = torch.from_numpy((ras @ coeff).astype(np.float32))[None, None]
-    pooled, out_affine = _working_copy(data, affine, finest_mm=2.0)  # blocks of 2 x 2 x 1 voxels
-    assert tuple(pooled.shape[2:]) == (21, 16, 12)  # the 41st row is padded to a whole block, not dropped
-    assert np.allclose(np.abs(out_affine[:3, :3]).sum(0), [1.0, 1.0, 1.0])
-    q = np.stack(np.meshgrid(*[np.arange(n) for n in (21, 16, 12)], indexing="ij"), -1).astype(np.float64)
+    pooled, out_affine = _working_copy(data, affine, finest_mm=2.0)  # blocks of 4 x 4 x 2 voxels
+    assert tuple(pooled.shape[2:]) == (11, 8, 6)  # the 41st row is padded to a whole block, not dropped
+    assert np.allclose(np.abs(out_affine[:3, :3]).sum(0), [2.0, 2.0, 2.0])
+    q = np.stack(np.meshgrid(*[np.arange(n) for n in (11, 8, 6)], indexing="ij"), -1).astype(np.float64)
     expected = (q @ out_affine[:3, :3].T + out_affine[:3, 3]) @ coeff
-    assert np.allclose(pooled[0, 0, :20].numpy(), expected[:20], atol=1e-4)
-    edge = data[0, 0, 40].numpy().reshape(16, 2, 12).mean(1)  # the last row, replicated, averaged along j
-    assert np.allclose(pooled[0, 0, 20].numpy(), edge, atol=1e-5)
-    same, same_affine = _working_copy(data, affine, finest_mm=1.5)  # 1.5 / (2 x 0.5) < 2: unchanged
+    assert np.allclose(pooled[0, 0, :10].numpy(), expected[:10], atol=1e-4)
+    edge = data[0, 0, 40].numpy().reshape(8, 4, 6, 2).mean((1, 3))  # the last row, replicated, averaged in-plane
+    assert np.allclose(pooled[0, 0, 10].numpy(), edge, atol=1e-5)
+    same, same_affine = _working_copy(data, affine, finest_mm=0.9)  # 0.9 / 0.5 < 2: unchanged
     assert same is data and same_affine is affine
-    # a coronal 2D slice (its affine's third row mixes in-plane axes): spacing doubles in the plane
+    # a coronal 2D slice (its affine's third row mixes in-plane axes): spacing quadruples in the plane
     coronal = np.array([[0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
     _, out2 = _working_copy(torch.zeros(1, 1, 20, 20), coronal, finest_mm=2.0)
-    assert np.allclose(np.linalg.norm(out2[:3, :2], axis=0), [1.0, 1.0])
-    assert np.allclose(out2[:3, 3], [0.25, 0.0, 0.25])
+    assert np.allclose(np.linalg.norm(out2[:3, :2], axis=0), [2.0, 2.0])
+    assert np.allclose(out2[:3, 3], [0.75, 0.0, 0.75])

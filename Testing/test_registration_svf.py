@@ -152,8 +152,9 @@ def test_to_grid_block_averages_a_much_finer_source_first():
     sigma = 0.5 * np.sqrt(8.0**2 - 1.0)
     slow = to_grid(_blur_axes(x, [sigma] * 3), fine_affine, coarse, antialias=False)
     raw = to_grid(x, fine_affine, coarse, antialias=False)  # no smoothing: what aliasing looks like
-    # a box of 4 voxels then a smaller Gaussian is not exactly one Gaussian: close, far closer than no filter
-    assert float((fast - slow).abs().max()) < 0.06 and float((fast - slow).abs().mean()) < 0.02
+    # a box of 8 voxels then a small Gaussian of the remaining variance is not exactly one Gaussian: close,
+    # far closer than no filter
+    assert float((fast - slow).abs().max()) < 0.08 and float((fast - slow).abs().mean()) < 0.025
     assert float((fast - slow).abs().mean()) < 0.3 * float((raw - slow).abs().mean())
 
 

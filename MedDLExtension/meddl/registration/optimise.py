@@ -194,20 +194,23 @@ def to_grid(data: torch.Tensor, src_affine: np.ndarray, dst: Grid, matrix: np.nd
             mode: str = "bilinear", antialias: bool = True) -> torch.Tensor:
     """Resample ``data`` ``(1, C, *S_src)`` on grid ``dst``: ``out(x) = data(matrix @ x)`` (RAS points).
 
-    With ``antialias``, a source finer than ``dst`` is first averaged over blocks of up to half
-    ``dst``'s spacing (:func:`block_average`: the smoothing and sampling then run on a volume up to
-    ``(ratio / 2)**ndim`` times smaller), then Gaussian-smoothed for the rest of the way.
+    With ``antialias``, a source finer than ``dst`` is first averaged over blocks of up to ``dst``'s
+    spacing (:func:`block_average`: the smoothing and sampling then run on a volume up to
+    ``ratio**ndim`` times smaller), then Gaussian-smoothed for the rest of the way: the two together
+    have the variance of the Gaussian of sigma ``0.5 sqrt(ratio^2 - 1)`` source voxels used alone.
     Points outside the source read 0.
     """
     nd = len(dst.shape)
     if antialias and mode != "nearest":
         src_spacing = geometry_from_affine(src_affine)[0][:nd]
-        factors = [max(1, int(math.floor(float(dst.spacing.mean()) / (2.0 * s) + 1e-6))) for s in src_spacing]
+        ratio = float(dst.spacing.mean()) / src_spacing
+        factors = [max(1, int(math.floor(r + 1e-6))) for r in ratio]
         factors = [f if n // f >= 2 else 1 for f, n in zip(factors, data.shape[2:], strict=True)]
         data, src_affine = block_average(data, src_affine, factors)
-        src_spacing = geometry_from_affine(src_affine)[0][:nd]
-        ratio = float(dst.spacing.mean()) / src_spacing
-        sigmas = [0.5 * math.sqrt(max(r * r - 1.0, 0.0)) for r in ratio]
+        # a Gaussian of sigma 0.5 sqrt(r^2 - 1) source voxels in all; a block of p voxels already gave a
+        # variance of (p^2 - 1) / 12 of it, the rest is blurred on the block-averaged grid
+        sigmas = [math.sqrt(max(0.25 * (r * r - 1.0) - (p * p - 1.0) / 12.0, 0.0)) / p
+                  for r, p in zip(ratio, factors, strict=True)]
         data = _blur_axes(data, sigmas)
     coords = _mapping(src_affine, dst, matrix, data.device, data.dtype)
     return sample(data, coords, mode=mode, padding_mode="zeros")
