@@ -671,3 +671,32 @@ def test_bracketing_is_refused_for_context_scans_which_share_positions(net):
     lab = labels(img.numpy()[0] > 0.5, img)
     with pytest.raises(InputError, match=r"selection 'bracket': expected painted slices .* use nearest or similar"):
         run(target, net, context=[(img, lab)], config=SegmentConfig(selection="bracket"))
+
+
+def test_slices_whose_context_lacks_the_label_skip_the_network(net, monkeypatch):
+    import meddl.incontext.inference as inference
+
+    # a 3D scan whose bright structure (the thresholding task) lies in slices 6-11 of 24 only
+    arr = np.zeros((24, 20, 20), np.float32)
+    arr[6:12, 5:15, 5:15] = 1.0
+    arr += 0.05 * smooth_volume((24, 20, 20), seed=4)
+    target, ctx = image(arr, [2.0] * 3), image(arr.copy(), [2.0] * 3)
+    lab = labels(arr > 0.5, ctx)
+    calls = []
+    original = type(net).forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(net), "forward", counting)
+    # an aligned scan: each target slice takes the scan's slices at its position and next to it
+    config = SegmentConfig(align="affine", axis=0)
+    skipped = run(target, net, context=[(ctx, lab)], config=config).numpy()[0]
+    with_skip = sum(calls)
+    calls.clear()
+    monkeypatch.setattr(inference, "SKIP_EMPTY_CONTEXT", False)
+    full = run(target, net, context=[(ctx, lab)], config=config).numpy()[0]
+    assert sum(calls) == 24 and with_skip < 12  # slices far from the structure never reach the network
+    np.testing.assert_array_equal(skipped, full)
+    assert dice(skipped > 0, arr > 0.5) > 0.9

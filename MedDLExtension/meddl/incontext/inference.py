@@ -467,12 +467,24 @@ def augment_context(images: torch.Tensor, outputs: torch.Tensor, grids: torch.Te
     return torch.cat([images, warped[:, :, :c]], 1), torch.cat([outputs, outs], 1)
 
 
+#: a target slice whose chosen context slices all lack the structure is not run through the network:
+#: its mask is empty (logit :data:`EMPTY_LOGIT`). With an atlas of many labels most slices lack most
+#: labels (Colin27 + 20 AAL labels -> MNI152: most of the forward passes saved).
+SKIP_EMPTY_CONTEXT = True
+EMPTY_LOGIT = -20.0
+
+
 @torch.no_grad()
 def _predict(net: InContextNet, targets: torch.Tensor, where: np.ndarray, pool: _Pool, k: int,
-             config: SegmentConfig, rep: Reporter, augment_to: int = 0) -> torch.Tensor:
+             config: SegmentConfig, rep: Reporter, augment_to: int = 0, is_mask: bool = False) -> torch.Tensor:
     """Raw outputs ``(n, 1, S, S)`` for target slices ``(n, Cin, S, S)``; contexts of fewer than
-    ``augment_to`` slices get deformed copies (:func:`augment_context`)."""
+    ``augment_to`` slices get deformed copies (:func:`augment_context`). For masks, a target slice
+    whose context holds no foreground at all is answered empty without the network
+    (:data:`SKIP_EMPTY_CONTEXT`)."""
     out = torch.empty(targets.shape[0], 1, *targets.shape[2:], device=targets.device)
+    present = None
+    if is_mask and SKIP_EMPTY_CONTEXT:
+        present = (pool.outputs.flatten(1) > 0).any(1).cpu().numpy()
     grids: dict[int, torch.Tensor] = {}
 
     def forward(t, ci, co):
@@ -490,6 +502,24 @@ def _predict(net: InContextNet, targets: torch.Tensor, where: np.ndarray, pool: 
         stop = min(n, start + config.batch)
         picks = [_choose(pool.position, pool.source, pool.images, float(where[i]), targets[i], k,
                          config.selection, pool.reach) for i in range(start, stop)]
+        if present is not None:
+            active = [j for j, p in enumerate(picks) if present[p].any()]
+            if len(active) < len(picks):
+                for j in range(len(picks)):
+                    if j not in active:
+                        out[start + j] = EMPTY_LOGIT
+                rows = [start + j for j in active]
+                picks = [picks[j] for j in active]
+                if not picks:
+                    continue
+                if len({len(p) for p in picks}) == 1:
+                    idx = torch.as_tensor(np.stack(picks), device=targets.device)
+                    out[rows] = forward(targets[rows], pool.images[idx], pool.outputs[idx])
+                else:
+                    for i, p in zip(rows, picks, strict=True):
+                        idx = torch.as_tensor(p[None], device=targets.device)
+                        out[i:i + 1] = forward(targets[i:i + 1], pool.images[idx], pool.outputs[idx])
+                continue
         if len({len(p) for p in picks}) == 1:
             idx = torch.as_tensor(np.stack(picks), device=targets.device)
             out[start:stop] = forward(targets[start:stop], pool.images[idx], pool.outputs[idx])
@@ -892,7 +922,7 @@ def _run(net: InContextNet, targets: torch.Tensor, where: np.ndarray, pool: _Poo
         if augment_to > 1 and "deformed copies" not in " ".join(notices):
             notices.append(f"context: fewer than {augment_to} slices per target slice are completed with "
                            "deformed copies (--augment)")
-    raw = _predict(net, targets, where, pool, k, config, rep, augment_to)
+    raw = _predict(net, targets, where, pool, k, config, rep, augment_to, is_mask=is_mask)
     raw = _resize(raw, out_shape)
     out = torch.sigmoid(raw) if is_mask else raw
     return out[:, 0].cpu().numpy()
