@@ -500,31 +500,20 @@ def _predict(net: InContextNet, targets: torch.Tensor, where: np.ndarray, pool: 
     for start in range(0, n, config.batch):
         rep(start / n, f"slice {start + 1}/{n}")
         stop = min(n, start + config.batch)
+        rows = list(range(start, stop))
         picks = [_choose(pool.position, pool.source, pool.images, float(where[i]), targets[i], k,
-                         config.selection, pool.reach) for i in range(start, stop)]
-        if present is not None:
-            active = [j for j, p in enumerate(picks) if present[p].any()]
-            if len(active) < len(picks):
-                for j in range(len(picks)):
-                    if j not in active:
-                        out[start + j] = EMPTY_LOGIT
-                rows = [start + j for j in active]
-                picks = [picks[j] for j in active]
-                if not picks:
-                    continue
-                if len({len(p) for p in picks}) == 1:
-                    idx = torch.as_tensor(np.stack(picks), device=targets.device)
-                    out[rows] = forward(targets[rows], pool.images[idx], pool.outputs[idx])
-                else:
-                    for i, p in zip(rows, picks, strict=True):
-                        idx = torch.as_tensor(p[None], device=targets.device)
-                        out[i:i + 1] = forward(targets[i:i + 1], pool.images[idx], pool.outputs[idx])
-                continue
+                         config.selection, pool.reach) for i in rows]
+        if present is not None:  # no foreground in the chosen context: an empty mask, no forward pass
+            empty = [i for i, p in zip(rows, picks, strict=True) if not present[p].any()]
+            out[empty] = EMPTY_LOGIT
+            rows, picks = [i for i in rows if i not in empty], [p for p in picks if present[p].any()]
+        if not rows:
+            continue
         if len({len(p) for p in picks}) == 1:
             idx = torch.as_tensor(np.stack(picks), device=targets.device)
-            out[start:stop] = forward(targets[start:stop], pool.images[idx], pool.outputs[idx])
+            out[rows] = forward(targets[rows], pool.images[idx], pool.outputs[idx])
         else:  # e.g. bracketing: one context slice at the ends, two elsewhere
-            for i, p in zip(range(start, stop), picks, strict=True):
+            for i, p in zip(rows, picks, strict=True):
                 idx = torch.as_tensor(p[None], device=targets.device)
                 out[i:i + 1] = forward(targets[i:i + 1], pool.images[idx], pool.outputs[idx])
     return out

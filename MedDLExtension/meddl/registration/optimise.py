@@ -34,7 +34,7 @@ from .svf import (
     warp,
 )
 
-__all__ = ["Grid", "make_grid", "block_average", "padded_grid", "warp_padded", "coarser_grid", "corner_aligned", "upsample_field", "to_grid", "regrid_field",
+__all__ = ["Grid", "make_grid", "block_average", "padded_grid", "pad_voxels", "warp_padded", "coarser_grid", "corner_aligned", "upsample_field", "to_grid", "regrid_field",
            "optimise_velocity", "LevelReport"]
 
 
@@ -119,6 +119,11 @@ def padded_grid(grid: Grid, pad: int) -> Grid:
     affine = np.array(grid.affine, dtype=np.float64, copy=True)
     affine[:3, 3] -= affine[:3, :nd] @ np.full(nd, float(pad))
     return Grid(affine, tuple(n + 2 * pad for n in grid.shape))
+
+
+def pad_voxels(pad_mm: float, grid: Grid) -> int:
+    """How many voxels of ``grid`` cover ``pad_mm`` (0 for no margin)."""
+    return int(math.ceil(pad_mm / float(grid.spacing.min()))) if pad_mm > 0 else 0
 
 
 def warp_padded(x: torch.Tensor, u: torch.Tensor, pad: int) -> torch.Tensor:
@@ -302,7 +307,7 @@ def optimise_velocity(
             continue
         started = time.perf_counter()
         f = to_grid(fixed, fixed_affine, grid)
-        pad = int(math.ceil(moving_pad_mm / float(grid.spacing.min()))) if moving_pad_mm > 0 else 0
+        pad = pad_voxels(moving_pad_mm, grid)
         m = to_grid(moving, moving_affine, padded_grid(grid, pad), matrix)
         if last_images is not None:
             last_images.update(grid=grid, fixed=f, moving=m, pad=pad)

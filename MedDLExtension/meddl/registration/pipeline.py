@@ -27,6 +27,7 @@ from .optimise import (
     coarser_grid,
     make_grid,
     optimise_velocity,
+    pad_voxels,
     padded_grid,
     to_grid,
     upsample_field,
@@ -368,7 +369,7 @@ def _information_check(fixed_t, fixed_aff, moving_t, moving_aff, matrix, u, vgri
     """Mutual information (nats, 32 bins) between the fixed image and the moving one after the affine
     alone and after the whole registration, on ``grid`` (a check independent of the similarity used)."""
     f = to_grid(fixed_t, fixed_aff, grid)
-    pad = int(math.ceil(moving_pad_mm / float(grid.spacing.min()))) if moving_pad_mm > 0 else 0
+    pad = pad_voxels(moving_pad_mm, grid)
     m = to_grid(moving_t, moving_aff, padded_grid(grid, pad), matrix)
     return _information_from(f, m, pad, u, vgrid, grid)
 
