@@ -53,6 +53,8 @@ def test_register_writes_every_output(pair, tmp_path, capsys):
     (["--levels", "2", "5"], "expected spacings from coarse to fine, got 2.0 5.0"),
     (["--levels", "4", "-1"], "levels_mm: expected positive spacings"),
     (["--fold-penalty", "-5"], "fold_penalty: expected a finite number >= 0, got -5.0"),
+    (["--crop-margin", "wide"], "--crop-margin: expected a margin in mm or 'none', got 'wide'"),
+    (["--crop-margin", "-3"], "crop_margin_mm: expected a finite number >= 0 or None, got -3.0"),
 ])
 def test_register_usage_errors_exit_2(pair, tmp_path, capsys, extra, message):
     extra = [str(pair["labels"]) if e == "LABELS" else (str(tmp_path / e) if e.startswith("t.") else e) for e in extra]
@@ -86,3 +88,22 @@ def test_an_output_format_that_cannot_hold_the_result_is_refused_before_register
     err = capsys.readouterr().err
     assert code == 2 and f"error: {flag} '" in err and "expected a volume file" in err
     assert not any((tmp_path / n).exists() for n in outputs.values())  # nothing written, no work done
+
+
+def test_crop_margin_reaches_the_registration(pair, tmp_path, capsys, monkeypatch):
+    import meddl.registration as registration
+
+    seen = []
+    original = registration.register
+
+    def spy(fixed, moving, config, **kwargs):
+        seen.append(config.crop_margin_mm)
+        return original(fixed, moving, config, **kwargs)
+
+    monkeypatch.setattr(registration, "register", spy)
+    common = ["register", str(pair["fixed"]), str(pair["moving"]), "-o", str(tmp_path / "w.nii.gz"),
+              "--method", "optimisation", "--affine", "none", "--iterations", "2", "--levels", "6"]
+    assert main([*common, "--crop-margin", "none"]) == 0
+    assert main([*common, "--crop-margin", "25"]) == 0
+    assert main(common) == 0
+    assert seen == [None, 25.0, 10.0]

@@ -55,6 +55,9 @@ def configure(sub) -> None:
     p.add_argument("--levels", type=float, nargs="+", default=None, metavar="MM",
                    help="grid spacings of the optimisation, coarse to fine (default: 5 3 2 for a human head, "
                         "scaled down for a smaller field of view)")
+    p.add_argument("--crop-margin", default=None, metavar="MM",
+                   help="optimise on the bounding box of the fixed image's foreground grown by this margin (default "
+                        "10 mm), or 'none' for the whole field of view")
     p.add_argument("--weights", help="registration-network weights (default: bundled)")
     p.add_argument("--deepsim-weights", help="DeepSim feature-extractor weights (default: bundled)")
     p.set_defaults(_run=run)
@@ -96,6 +99,14 @@ def run(args, ctx) -> int:
         overrides["regularisation"] = args.regularisation
     if args.fold_penalty is not None:
         overrides["fold_penalty"] = args.fold_penalty
+    if args.crop_margin is not None:
+        if str(args.crop_margin).strip().lower() == "none":
+            overrides["crop_margin_mm"] = None
+        else:
+            try:
+                overrides["crop_margin_mm"] = float(args.crop_margin)
+            except ValueError:
+                raise InputError(f"--crop-margin: expected a margin in mm or 'none', got '{args.crop_margin}'") from None
     if args.levels is not None:
         if any(b > a for a, b in zip(args.levels, args.levels[1:], strict=False)):
             raise InputError(f"--levels: expected spacings from coarse to fine, got {' '.join(map(str, args.levels))}")
