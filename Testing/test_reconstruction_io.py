@@ -173,6 +173,9 @@ def _bad_files(tmp: Path, rng) -> dict[str, tuple[Path, str]]:
     text = tmp / "notes.h5"
     text.write_text("this is not HDF5\n" * 20)
     files["text file"] = (text, "expected an HDF5 file")
+    picture = tmp / "slice.mha"
+    picture.write_bytes(b"ObjectType = Image\nNDims = 2\n" + bytes(64))
+    files["an image"] = (picture, "an image, not k-space: simulate its k-space first with meddl simulate-kspace")
     good = write_fastmri(tmp / "good.h5", k)
     cut = tmp / "cut.h5"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
@@ -185,7 +188,8 @@ def _bad_files(tmp: Path, rng) -> dict[str, tuple[Path, str]]:
 
 
 @pytest.mark.parametrize(
-    "case", ["missing kspace", "real data", "shape vs header", "no header", "text file", "truncated", "no calibration"]
+    "case", ["missing kspace", "real data", "shape vs header", "no header", "text file", "an image", "truncated",
+             "no calibration"]
 )
 def test_bad_input_gives_one_error_line_and_exit_2(case, tmp_path, rng, capsys):
     path, message = _bad_files(tmp_path, rng)[case]

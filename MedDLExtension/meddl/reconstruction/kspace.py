@@ -255,9 +255,13 @@ def open_hdf5(path: str | os.PathLike):
     except OSError:
         is_h5 = False
     if not is_h5:
+        name = path.name.lower()
+        image = name.endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff",
+                               ".jpg", ".jpeg", ".dcm"))
+        hint = ("an image, not k-space: simulate its k-space first with meddl simulate-kspace IMAGE -o kspace.h5"
+                if image else "no HDF5 signature; is it a text file or a different format?")
         raise InputError(
-            f"cannot read '{path}': expected an HDF5 file (fastMRI or ISMRMRD), got something else "
-            "(no HDF5 signature; is it a text file or a different format?)"
+            f"cannot read '{path}': expected an HDF5 file (fastMRI or ISMRMRD), got something else ({hint})"
         )
     try:
         return h5py.File(str(path), "r")
