@@ -34,7 +34,7 @@ from .svf import (
     warp,
 )
 
-__all__ = ["Grid", "make_grid", "block_average", "padded_grid", "pad_voxels", "warp_padded", "coarser_grid", "corner_aligned", "upsample_field", "to_grid", "regrid_field",
+__all__ = ["Grid", "make_grid", "block_average", "block_factors", "padded_grid", "pad_voxels", "warp_padded", "coarser_grid", "corner_aligned", "upsample_field", "to_grid", "regrid_field",
            "optimise_velocity", "LevelReport"]
 
 
@@ -172,6 +172,13 @@ def _blur_axes(x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
     return x
 
 
+def block_factors(ratio, shape: tuple[int, ...]) -> list[int]:
+    """Blocks of ``floor(ratio)`` voxels per axis (``ratio``: target spacing / voxel spacing), 1 along
+    an axis that would keep fewer than two blocks."""
+    factors = [max(1, int(math.floor(float(r) + 1e-6))) for r in ratio]
+    return [f if n // f >= 2 else 1 for f, n in zip(factors, shape, strict=True)]
+
+
 def block_average(data: torch.Tensor, affine: np.ndarray, factors: list[int]) -> tuple[torch.Tensor, np.ndarray]:
     """``data`` ``(1, C, *S)`` averaged over blocks of ``factors`` voxels per axis, with its affine.
 
@@ -209,8 +216,7 @@ def to_grid(data: torch.Tensor, src_affine: np.ndarray, dst: Grid, matrix: np.nd
     if antialias and mode != "nearest":
         src_spacing = geometry_from_affine(src_affine)[0][:nd]
         ratio = float(dst.spacing.mean()) / src_spacing
-        factors = [max(1, int(math.floor(r + 1e-6))) for r in ratio]
-        factors = [f if n // f >= 2 else 1 for f, n in zip(factors, data.shape[2:], strict=True)]
+        factors = block_factors(ratio, tuple(data.shape[2:]))
         data, src_affine = block_average(data, src_affine, factors)
         # a Gaussian of sigma 0.5 sqrt(r^2 - 1) source voxels in all; a block of p voxels already gave a
         # variance of (p^2 - 1) / 12 of it, the rest is blurred on the block-averaged grid

@@ -24,6 +24,7 @@ from .optimise import (
     Grid,
     LevelReport,
     block_average,
+    block_factors,
     coarser_grid,
     make_grid,
     optimise_velocity,
@@ -218,9 +219,7 @@ def _working_copy(data: torch.Tensor, affine: np.ndarray, finest_mm: float) -> t
     """
     nd = data.dim() - 2
     spacing = geometry_from_affine(affine)[0][:nd]
-    factors = [max(1, int(math.floor(finest_mm / s + 1e-6))) for s in spacing]
-    factors = [f if n // f >= 2 else 1 for f, n in zip(factors, data.shape[2:], strict=True)]
-    return block_average(data, affine, factors)
+    return block_average(data, affine, block_factors(finest_mm / spacing, tuple(data.shape[2:])))
 
 
 def _foreground_box(normalised: np.ndarray, vol: Volume, margin_mm: float | None) -> Volume:
