@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from meddl.incontext.network import InContextNet, pad_channels
+from meddl.incontext.network import InContextNet, PairwiseBlock, pad_channels
 from meddl.incontext.tasks import Batch
 from meddl.incontext.train import evaluate_dice, fit, soft_dice_loss, task_loss
 from torch.nn import functional as F
@@ -45,6 +45,24 @@ def test_permuting_the_context_does_not_change_the_output():
         a = net(t, ci, co)
         b = net(t, ci[:, perm], co[:, perm])
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_pairwise_block_is_the_published_update():
+    """r_x <- r_x + mean_i mix_x(concat(r_x, r_i)), r_i <- r_i + mix_c(concat(r_x, r_i)), after the 3x3 convs."""
+    torch.manual_seed(0)
+    block = PairwiseBlock(3, 4, 6)
+    t, c = torch.randn(2, 3, 8, 10), torch.randn(2, 5, 4, 8, 10)
+    rt, rc = block(t, c)
+    xt = F.gelu(block.conv_target(t))
+    xc = F.gelu(block.conv_context(c.flatten(0, 1))).view(2, 5, 6, 8, 10)
+    want_t, want_c = xt.clone(), xc.clone()
+    for b in range(2):
+        pairs = torch.cat([xt[b].expand(5, 6, 8, 10), xc[b]], dim=1)  # (pairs, 2F, H, W)
+        want_t[b] += F.gelu(block.mix_target(pairs)).mean(0)
+        want_c[b] += F.gelu(block.mix_context(pairs))
+    assert rt.shape == (2, 6, 8, 10) and rc.shape == (2, 5, 6, 8, 10)
+    torch.testing.assert_close(rt, want_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rc, want_c, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("context", [1, 3, 32])

@@ -38,10 +38,16 @@ class PairwiseBlock(nn.Module):
         rt = F.gelu(self.conv_target(t))
         rc = F.gelu(self.conv_context(c.flatten(0, 1)))
         f, h, w = rt.shape[1:]
-        pairs = torch.cat([rt.unsqueeze(1).expand(b, n, f, h, w).flatten(0, 1), rc], dim=1)
-        rt = rt + F.gelu(self.mix_target(pairs)).view(b, n, f, h, w).mean(dim=1)
-        rc = rc + F.gelu(self.mix_context(pairs))
-        return rt, rc.view(b, n, f, h, w)
+        # The 1x1 mixes of p_i = concat(r_x, r_i) are linear before the GELU: W p_i = W_x r_x + W_c r_i.
+        # The target's part is computed once, not once per pair, and both mixes share one pass over
+        # each stream; the same sums as convolving the concatenated pairs (no (B L, 2F, H, W) copy).
+        wx = torch.cat([self.mix_target.weight[:, :f], self.mix_context.weight[:, :f]])
+        wc = torch.cat([self.mix_target.weight[:, f:], self.mix_context.weight[:, f:]])
+        bias = torch.cat([self.mix_target.bias, self.mix_context.bias])
+        mixed = F.gelu(F.conv2d(rc, wc).view(b, n, 2 * f, h, w) + F.conv2d(rt, wx, bias).unsqueeze(1))
+        rt = rt + mixed[:, :, :f].mean(dim=1)
+        rc = rc.view(b, n, f, h, w) + mixed[:, :, f:]
+        return rt, rc
 
 
 class InContextNet(nn.Module):
