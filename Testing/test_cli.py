@@ -172,6 +172,9 @@ def test_convert_takes_one_component_of_complex_and_rgb_images(tmp_path, capsys)
     colour = io.read(rgb).numpy().astype(np.float64)
     assert grey.dtype == np.uint8
     np.testing.assert_allclose(grey, np.rint(0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]), atol=0)
+    # the grey of a grey image is itself
+    assert main(["convert", str(tmp_path / "grey.png"), "-o", str(tmp_path / "grey2.png"), "--component", "grey"]) == 0
+    np.testing.assert_array_equal(io.read(tmp_path / "grey2.png").numpy()[0], grey)
     capsys.readouterr()
     for path, which, message in ((rgb, "phase", r"phase: expected a complex image or two channels"),
                                  (src, "grey", r"grey: expected an RGB image \(3 or 4 channels\), got 2"),

@@ -102,6 +102,28 @@ def test_rgb_png_round_trip(tmp_path, rng):
     np.testing.assert_array_equal(back.data, rgb)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "P"])
+def test_a_grey_picture_saved_in_colour_reads_as_grey(tmp_path, rng, mode):
+    """ITK's example brain slices are palette or RGB PNGs with R = G = B: they read as one grey channel."""
+    from PIL import Image
+
+    grey = rng.integers(0, 256, size=(9, 14)).astype(np.uint8)  # (rows, cols)
+    Image.fromarray(grey, "L").convert(mode).save(tmp_path / "slice.png")
+    vol = io.read(tmp_path / "slice.png")
+    assert vol.channels == 1 and vol.spatial_shape == (14, 9)
+    np.testing.assert_array_equal(vol.data[0], grey.T)
+    assert "grey" in vol.meta["stored_as"]
+    # one channel differing anywhere keeps the colour image
+    colour = np.repeat(grey[..., None], 3, axis=2)
+    colour[4, 7, 2] ^= 1
+    Image.fromarray(colour, "RGB").save(tmp_path / "colour.png")
+    assert io.read(tmp_path / "colour.png").channels == 3
+    with pytest.raises(InputError, match=r"got 1 component\(s\) \(a grey image stored as RGB with R = G = B\)"):
+        from meddl.volume import require
+
+        require(vol, "input", rgb=True)
+
+
 def test_rgb_tiff_is_read_with_pixel_rows_on_j(tmp_path, rng):
     """A TIFF's (rows, cols, 3) array becomes (3, cols, rows): i runs along a row."""
     tifffile = pytest.importorskip("tifffile")

@@ -166,6 +166,12 @@ def load_input(path: str, role: str, **requirements: Any):
     vol = io.read(path, kind=kind)
     if vol.meta.get("geometry_notice"):
         sys.stderr.write(f"notice: {role} '{path}': {vol.meta['geometry_notice']}\n")
+    if requirements.get("rgb") and vol.meta.get("stored_as") and vol.channels == 1:
+        # a colour tool given a file stored as RGB with R = G = B: its own checks (a grey image, a
+        # blank slide) say more than "one component"
+        import numpy as np
+
+        vol = vol.with_data(np.repeat(vol.numpy(), 3, axis=0))
     return require(vol, f"{role} '{path}'", **requirements)
 
 
@@ -346,6 +352,8 @@ def _info(sub) -> None:
             facts["distinct_values"] = int(np.unique(arr).size)  # a label map's labels (+ background)
         if vol.meta.get("geometry_notice"):
             facts["notice"] = vol.meta["geometry_notice"]
+        if vol.meta.get("stored_as"):
+            facts["stored_as"] = vol.meta["stored_as"]
         if args.json:
             print(json.dumps(facts))
         else:

@@ -194,11 +194,23 @@ def read(path: str | os.PathLike, kind: Kind | str | None = None, series: str | 
         alpha = vol.data[3]
         if np.all(alpha == np.iinfo(alpha.dtype).max if np.issubdtype(alpha.dtype, np.integer) else alpha == 1):
             vol = vol.with_data(np.ascontiguousarray(vol.data[:3]))  # ITK reads tiled TIFFs as RGBA, alpha opaque
+    if _suffix(path) in _RGB_SUFFIXES and vol.channels == 3 and _equal_channels(vol.data):
+        # a grey picture saved in colour (palette or RGB PNGs with R = G = B, e.g. ITK's example brain
+        # slices): read as the grey image it is, so grey tools take it without a conversion step
+        vol = vol.with_data(np.ascontiguousarray(vol.data[:1]), stored_as="RGB with R = G = B, read as grey")
     if Kind(vol.kind) is Kind.LABEL and np.issubdtype(vol.data.dtype, np.floating):
         if not np.all(np.isfinite(vol.data)) or np.any(vol.data != np.round(vol.data)):
             raise InputError(f"label map '{path}': expected integer labels, got non-integer values")
         vol = vol.with_data(vol.data.astype(np.int32))
     return vol
+
+
+def _equal_channels(data: np.ndarray) -> bool:
+    """True when every channel of ``(C, ...)`` equals the first (checked in bands: bounded memory)."""
+    flat = data.reshape(data.shape[0], -1)
+    step = 1 << 22
+    return all(np.array_equal(flat[1:, i:i + step], np.broadcast_to(flat[:1, i:i + step], flat[1:, i:i + step].shape))
+               for i in range(0, flat.shape[1], step))
 
 
 def _nifti_forms(path: Path) -> tuple[np.ndarray, np.ndarray] | None:

@@ -231,7 +231,7 @@ def component(vol: Volume, which: str | int) -> Volume:
     ``which``:
 
     * ``grey``: luminance ``0.299 R + 0.587 G + 0.114 B`` of an RGB(A) image (ITU-R BT.601), in
-      the input's type (8-bit stays 8-bit, rounded);
+      the input's type (8-bit stays 8-bit, rounded); a grey (one-channel, real) image as it is;
     * ``magnitude``, ``phase`` (radians), ``real``, ``imaginary``: of a complex image, or of two
       channels holding its real and imaginary parts (how MetaImage and NRRD files store complex
       voxels, so that is how such a file reads);
@@ -251,6 +251,8 @@ def component(vol: Volume, which: str | int) -> Volume:
     if name not in COMPONENTS:
         raise InputError(f"component '{which}': expected one of {', '.join(COMPONENTS)} or a channel number")
     if name == "grey":
+        if vol.channels == 1 and not np.iscomplexobj(data):
+            return vol  # already grey (e.g. a PNG stored as RGB with R = G = B, which reads as grey)
         if vol.channels not in (3, 4):
             raise InputError(f"component grey: expected an RGB image (3 or 4 channels), got {vol.channels}")
         grey = np.tensordot(np.array([0.299, 0.587, 0.114]), data[:3].astype(np.float64), axes=1)
@@ -309,7 +311,9 @@ def require(
         raise InputError(f"{role}: expected a real image, got complex voxels; take one component first: "
                          "meddl convert IN -o OUT --component magnitude (or phase, real, imaginary)")
     if rgb and (volume.channels not in (3, 4)):
-        raise InputError(f"{role}: expected an RGB colour image (3 components), got {volume.channels} component(s)")
+        grey = " (a grey image stored as RGB with R = G = B)" if volume.meta.get("stored_as") else ""
+        raise InputError(f"{role}: expected an RGB colour image (3 components), got {volume.channels} component(s)"
+                         f"{grey}")
     if finite:
         arr = volume.numpy()
         if np.issubdtype(arr.dtype, np.inexact):
