@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import h5py
@@ -245,3 +246,92 @@ def test_describe_reads_one_slice_and_reports_the_file(tmp_path, rng):
     assert info["slices"] == 5 and info["coils"] == 3 and info["kspace_matrix"] == [32, 24]
     assert info["acceleration"] == pytest.approx(24 / mask.sum(), abs=1e-3)
     assert info["calibration_lines"] >= 4
+
+
+# --- BART .cfl / .hdr ---------------------------------------------------------------------------
+
+
+def _bart_kspace(rng, h=12, w=10, coils=3, slices=2) -> np.ndarray:
+    """BART layout: READ, PHS1, PHS2 = 1, COIL, then ones up to SLICE (dimension 13)."""
+    k = (rng.normal(size=(h, w, 1, coils, *[1] * 9, slices)) + 1j * rng.normal(size=(h, w, 1, coils, *[1] * 9, slices)))
+    return k.astype(np.complex64)
+
+
+def test_bart_cfl_reads_as_slices_coils_readout_phase(tmp_path, rng):
+    from meddl.reconstruction.bart_io import load_cfl, write_cfl
+
+    k = _bart_kspace(rng)
+    hdr, cfl = write_cfl(tmp_path / "scan", k)
+    assert hdr.read_text().startswith("# Dimensions\n12 10 1 3 1 1 1 1 1 1 1 1 1 2")
+    assert cfl.stat().st_size == k.size * 8
+    np.testing.assert_array_equal(load_cfl(cfl)[..., 0, 0], k)  # 16 dimensions: AVG and BATCH of 1
+    for name in ("scan.cfl", "scan.hdr", "scan"):  # BART names data without a suffix
+        data = read_kspace(tmp_path / name)
+        assert data.format == "bart" and data.kspace.shape == (2, 3, 12, 10)
+        for s in range(2):
+            for c in range(3):
+                np.testing.assert_array_equal(data.kspace[s, c], k[:, :, 0, c, ..., s].reshape(12, 10))
+    one = read_kspace(tmp_path / "scan.cfl", slices=(1,))
+    np.testing.assert_array_equal(one.kspace[0], data.kspace[1])
+    # no geometry in the format: 1 mm, and the notice says so
+    assert np.allclose(np.linalg.norm(data.affine()[:3, :3], axis=0), 1.0)
+    assert "1 mm pixels assumed" in data.geometry_notice()
+
+
+def test_bart_phantom_zero_filled_matches_bart_rss(tmp_path):
+    """BART's own phantom k-space, reconstructed by us (zero-filled RSS) and by BART (fft + rss)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("bart") is None:
+        pytest.skip("the Debian package bart is not installed")
+    from meddl.reconstruction.bart_io import load_cfl
+
+    run = lambda *a: subprocess.run(["bart", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    run("phantom", "-k", "-x", "64", "-s", "4", "ph")
+    run("fft", "-i", "-u", "3", "ph", "img")
+    run("rss", "8", "img", "rss")
+    out = tmp_path / "zf.nii.gz"
+    assert main(["reconstruct", str(tmp_path / "ph.cfl"), "-o", str(out), "--method", "zero-filled",
+                 "--progress", "none"]) == 0
+    from meddl import io
+
+    ours = io.read(out).numpy()[0, :, :, 0]
+    bart = np.abs(np.asarray(load_cfl(tmp_path / "rss")))[:, :, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    np.testing.assert_allclose(ours, bart, rtol=1e-4, atol=1e-4 * bart.max())
+
+
+@pytest.mark.parametrize("case, message", [
+    ("truncated", r"expected 5760 bytes for dimensions \[12, 10, 1, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2\], got 5000: "
+                  r"a truncated"),
+    ("no-cfl", r"no such file \(BART data is a \.hdr and a \.cfl side by side\)"),
+    ("bad-header", r"expected a BART header \('# Dimensions'"),
+    ("3d", r"3D k-space \(4 partitions along PHS2\); meddl reconstructs 2D slices"),
+    ("echoes", r"got also TE = 2; pick one with bart slice"),
+    ("slices", r"--slices: expected indices in 0\.\.1"),
+])
+def test_bad_bart_data_gives_one_error_line_and_exit_2(case, message, tmp_path, rng, capsys):
+    from meddl.reconstruction.bart_io import write_cfl
+
+    k = _bart_kspace(rng)
+    if case == "3d":
+        k = np.repeat(k, 4, axis=2)
+    if case == "echoes":
+        k = np.repeat(k, 2, axis=5)
+    hdr, cfl = write_cfl(tmp_path / "scan", k)
+    if case == "truncated":
+        cfl.write_bytes(cfl.read_bytes()[:5000])
+    if case == "no-cfl":
+        cfl.unlink()
+        target = hdr
+    else:
+        target = cfl
+    if case == "bad-header":
+        hdr.write_text("# Dimensions\n12 ten 1\n")
+    extra = ["--slices", "5"] if case == "slices" else []
+    out = tmp_path / "out.nii.gz"
+    assert main(["reconstruct", str(target), "-o", str(out), "--method", "zero-filled", "--progress", "none",
+                 *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and re.search(message, err), err
+    assert not out.exists()

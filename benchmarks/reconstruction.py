@@ -34,6 +34,7 @@ from _notes import kept_notes  # benchmarks/ is on sys.path when run as a script
 from meddl.data import load_sample
 from meddl.errors import DependencyError
 from meddl.reconstruction import classical
+from meddl.reconstruction.bart_io import load_cfl, write_cfl
 from meddl.reconstruction.coils import calibration_block, espirit_maps
 from meddl.reconstruction.masks import equispaced_mask
 from meddl.reconstruction.metrics import nmse, psnr, ssim
@@ -62,23 +63,9 @@ def test_data(n_slices: int):
     return imgs, ks, zs
 
 
-def _write_cfl(base: Path, arr: np.ndarray) -> None:
-    base.with_suffix(".hdr").write_text(
-        "# Dimensions\n" + " ".join(str(d) for d in arr.shape) + " 1" * (16 - arr.ndim) + "\n"
-    )
-    arr.astype(np.complex64).ravel(order="F").tofile(base.with_suffix(".cfl"))
-
-
-def _read_cfl(base: Path) -> np.ndarray:
-    dims = [int(d) for d in base.with_suffix(".hdr").read_text().splitlines()[1].split()]
-    while len(dims) > 1 and dims[-1] == 1:
-        dims.pop()
-    return np.fromfile(base.with_suffix(".cfl"), dtype=np.complex64).reshape(dims, order="F")
-
-
 def bart_recon(k: np.ndarray, lam: float, tmp: Path, threads: int = 1) -> tuple[np.ndarray, float]:
     """``bart ecalib`` + ``bart pics -l1 -r lam`` on one slice ``(C, H, W)``; BART's dims are (x, y, z, coil)."""
-    _write_cfl(tmp / "k", np.transpose(k, (1, 2, 0))[:, :, None, :])
+    write_cfl(tmp / "k", np.transpose(k, (1, 2, 0))[:, :, None, :])
     t0 = time.perf_counter()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     # -c 0: no eigenvalue crop (the default crop zeroes maps inside the object at 8x)
@@ -90,7 +77,7 @@ def bart_recon(k: np.ndarray, lam: float, tmp: Path, threads: int = 1) -> tuple[
         check=True,
         capture_output=True,
     )
-    return np.abs(_read_cfl(tmp / "x")).reshape(k.shape[1:]), time.perf_counter() - t0
+    return np.abs(np.asarray(load_cfl(tmp / "x"))).reshape(k.shape[1:]), time.perf_counter() - t0
 
 
 def sigpy_recon(k: np.ndarray, mask_cols: np.ndarray, lam: float) -> tuple[np.ndarray, float]:

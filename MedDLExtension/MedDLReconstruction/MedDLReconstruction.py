@@ -1,4 +1,4 @@
-"""MedDL Reconstruction: MRI images from raw multi-coil k-space (fastMRI / ISMRMRD HDF5 files).
+"""MedDL Reconstruction: MRI images from raw multi-coil k-space (fastMRI / ISMRMRD HDF5 files, BART .cfl).
 
 The computation runs in a background ``meddl reconstruct`` process (see meddl.slicer_logic);
 this file holds the module description, the widget and the self-test only.
@@ -28,7 +28,7 @@ class MedDLReconstruction(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["MedDLExtension developers"]
         self.parent.helpText = """
-Reconstruct an MR image from raw multi-coil k-space stored in an HDF5 file (fastMRI layout, ISMRMRD header).
+Reconstruct an MR image from raw multi-coil k-space stored in an HDF5 file (fastMRI layout, ISMRMRD header) or in BART's .cfl/.hdr pair.
 Methods: a learned end-to-end variational network (<b>varnet</b>, the default: the best image quality in
 our benchmark, and fast), compressed sensing with <b>tv</b> or <b>l1-wavelet</b> regularisation, the
 <b>zero-filled</b> inverse FFT and <b>cg-sense</b>.
@@ -85,7 +85,7 @@ class MedDLReconstructionWidget(MedDLModuleWidget):
     def cannotApplyReason(self):
         path = self._parameterNode.kspaceFile
         if not path or not path.is_file():
-            return "Choose a k-space file (.h5)"
+            return "Choose a k-space file (.h5, or BART .cfl)"
         return ""
 
     def startJob(self, progress, log):

@@ -629,7 +629,7 @@ class ReconstructionLogic(MedDLLogic):
         """
         path = Path(kspace_path) if kspace_path else None
         if path is None or not path.is_file():
-            raise InputError(f"meddl reconstruct: expected an existing k-space file (.h5), got '{kspace_path or ''}'")
+            raise InputError(f"meddl reconstruct: expected an existing k-space file (.h5, or BART .cfl), got '{kspace_path or ''}'")
         method = _option(ReconstructionMethod, method, "reconstruction method")
         scene = scene if scene is not None else self.scene
         if scene is None:
@@ -695,7 +695,7 @@ class ReconstructionLogic(MedDLLogic):
         """
         path = Path(kspace_path)
         if not str(kspace_path) or path.is_dir():  # nothing chosen yet (the file box starts at ".")
-            return "(choose a k-space file: fastMRI or ISMRMRD .h5)"
+            return "(choose a k-space file: fastMRI or ISMRMRD .h5, or BART .cfl)"
         if not path.is_file():
             return f"(no such file: {path})"
         try:

@@ -48,7 +48,7 @@ def configure(subparsers) -> None:
         help="reconstruct an image from raw k-space",
         description="Reconstruct magnitude images from a fastMRI or ISMRMRD k-space file.",
     )
-    p.add_argument("kspace", help="fastMRI HDF5 (.h5) or ISMRMRD dataset (.h5)")
+    p.add_argument("kspace", help="fastMRI HDF5 (.h5), ISMRMRD dataset (.h5) or BART data (NAME.cfl + NAME.hdr)")
     p.add_argument("-o", "--output", required=True, help="reconstructed magnitude volume (.nii.gz, .nrrd, ...)")
     p.add_argument(
         "--method",

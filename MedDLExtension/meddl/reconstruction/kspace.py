@@ -1,6 +1,7 @@
 """Raw k-space as read from a file: the data, its ISMRMRD header and the geometry it implies.
 
-Both readers (fastMRI HDF5 in :mod:`.fastmri`, ISMRMRD datasets in :mod:`.ismrmrd_io`) return a
+The readers (fastMRI HDF5 in :mod:`.fastmri`, ISMRMRD datasets in :mod:`.ismrmrd_io`, BART
+``.cfl`` pairs in :mod:`.bart_io`) return a
 :class:`KSpaceData`: Cartesian k-space ``(S, C, H, W)`` complex64 (slices, coils, readout,
 phase encoding), the parsed header, an optional 1-D column mask and an optional
 reference image. :func:`read_kspace` picks the reader from the file's content.
@@ -155,7 +156,7 @@ class KSpaceData:
         target: a reference magnitude ``(S, h, w)`` from the file (``reconstruction_rss``), or None.
         single_coil: the file held single-coil ``(S, H, W)`` data (C is then 1).
         source: the path read.
-        format: ``"fastmri"`` or ``"ismrmrd"``.
+        format: ``"fastmri"``, ``"ismrmrd"`` or ``"bart"``.
         attrs: small facts from the file (acquisition, patient id, ...).
     """
 
@@ -272,7 +273,11 @@ def open_hdf5(path: str | os.PathLike):
 
 
 def read_kspace(path: str | os.PathLike, slices: tuple[int, ...] | None = None) -> KSpaceData:
-    """Read a fastMRI HDF5 file or an ISMRMRD dataset, chosen by what the file holds."""
+    """Read a fastMRI HDF5 file, an ISMRMRD dataset (chosen by what the file holds) or BART ``.cfl`` data."""
+    from .bart_io import cfl_pair, read_cfl
+
+    if cfl_pair(path) is not None:
+        return read_cfl(path, slices=slices)
     f = open_hdf5(path)
     try:
         names = list(f.keys())
