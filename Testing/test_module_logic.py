@@ -530,7 +530,7 @@ def test_kspace_header_text_lists_datasets_and_ismrmrd_header(kspace_file, tmp_p
 
 
 def test_kspace_header_text_before_a_file_is_chosen(tmp_path):
-    assert ReconstructionLogic.header_text(".") == "(choose a k-space file: fastMRI or ISMRMRD .h5)"
+    assert ReconstructionLogic.header_text(".") == "(choose a k-space file: fastMRI or ISMRMRD .h5, or BART .cfl)"
     assert ReconstructionLogic.header_text(tmp_path / "absent.h5").startswith("(no such file:")
 
 
@@ -546,6 +546,17 @@ def test_kspace_header_text_starts_with_what_the_reconstruction_sees(tmp_path):
     bad = tmp_path / "bad.h5"
     bad.write_text("not hdf5")
     assert ReconstructionLogic.header_text(bad).startswith("(not a readable HDF5 file")
+
+
+def test_kspace_header_text_of_bart_data_shows_its_text_header(tmp_path, rng):
+    from meddl.reconstruction.bart_io import write_cfl
+
+    k = (rng.normal(size=(16, 12, 1, 3)) + 1j * rng.normal(size=(16, 12, 1, 3))).astype(np.complex64)
+    _, cfl = write_cfl(tmp_path / "scan", k)
+    text = ReconstructionLogic.header_text(cfl)
+    summary, raw = text.split("\n--\n")
+    assert "format: bart" in summary and "coils: 3" in summary and "kspace_matrix: [16, 12]" in summary
+    assert raw.splitlines()[:3] == ["BART header:", "# Dimensions", "16 12 1 3 1"]
 
 
 # -- domain adaptation --------------------------------------------------------------------------

@@ -143,6 +143,39 @@ def test_ismrmrd_data_that_would_be_averaged_into_one_image_is_refused(tmp_path,
     assert read_kspace(_ismrmrd_with(tmp_path / "plain.h5")).kspace.shape == (1, 2, 16, 12)
 
 
+def test_ismrmrd_repetitions_are_averaged_and_different_samplings_merged_with_a_notice(tmp_path, capsys):
+    """Repetitions of the same lines are averaged; repetitions of other lines (each 2x undersampled,
+    interleaved) are merged, and the reader says so."""
+    ismrmrd = pytest.importorskip("ismrmrd")
+    from meddl.reconstruction.kspace import Header, header_xml
+
+    c, h, w = 2, 16, 12
+
+    def write(path: Path, lines_of) -> Path:
+        hdr = Header((h, w, 1), (100.0, 100.0, 10.0), (h, w, 1), (100.0, 100.0, 10.0), (0, w - 1, w // 2), 1, c)
+        d = ismrmrd.Dataset(str(path), "dataset", create_if_needed=True)
+        d.write_xml_header(header_xml(hdr).encode())
+        for rep in range(2):
+            for ky in lines_of(rep):
+                a = ismrmrd.Acquisition.from_array(np.full((c, h), ky + 10 * rep + 1j, np.complex64), center_sample=h // 2)
+                a.idx.kspace_encode_step_1 = ky
+                a.idx.repetition = rep
+                d.append_acquisition(a)
+        d.close()
+        return path
+
+    same = read_kspace(write(tmp_path / "same.h5", lambda rep: range(w)))
+    np.testing.assert_allclose(same.kspace[0, 0, 0], np.arange(w) + 5 + 1j)  # the mean of the two repetitions
+    assert same.attrs == {"repetitions": 2}
+    path = write(tmp_path / "interleaved.h5", lambda rep: range(rep, w, 2))
+    merged = read_kspace(path)
+    np.testing.assert_allclose(merged.kspace[0, 0, 0], np.arange(w) + 10 * (np.arange(w) % 2) + 1j)
+    assert re.search(r"2 repetitions sample different phase-encoding lines; they were merged", merged.attrs["notice"])
+    assert main(["reconstruct", str(path), "-o", str(tmp_path / "x.nii.gz"), "--method", "zero-filled",
+                 "--progress", "none"]) == 0
+    assert "notice: " in capsys.readouterr().out
+
+
 # -- bad input -------------------------------------------------------------------------------
 
 

@@ -687,7 +687,7 @@ class ReconstructionLogic(MedDLLogic):
 
     @staticmethod
     def header_text(kspace_path: str | Path, max_lines: int = 60) -> str:
-        """A readable summary of a k-space HDF5 file.
+        """A readable summary of a k-space file (HDF5, or BART .cfl/.hdr).
 
         First what the reconstruction will see (:func:`meddl.reconstruction.describe`: coils,
         matrices, field of view, the acceleration and calibration lines found in the sampling
@@ -712,6 +712,13 @@ class ReconstructionLogic(MedDLLogic):
         else:
             lines += [f"{key}: {value}" for key, value in info.items()]
             lines.append("--")
+        from .reconstruction.bart_io import cfl_pair
+
+        bart = cfl_pair(path)
+        if bart is not None:  # BART data: its text header is the raw listing
+            if bart[0].is_file():
+                lines += ["BART header:", *(ln for ln in bart[0].read_text(errors="replace").splitlines() if ln.strip())]
+            return "\n".join(lines[:max_lines])
         try:
             with h5py.File(path, "r") as f:
                 for key, value in f.attrs.items():

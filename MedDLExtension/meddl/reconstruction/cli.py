@@ -160,6 +160,8 @@ def run(args, ctx) -> int:
     ctx.log("k-space: " + json.dumps({k: info[k] for k in ("coils", "slices", "acceleration", "center_fraction")}))
     if result.image.meta.get("geometry_notice"):
         ctx.log(f"notice: '{path}': {result.image.meta['geometry_notice']}")
+    if info.get("notice"):
+        ctx.log(f"notice: '{path}': {info['notice']}")
     io.write(result.image, args.output)
     ctx.log(f"wrote {args.output}: {result.image!r}")
     for vol, out in (

@@ -3,7 +3,8 @@
 Acquisitions are placed into Cartesian k-space by their encoding counters: slice
 ``idx.slice``, phase-encoding column ``idx.kspace_encode_step_1`` shifted so the header's
 ``kspace_encoding_step_1`` centre lands at ``W // 2`` (fastMRI's padding rule); repeated lines
-(averages, repetitions, segments, integrated calibration lines) are averaged. Noise, navigator and
+(averages, repetitions, segments, integrated calibration lines) are averaged; repetitions that
+sample different lines are merged that way too, with a notice (``attrs["notice"]``). Noise, navigator and
 phase-correction acquisitions are skipped. 3D Cartesian encoding (a second phase-encoding
 direction) and several contrasts, cardiac phases or sets in one file are refused, not mixed. Readout oversampling (encoded field of view larger than the recon one along x) is
 removed by cropping the centre of the inverse FFT along the readout.
@@ -87,6 +88,7 @@ def read_ismrmrd(
             )
         ]
         lines: dict[tuple[int, int], list[np.ndarray]] = {}
+        rep_lines: dict[int, set[tuple[int, int]]] = {}
         coils = None
         for a in range(n):
             try:
@@ -119,6 +121,7 @@ def read_ismrmrd(
                     f"({enc_y}); the header and data disagree"
                 )
             lines.setdefault((int(acq.idx.slice), ky), []).append(data)
+            rep_lines.setdefault(int(acq.idx.repetition), set()).add((int(acq.idx.slice), ky))
     finally:
         dset.close()
     if not lines:
@@ -146,7 +149,16 @@ def read_ismrmrd(
         header.slices,
         header.coils,
     )
-    return KSpaceData(kspace, header, None, None, coils == 1, str(path), "ismrmrd", {})
+    attrs: dict = {}
+    if len(rep_lines) > 1:
+        attrs["repetitions"] = len(rep_lines)
+        if len({frozenset(v) for v in rep_lines.values()}) > 1:
+            # e.g. ismrmrd_generate_cartesian_shepp_logan -a 4: each repetition samples other lines
+            attrs["notice"] = (
+                f"{len(rep_lines)} repetitions sample different phase-encoding lines; they were merged into one "
+                "k-space (lines measured more than once averaged), which is right for a static object only; "
+                "split the file by repetition to reconstruct each one as acquired")
+    return KSpaceData(kspace, header, None, None, coils == 1, str(path), "ismrmrd", attrs)
 
 
 def write_ismrmrd(

@@ -313,6 +313,8 @@ def reconstruct(
         "seconds_per_slice": round(float(np.mean(seconds)), 4),
         "device": str(device),
     } | card_info
+    if data.attrs.get("notice"):
+        info["notice"] = data.attrs["notice"]  # what the reader merged or assumed (e.g. repetitions)
     scored = _against_reference(images, zfs, data.target)
     if scored is not None:
         info["reference"] = scored
