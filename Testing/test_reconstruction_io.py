@@ -304,6 +304,8 @@ def test_bart_cfl_reads_as_slices_coils_readout_phase(tmp_path, rng):
         for s in range(2):
             for c in range(3):
                 np.testing.assert_array_equal(data.kspace[s, c], k[:, :, 0, c, ..., s].reshape(12, 10))
+    assert main(["reconstruct", str(tmp_path / "scan"), "-o", str(tmp_path / "x.nii.gz"), "--method", "zero-filled",
+                 "--progress", "none"]) == 0
     one = read_kspace(tmp_path / "scan.cfl", slices=(1,))
     np.testing.assert_array_equal(one.kspace[0], data.kspace[1])
     # no geometry in the format: 1 mm, and the notice says so

@@ -135,7 +135,9 @@ def run(args, ctx) -> int:
     ):
         check_output_format(value, flag, 3, floating=True)
     path = Path(args.kspace)
-    if not path.is_file():
+    from .bart_io import cfl_pair
+
+    if not path.is_file() and cfl_pair(path) is None:  # BART names its data without a suffix
         what = "a folder, not a file" if path.is_dir() else "no such file"
         raise InputError(f"cannot read '{path}': {what}")
     config = ReconstructionConfig(
