@@ -370,3 +370,23 @@ def test_bad_bart_data_gives_one_error_line_and_exit_2(case, message, tmp_path, 
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1 and re.search(message, err), err
     assert not out.exists()
+
+
+def test_meddl_info_describes_a_kspace_file(tmp_path, rng, capsys):
+    import json
+
+    from meddl.reconstruction.bart_io import write_cfl
+
+    k = _kspace(rng)
+    fastmri = write_fastmri(tmp_path / "raw.h5", k)
+    assert main(["info", str(fastmri), "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["format"] == "fastmri" and facts["coils"] == k.shape[1] and facts["kspace_matrix"] == list(k.shape[2:])
+    write_cfl(tmp_path / "scan", np.transpose(k[0], (1, 2, 0))[:, :, None, :])
+    assert main(["info", str(tmp_path / "scan.cfl")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("raw k-space (bart): reconstruct it with meddl reconstruct") and "  coils: " in out
+    with h5py.File(tmp_path / "other.h5", "w") as f:  # HDF5 but not k-space (an ITK transform, say)
+        f.create_dataset("TransformGroup", data=np.zeros(3))
+    assert main(["info", str(tmp_path / "other.h5")]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot read")

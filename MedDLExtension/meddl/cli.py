@@ -322,6 +322,15 @@ def _info(sub) -> None:
 
         from . import io
 
+        facts = _kspace_facts(args.path)
+        if facts is not None:  # raw k-space: what meddl reconstruct will see
+            if args.json:
+                print(json.dumps(facts))
+            else:
+                print(f"raw k-space ({facts['format']}): reconstruct it with meddl reconstruct {args.path} -o OUT")
+                for k, v in facts.items():
+                    print(f"  {k}: {v}")
+            return EXIT_OK
         kind = args.kind
         if kind is None and str(args.path).lower().endswith(".seg.nrrd"):
             kind = "label"  # a Slicer segmentation file
@@ -369,6 +378,33 @@ def _info(sub) -> None:
         return EXIT_OK
 
     p.set_defaults(_run=run, _compute=False)
+
+
+def _kspace_facts(path: str) -> dict | None:
+    """:func:`meddl.reconstruction.describe` of a k-space file (fastMRI/ISMRMRD HDF5, BART .cfl), else None."""
+    if capability_module("reconstruct") is None:
+        return None
+    from pathlib import Path
+
+    from .reconstruction.bart_io import cfl_pair
+
+    p = Path(path)
+    if cfl_pair(p) is None:
+        if not (p.is_file() and p.suffix.lower() in (".h5", ".hdf5")):
+            return None
+        try:
+            import h5py
+
+            if not h5py.is_hdf5(str(p)):
+                return None
+            with h5py.File(str(p), "r") as f:
+                if "kspace" not in f and "dataset" not in f:
+                    return None  # another HDF5 file (an ITK transform, ...)
+        except (ImportError, OSError):
+            return None
+    from .reconstruction.kspace import describe
+
+    return {"path": path, **describe(p)}
 
 
 def _convert(sub) -> None:
