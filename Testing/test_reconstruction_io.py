@@ -174,6 +174,19 @@ def test_ismrmrd_repetitions_are_averaged_and_different_samplings_merged_with_a_
     assert main(["reconstruct", str(path), "-o", str(tmp_path / "x.nii.gz"), "--method", "zero-filled",
                  "--progress", "none"]) == 0
     assert "notice: " in capsys.readouterr().out
+    # one repetition as acquired: its own lines only, the others empty
+    one = read_kspace(path, repetition=1)
+    want = np.where(np.arange(w) % 2 == 1, np.arange(w) + 10 + 1j, 0)
+    np.testing.assert_allclose(one.kspace[0, 0, 0], want)
+    assert one.attrs == {"repetitions": 2, "repetition": 1} and one.sampling().acceleration == pytest.approx(2.0)
+    for args, message in ((["--repetition", "2"], r"expected one of the file's repetitions \(0, 1\), got 2"),
+                          (["--repetition", "-1"], r"expected a repetition number >= 0, got -1")):
+        assert main(["reconstruct", str(path), "-o", str(tmp_path / "y.nii.gz"), *args]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and err.count("\n") == 1, err
+    fastmri = write_fastmri(tmp_path / "f.h5", _kspace(np.random.default_rng(0)))
+    with pytest.raises(InputError, match=r"--repetition: '.*f.h5' is fastMRI data, which has no repetition counter"):
+        read_kspace(fastmri, repetition=0)
 
 
 # -- bad input -------------------------------------------------------------------------------

@@ -79,6 +79,9 @@ def configure(subparsers) -> None:
                         "of squares, or sensitivity-weighted with ESPIRiT maps from the calibration region")
     p.add_argument("--weights", help="VarNet weights file (a state dict with its JSON card beside it)")
     p.add_argument("--slices", help="slices to reconstruct: 0,3,5 or 2:6 (default all)")
+    p.add_argument("--repetition", type=int, metavar="N",
+                   help="ISMRMRD files: reconstruct repetition N only, as acquired (default: all repetitions, "
+                        "their lines averaged or merged)")
     p.add_argument("--iterations", type=int, help="solver iterations (classical methods)")
     p.add_argument("--regularization", "--regularisation", dest="regularization", type=float, help="lambda for cg-sense / l1-wavelet / tv (data scaled to max 1)")
     p.add_argument("--probes", type=int, default=4, help="Monte-Carlo probes for --uncertainty")
@@ -154,6 +157,7 @@ def run(args, ctx) -> int:
         phase=bool(args.phase),
         combine=args.combine,
         slices=parse_slices(args.slices),
+        repetition=args.repetition,
         weights=args.weights,
     )
     # a GPU out-of-memory error reruns the whole command on the CPU (cli._run_on_device)

@@ -49,9 +49,14 @@ def _remove_oversampling(k: np.ndarray, keep: int) -> np.ndarray:
 
 
 def read_ismrmrd(
-    path: str | os.PathLike, slices: tuple[int, ...] | None = None, dataset: str = "dataset"
+    path: str | os.PathLike, slices: tuple[int, ...] | None = None, dataset: str = "dataset",
+    repetition: int | None = None,
 ) -> KSpaceData:
-    """Read a Cartesian ISMRMRD dataset into ``(S, C, H, W)`` k-space (readout oversampling removed)."""
+    """Read a Cartesian ISMRMRD dataset into ``(S, C, H, W)`` k-space (readout oversampling removed).
+
+    ``repetition``: keep only the acquisitions of this repetition (as acquired, e.g. undersampled);
+    default: every repetition, lines measured more than once averaged.
+    """
     ismrmrd = _package()
     path = Path(path)
     open_hdf5(path).close()  # the same checks as fastMRI files (missing, text, truncated)
@@ -114,6 +119,10 @@ def read_ismrmrd(
                     f"'{path}': acquisition {a} has {what}; several partitions, contrasts (echoes), cardiac "
                     "phases or sets are not merged into one image here, split the file by them first"
                 )
+            rep = int(acq.idx.repetition)
+            if repetition is not None and rep != repetition:
+                rep_lines.setdefault(rep, set())
+                continue
             ky = int(acq.idx.kspace_encode_step_1) + offset
             if not 0 <= ky < enc_y:
                 raise InputError(
@@ -121,9 +130,12 @@ def read_ismrmrd(
                     f"({enc_y}); the header and data disagree"
                 )
             lines.setdefault((int(acq.idx.slice), ky), []).append(data)
-            rep_lines.setdefault(int(acq.idx.repetition), set()).add((int(acq.idx.slice), ky))
+            rep_lines.setdefault(rep, set()).add((int(acq.idx.slice), ky))
     finally:
         dset.close()
+    if repetition is not None and repetition not in rep_lines:
+        found = ", ".join(str(r) for r in sorted(rep_lines)) or "none"
+        raise InputError(f"--repetition: expected one of the file's repetitions ({found}), got {repetition}")
     if not lines:
         raise InputError(f"'{path}': expected imaging acquisitions, got only noise/navigator data")
     n_slices = max(s for s, _ in lines) + 1
@@ -152,12 +164,14 @@ def read_ismrmrd(
     attrs: dict = {}
     if len(rep_lines) > 1:
         attrs["repetitions"] = len(rep_lines)
-        if len({frozenset(v) for v in rep_lines.values()}) > 1:
+        if repetition is not None:
+            attrs["repetition"] = repetition
+        elif len({frozenset(v) for v in rep_lines.values()}) > 1:
             # e.g. ismrmrd_generate_cartesian_shepp_logan -a 4: each repetition samples other lines
             attrs["notice"] = (
                 f"{len(rep_lines)} repetitions sample different phase-encoding lines; they were merged into one "
                 "k-space (lines measured more than once averaged), which is right for a static object only; "
-                "split the file by repetition to reconstruct each one as acquired")
+                "--repetition N reconstructs one as it was acquired")
     return KSpaceData(kspace, header, None, None, coils == 1, str(path), "ismrmrd", attrs)
 
 

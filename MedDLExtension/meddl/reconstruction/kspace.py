@@ -272,11 +272,21 @@ def open_hdf5(path: str | os.PathLike):
         ) from exc
 
 
-def read_kspace(path: str | os.PathLike, slices: tuple[int, ...] | None = None) -> KSpaceData:
-    """Read a fastMRI HDF5 file, an ISMRMRD dataset (chosen by what the file holds) or BART ``.cfl`` data."""
+def read_kspace(path: str | os.PathLike, slices: tuple[int, ...] | None = None,
+                repetition: int | None = None) -> KSpaceData:
+    """Read a fastMRI HDF5 file, an ISMRMRD dataset (chosen by what the file holds) or BART ``.cfl`` data.
+
+    ``repetition``: ISMRMRD datasets only, keep the acquisitions of that repetition (default: all).
+    """
     from .bart_io import cfl_pair, read_cfl
 
+    def no_repetitions(fmt: str) -> None:
+        if repetition is not None:
+            raise InputError(f"--repetition: '{path}' is {fmt} data, which has no repetition counter (ISMRMRD "
+                             "files do)")
+
     if cfl_pair(path) is not None:
+        no_repetitions("BART")
         return read_cfl(path, slices=slices)
     f = open_hdf5(path)
     try:
@@ -286,11 +296,12 @@ def read_kspace(path: str | os.PathLike, slices: tuple[int, ...] | None = None) 
     if "kspace" in names:
         from .fastmri import read_fastmri
 
+        no_repetitions("fastMRI")
         return read_fastmri(path, slices=slices)
     if "dataset" in names:
         from .ismrmrd_io import read_ismrmrd
 
-        return read_ismrmrd(path, slices=slices)
+        return read_ismrmrd(path, slices=slices, repetition=repetition)
     found = ", ".join(names) if names else "nothing"
     raise InputError(f"'{path}': expected a dataset 'kspace' (fastMRI) or a group 'dataset' (ISMRMRD), got {found}")
 

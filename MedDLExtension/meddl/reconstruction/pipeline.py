@@ -57,6 +57,8 @@ class ReconstructionConfig:
             (sensitivity-weighted with ESPIRiT maps from the calibration region: less noise
             amplification, no RSS bias).
         slices: slice indices to reconstruct (default all).
+        repetition: ISMRMRD files: reconstruct this repetition only (``idx.repetition``), as it was
+            acquired; default: all repetitions, their lines averaged or merged.
         weights: a VarNet weights file instead of the bundled one.
     """
 
@@ -73,6 +75,7 @@ class ReconstructionConfig:
     phase: bool = False
     combine: str = "rss"
     slices: tuple[int, ...] | None = None
+    repetition: int | None = None
     weights: str | None = None
 
     def __post_init__(self) -> None:
@@ -108,6 +111,8 @@ class ReconstructionConfig:
             raise InputError(f"--probes: expected a positive number, got {self.probes}")
         if self.slices is not None:
             object.__setattr__(self, "slices", tuple(int(s) for s in self.slices))
+        if self.repetition is not None and not (isinstance(self.repetition, (int, np.integer)) and self.repetition >= 0):
+            raise InputError(f"--repetition: expected a repetition number >= 0, got {self.repetition!r}")
 
 
 @dataclass(frozen=True)
@@ -174,7 +179,10 @@ def reconstruct(
     rep = Reporter.of(progress, cancel)
     device = torch.device(device)
     rep(0.0, "reading k-space")
-    data = source if isinstance(source, KSpaceData) else read_kspace(source, config.slices)
+    if isinstance(source, KSpaceData) and config.repetition is not None:
+        raise InputError("--repetition: expected a k-space file (repetitions are chosen while reading), got data "
+                         "already read")
+    data = source if isinstance(source, KSpaceData) else read_kspace(source, config.slices, config.repetition)
     if isinstance(source, KSpaceData) and config.slices is not None:
         n = data.slices
         bad = [s for s in config.slices if not -n <= s < n]
