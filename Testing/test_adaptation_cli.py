@@ -152,3 +152,18 @@ def test_stains_out_in_an_integer_format_is_refused_before_any_output(images, ca
                  "--stains-out", str(images / "stains.png"), "--device", "cpu"]) == 2
     assert "error: --stains-out: stain concentrations are floating point" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_grey_picture_stored_as_rgb_still_pairs_with_a_colour_one(tmp_path, capsys):
+    """A PNG with R = G = B reads as grey; beside a colour reference it gets its three channels back."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (20, 24)).astype(np.uint8)
+    Image.fromarray(grey, "L").convert("RGB").save(tmp_path / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3)).astype(np.uint8), "RGB").save(tmp_path / "colour.png")
+    for cmd in (["histogram", str(tmp_path / "grey.png"), str(tmp_path / "colour.png")],
+                ["fourier", str(tmp_path / "grey.png"), str(tmp_path / "colour.png")]):
+        out = tmp_path / f"{cmd[0]}.nrrd"
+        assert main(["adapt", *cmd, "-o", str(out), "--progress", "none"]) == 0, capsys.readouterr().err
+        assert io.read(out).channels == 3

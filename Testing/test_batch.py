@@ -603,3 +603,11 @@ def test_a_batch_job_reruns_on_the_cpu_after_a_gpu_out_of_memory(tmp_path, monke
     assert result["status"] == "done", result
     assert devices == ["cuda", "cpu"] and result["device"] == "cpu"
     assert (tmp_path / "out" / "a.txt").read_bytes() == b"case 0\n"
+
+
+def test_bart_data_named_without_a_suffix_is_an_input(tmp_path):
+    """bart names its data NAME (NAME.cfl + NAME.hdr); meddl reconstruct takes NAME, so the manifest does."""
+    (tmp_path / "scan.cfl").write_bytes(bytes(8))
+    (tmp_path / "scan.hdr").write_text("# Dimensions\n1 1 1 1\n")
+    assert batch._check_input(tmp_path / "scan") is None
+    assert "does not exist" in batch._check_input(tmp_path / "other")

@@ -122,6 +122,14 @@ def test_a_grey_picture_saved_in_colour_reads_as_grey(tmp_path, rng, mode):
         from meddl.volume import require
 
         require(vol, "input", rgb=True)
+    # any of its three channels is the grey one
+    from meddl.volume import component
+
+    assert component(vol, "2") is vol and component(vol, "grey") is vol
+    # only colour pictures: a float three-component TIFF of equal channels is not one
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "three.tif", np.zeros((9, 14, 3), np.float32), photometric="rgb")
+    assert io.read(tmp_path / "three.tif").channels == 3
 
 
 def test_rgb_tiff_is_read_with_pixel_rows_on_j(tmp_path, rng):
@@ -221,11 +229,12 @@ def test_label_kind_refuses_fractional_values(tmp_path, volume_factory):
         io.read(path, kind="label")
 
 
-def test_dicom_folder_without_series_is_refused(tmp_path):
+def test_dicom_folder_without_series_is_refused(tmp_path, capfd):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "readme.txt").write_text("nothing here")
     with pytest.raises(InputError, match=r"holds no DICOM series"):
         io.read(tmp_path / "d")
+    assert "WARNING" not in capfd.readouterr().err  # ITK's own warning is not printed beside the error
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads everything")

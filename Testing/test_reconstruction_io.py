@@ -166,11 +166,12 @@ def test_ismrmrd_repetitions_are_averaged_and_different_samplings_merged_with_a_
 
     same = read_kspace(write(tmp_path / "same.h5", lambda rep: range(w)))
     np.testing.assert_allclose(same.kspace[0, 0, 0], np.arange(w) + 5 + 1j)  # the mean of the two repetitions
-    assert same.attrs == {"repetitions": 2}
+    assert same.attrs["repetitions"] == 2 and same.attrs["notice"].startswith("2 repetitions of the same k-space lines "
+                                                                              "were averaged")
     path = write(tmp_path / "interleaved.h5", lambda rep: range(rep, w, 2))
     merged = read_kspace(path)
     np.testing.assert_allclose(merged.kspace[0, 0, 0], np.arange(w) + 10 * (np.arange(w) % 2) + 1j)
-    assert re.search(r"2 repetitions sample different phase-encoding lines; they were merged", merged.attrs["notice"])
+    assert re.search(r"2 repetitions sample different k-space lines; they were merged", merged.attrs["notice"])
     assert main(["reconstruct", str(path), "-o", str(tmp_path / "x.nii.gz"), "--method", "zero-filled",
                  "--progress", "none"]) == 0
     assert "notice: " in capsys.readouterr().out
@@ -403,3 +404,18 @@ def test_meddl_info_describes_a_kspace_file(tmp_path, rng, capsys):
         f.create_dataset("TransformGroup", data=np.zeros(3))
     assert main(["info", str(tmp_path / "other.h5")]) == 2
     assert capsys.readouterr().err.startswith("error: cannot read")
+
+
+def test_bart_names_never_match_folders_and_absurd_headers_are_refused(tmp_path, capsys, monkeypatch):
+    from meddl.reconstruction.bart_io import cfl_pair
+
+    assert cfl_pair(".") is None and cfl_pair("/") is None and cfl_pair(tmp_path) is None
+    monkeypatch.chdir(tmp_path)
+    assert main(["info", "."]) == 2
+    assert main(["reconstruct", ".", "-o", str(tmp_path / "x.nii.gz")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [ln.split(":")[0] for ln in err] == ["error", "error"], err
+    (tmp_path / "huge.hdr").write_text("# Dimensions\n4294967296 4294967296 1 1\n")
+    (tmp_path / "huge.cfl").write_bytes(b"")
+    assert main(["reconstruct", str(tmp_path / "huge"), "-o", str(tmp_path / "x.nii.gz")]) == 2
+    assert re.search(r"expected 147573952589676412928 bytes .* got 0: a truncated", capsys.readouterr().err)

@@ -500,6 +500,8 @@ def _operation_names(ops: Mapping[str, str]) -> str:
 
 def _check_input(path: Path) -> str | None:
     if not path.exists():
+        if not path.suffix and path.with_name(path.name + ".cfl").is_file():
+            return None  # BART data named without a suffix, as bart names it (NAME.cfl + NAME.hdr)
         return f"input '{path}' does not exist"
     if path.is_dir():
         return None if os.access(path, os.R_OK | os.X_OK) else f"input '{path}' is not readable (permission denied)"

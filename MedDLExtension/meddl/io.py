@@ -194,7 +194,8 @@ def read(path: str | os.PathLike, kind: Kind | str | None = None, series: str | 
         alpha = vol.data[3]
         if np.all(alpha == np.iinfo(alpha.dtype).max if np.issubdtype(alpha.dtype, np.integer) else alpha == 1):
             vol = vol.with_data(np.ascontiguousarray(vol.data[:3]))  # ITK reads tiled TIFFs as RGBA, alpha opaque
-    if _suffix(path) in _RGB_SUFFIXES and vol.channels == 3 and _equal_channels(vol.data):
+    if (_suffix(path) in _RGB_SUFFIXES and vol.channels == 3 and np.issubdtype(vol.data.dtype, np.integer)
+            and _equal_channels(vol.data)):
         # a grey picture saved in colour (palette or RGB PNGs with R = G = B, e.g. ITK's example brain
         # slices): read as the grey image it is, so grey tools take it without a conversion step
         vol = vol.with_data(np.ascontiguousarray(vol.data[:1]), stored_as="RGB with R = G = B, read as grey")
@@ -359,7 +360,12 @@ def _itk_message(exc: Exception) -> str:
 def _read_dicom_series(folder: Path, series: str | None):
     sitk = _sitk()
     reader = sitk.ImageSeriesReader()
-    uids = list(reader.GetGDCMSeriesIDs(str(folder)) or [])
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "No Series were found": said below, in one line
+    try:
+        uids = list(reader.GetGDCMSeriesIDs(str(folder)) or [])
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     if not uids:
         raise InputError(f"cannot read '{folder}': the folder holds no DICOM series")
     if series is None:

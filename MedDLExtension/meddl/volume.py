@@ -244,6 +244,8 @@ def component(vol: Volume, which: str | int) -> Volume:
                          "volume (a channel number takes one of its channels)")
     if name.lstrip("-").isdigit():
         index = int(name)
+        if vol.meta.get("stored_as") and vol.channels == 1 and 0 <= index < 3:
+            return vol  # a grey picture stored as RGB: each of its colour channels is the grey one
         if not 0 <= index < vol.channels:
             raise InputError(f"component {index}: expected a channel number from 0 to {vol.channels - 1}")
         return Volume(np.ascontiguousarray(data[index : index + 1]), vol.affine,

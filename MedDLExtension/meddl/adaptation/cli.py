@@ -121,6 +121,16 @@ def _stain_path(prefix: str, stain: str) -> str:
     return f"{prefix}_{stain}.nrrd"
 
 
+def _colour_alike(volumes: list) -> list:
+    """Grey pictures stored as RGB (read as one channel, ``meta["stored_as"]``) get their three
+    channels back when another image of the command is in colour, so the two still pair up."""
+    import numpy as np
+
+    colour = any(v.channels == 3 for v in volumes)
+    return [v.with_data(np.repeat(v.numpy(), 3, axis=0)) if colour and v.channels == 1 and v.meta.get("stored_as")
+            else v for v in volumes]
+
+
 def run(args, ctx) -> int:
     """Run the method chosen on the command line; 0 on success."""
     from .. import io
@@ -177,6 +187,7 @@ def run(args, ctx) -> int:
         check_outputs(outputs, [args.input, *args.references])
         image = load_input(args.input, "input", ndim=(2, 3))
         refs = [load_input(r, f"reference {i + 1}", ndim=(2, 3)) for i, r in enumerate(args.references)]
+        image, *refs = _colour_alike([image, *refs])
         if args.histogram_match:
             if args.domain != "intensity":
                 raise InputError("--domain: applies to Fourier adaptation, not to --histogram-match")
@@ -198,6 +209,7 @@ def run(args, ctx) -> int:
         check_outputs([args.output], [args.input, args.reference])
         image = load_input(args.input, "input", ndim=(2, 3))
         reference = load_input(args.reference, "reference", ndim=(2, 3))
+        image, reference = _colour_alike([image, reference])
         rep(0.0, "histogram matching")
         io.write(histogram_match(image, reference, args.levels, args.match_points), args.output)
         rep(1.0, "done")
@@ -211,6 +223,7 @@ def run(args, ctx) -> int:
         image = load_input(args.input, "input", ndim=(2, 3))
         labels = load_input(args.labels, "labels", ndim=(2, 3), kind="label")
         reference = load_input(args.reference, "reference", ndim=(2, 3))
+        image, reference = _colour_alike([image, reference])
         ref_labels = load_input(args.reference_labels, "reference labels", ndim=(2, 3), kind="label")
         rep(0.0, "aligning class statistics")
         io.write(align_class_statistics(image, labels, reference, ref_labels), args.output)

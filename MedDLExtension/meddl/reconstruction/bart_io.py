@@ -15,6 +15,7 @@ A ``.cfl`` file carries no geometry: 1 mm pixels and slices, with a notice
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -34,6 +35,8 @@ _USED = {0, 1, 3, 13}  # READ, PHS1, COIL, SLICE
 def cfl_pair(path: str | os.PathLike) -> tuple[Path, Path] | None:
     """``(NAME.hdr, NAME.cfl)`` for ``NAME.cfl``, ``NAME.hdr`` or ``NAME`` when one of them names BART data."""
     path = Path(path)
+    if not path.name or path.is_dir():  # ".", "/", a folder: never BART data
+        return None
     suffix = path.suffix.lower()
     if suffix in (".cfl", ".hdr"):
         base = path.with_suffix("")
@@ -85,7 +88,7 @@ def load_cfl(path: str | os.PathLike) -> np.ndarray:
     dims = _dims(hdr)
     if not cfl.is_file():
         raise InputError(f"cannot read '{cfl}': no such file (BART data is a .hdr and a .cfl side by side)")
-    expected = int(np.prod(dims)) * 8
+    expected = math.prod(dims) * 8  # Python integers: no silent int64 wrap-around for absurd headers
     size = cfl.stat().st_size
     if size != expected:
         raise InputError(f"cannot read '{cfl}': expected {expected} bytes for dimensions {dims[:max(_last(dims), 4)]}, "
@@ -96,7 +99,7 @@ def load_cfl(path: str | os.PathLike) -> np.ndarray:
 def read_cfl(path: str | os.PathLike, slices: tuple[int, ...] | None = None) -> KSpaceData:
     """Read BART k-space (``NAME.cfl``, ``NAME.hdr`` or ``NAME``) as ``(S, C, H, W)`` :class:`KSpaceData`."""
     data = load_cfl(path)
-    cfl = Path(data.filename)
+    cfl = path  # as the user named it, in messages
     dims = list(data.shape)
     if dims[2] > 1:
         raise InputError(

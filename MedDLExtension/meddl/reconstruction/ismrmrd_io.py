@@ -169,9 +169,12 @@ def read_ismrmrd(
         elif len({frozenset(v) for v in rep_lines.values()}) > 1:
             # e.g. ismrmrd_generate_cartesian_shepp_logan -a 4: each repetition samples other lines
             attrs["notice"] = (
-                f"{len(rep_lines)} repetitions sample different phase-encoding lines; they were merged into one "
+                f"{len(rep_lines)} repetitions sample different k-space lines; they were merged into one "
                 "k-space (lines measured more than once averaged), which is right for a static object only; "
                 "--repetition N reconstructs one as it was acquired")
+        else:
+            attrs["notice"] = (f"{len(rep_lines)} repetitions of the same k-space lines were averaged (less noise; "
+                               "a moving object blurs); --repetition N reconstructs one")
     return KSpaceData(kspace, header, None, None, coils == 1, str(path), "ismrmrd", attrs)
 
 
