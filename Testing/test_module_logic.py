@@ -491,7 +491,9 @@ def test_reconstruction_without_undersampling_sends_no_undersampling_flags(scene
     argv = fake.record()["argv"]
     assert _flag(argv, "--method") == "varnet"  # the default: the best SSIM in the benchmark
     assert not {"--undersample", "--acceleration", "--center-fraction", "--zero-filled", "--phase",
-                "--coil-images"} & set(argv)
+                "--coil-images", "--repetition"} & set(argv)
+    ReconstructionLogic(runner=fake.runner).run(kspace_file, scene=scene, repetition=2)
+    assert _flag(fake.record()["argv"], "--repetition") == "2"
 
 
 def test_any_other_command_option_goes_through_by_its_long_name(scene, fake, kspace_file):

@@ -47,6 +47,7 @@ Accelerated MRI Reconstruction", MICCAI 2020; file layout and masks follow the f
 @parameterNodeWrapper
 class MedDLReconstructionParameterNode:
     kspaceFile: pathlib.Path
+    repetition: Annotated[int, WithinRange(-1, 9999)] = -1  # -1: all repetitions
     method: Annotated[str, Choice(choices(ReconstructionMethod))] = ReconstructionMethod.VARNET.value
     undersample: bool = False
     undersampling: Annotated[str, Choice(choices(Undersampling))] = Undersampling.EQUISPACED.value
@@ -99,6 +100,7 @@ class MedDLReconstructionWidget(MedDLModuleWidget):
             uncertainty=p.uncertaintyVolume if p.uncertaintyVolume else False,
             phase=p.phaseVolume if p.phaseVolume else False,
             coil_images=p.coilImages,
+            repetition=p.repetition if p.repetition >= 0 else None,
             progress=progress, log=log)
 
     def onJobFinished(self, outputs):

@@ -613,6 +613,7 @@ class ReconstructionLogic(MedDLLogic):
         uncertainty: Any = False,
         phase: Any = False,
         coil_images: bool = False,
+        repetition: int | None = None,
         scene: Any = None,
         progress: ProgressCallback | None = None,
         log: LogCallback | None = None,
@@ -625,7 +626,8 @@ class ReconstructionLogic(MedDLLogic):
         the command's default, fastMRI's 0.32 / acceleration).
         ``zero_filled``, ``phase`` and ``coil_images`` need the command's ``--zero-filled``,
         ``--phase`` (radians) and ``--coil-images`` outputs (the latter a multi-channel image,
-        one channel per coil).
+        one channel per coil). ``repetition``: an ISMRMRD file's repetition to reconstruct as
+        acquired (None: all, their lines averaged or merged).
         """
         path = Path(kspace_path) if kspace_path else None
         if path is None or not path.is_file():
@@ -656,6 +658,8 @@ class ReconstructionLogic(MedDLLogic):
                 args += ["--phase", d / f"phase{_EXT}"]
             if coil_images:
                 args += ["--coil-images", d / f"coils{_EXT}"]
+            if repetition is not None:
+                args += ["--repetition", int(repetition)]
             return [str(a) for a in args] + flags
 
         workdir, args = _prepare(self, build)
