@@ -642,7 +642,7 @@ def test_histogram_matching_baseline_from_the_logic(scene, fake, rng):
     assert result.output.GetName() == "image adapted"
 
 
-def test_classwise_baseline_matches_the_two_segmentations_by_segment_name(scene, fake, rng):
+def test_classwise_baseline_matches_the_two_segmentations_by_segment_name(scene, fake, rng, tmp_path):
     from meddl import io
 
     image = _volume_node(scene, rng.normal(size=(1, 8, 7, 5)).astype(np.float32), "image")
@@ -654,7 +654,7 @@ def test_classwise_baseline_matches_the_two_segmentations_by_segment_name(scene,
     theirs = mrml.labels_to_segmentation_node(  # the same places, the names' order swapped
         Volume(labels, _affine(), Kind.LABEL), scene,
         [mrml.SegmentInfo(1, "spleen", (0.2, 0.2, 0.8)), mrml.SegmentInfo(2, "liver", (0.8, 0.2, 0.2))], name="theirs")
-    result = AdaptationLogic(runner=fake.runner, keep_files=True).run(
+    result = AdaptationLogic(runner=fake.runner, keep_files=True, temp_root=tmp_path).run(
         image, [ref], mode="classwise", labels=mine, reference_labels=theirs)
     argv = fake.record()["argv"]
     assert argv[:2] == ["adapt", "classwise"] and len(argv[2:argv.index("-o")]) == 4
@@ -844,7 +844,7 @@ def test_logic_module_imports_no_gui():
     assert out.stdout.strip() == "[]"
 
 
-def test_context_examples_are_matched_by_segment_name_not_order(scene, fake, rng):
+def test_context_examples_are_matched_by_segment_name_not_order(scene, fake, rng, tmp_path):
     from meddl import io
 
     target = _volume_node(scene, rng.normal(size=(1, 8, 7, 5)).astype(np.float32), "target")
@@ -859,7 +859,7 @@ def test_context_examples_are_matched_by_segment_name_not_order(scene, fake, rng
          mrml.SegmentInfo(3, "kidney", (0.2, 0.8, 0.2))], name="ex1 seg")
     pairs = [(_volume_node(scene, rng.normal(size=(1, 8, 7, 5)).astype(np.float32), f"ex{i}"), seg)
              for i, seg in enumerate((first, second))]
-    logic = InContextSegmentationLogic(runner=fake.runner, keep_files=True)
+    logic = InContextSegmentationLogic(runner=fake.runner, keep_files=True, temp_root=tmp_path)  # kept: in tmp_path
     result = logic.run(target, context=pairs)
     argv = fake.record()["argv"]
     start = argv.index("--context") + 1
