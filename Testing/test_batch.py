@@ -611,3 +611,11 @@ def test_bart_data_named_without_a_suffix_is_an_input(tmp_path):
     (tmp_path / "scan.hdr").write_text("# Dimensions\n1 1 1 1\n")
     assert batch._check_input(tmp_path / "scan") is None
     assert "does not exist" in batch._check_input(tmp_path / "other")
+
+
+def test_a_row_without_an_output_is_listed_not_a_crash(tmp_path):
+    (tmp_path / "in.txt").write_text("x")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"operation": "register", "fixed": "in.txt", "moving": "in.txt"}) + "\n")
+    with pytest.raises(InputError, match=r"line 1: .*required: -o/--output"):
+        read_manifest(manifest)

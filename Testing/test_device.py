@@ -53,6 +53,9 @@ def test_other_errors_are_not_swallowed():
         run_with_fallback(step, torch.device("cuda"))
     with pytest.raises(RuntimeError, match="out of memory"):
         run_with_fallback(lambda d: (_ for _ in ()).throw(RuntimeError("out of memory")), torch.device("cpu"))
+    # a device still named, not resolved ("auto", as a batch with --scheduler passes it): the real error
+    with pytest.raises(ValueError, match="a real bug"):
+        run_with_fallback(step, "auto")
 
 
 def test_every_compute_command_reruns_on_the_cpu_after_a_gpu_out_of_memory(capsys):

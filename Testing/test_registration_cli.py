@@ -75,6 +75,13 @@ def test_register_refuses_rgb_and_mixed_dimensions(pair, tmp_path, capsys):
     assert code == 2 and "expected 3D like the fixed image" in capsys.readouterr().err
     code = main(["register", str(pair["fixed"]), str(pair["moving"]), "-o", str(pair["moving"])])
     assert code == 2 and "also an input" in capsys.readouterr().err
+    # DeepSim's extractor is 3D: a 2D pair is refused in one line, not a pooling error
+    io.write(Volume(img.numpy()[:, :, :, 10], np.eye(4)), tmp_path / "a.nii.gz")
+    code = main(["register", str(tmp_path / "slice.nii.gz"), str(tmp_path / "a.nii.gz"), "-o",
+                 str(tmp_path / "w.nii.gz"), "--similarity", "deepsim"])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(r"^error: --similarity deepsim: its feature extractor is a 3D network .* got a 2D",
+                                   err) and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("flag, name", [("-o", "w.xyz"), ("--jacobian", "j.png"), ("--labels-out", "l.jpg")])

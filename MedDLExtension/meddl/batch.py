@@ -470,8 +470,8 @@ def _build_job(line: int, row: dict[str, Any], manifest_dir: Path, root: Path, s
     if not out_paths and not errors:
         errors.append(f"'{operation}' writes no output; expected an 'output' column")
     if not job_id:
-        first = out_paths[0]
-        job_id = (str(first.relative_to(root)) if first.is_relative_to(root) else str(first)) if out_paths \
+        first = out_paths[0] if out_paths else None
+        job_id = (str(first.relative_to(root)) if first.is_relative_to(root) else str(first)) if first is not None \
             else f"line {line}"
     key = hashlib.sha256(json.dumps([command, argv]).encode()).hexdigest()
     accepts = tuple(name for name in ("device", "progress") if name in by_name)

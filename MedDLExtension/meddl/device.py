@@ -93,6 +93,15 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+def _device_type(device: object) -> str:
+    import torch
+
+    try:
+        return torch.device(device).type
+    except (RuntimeError, TypeError, ValueError):
+        return str(device)
+
+
 def run_with_fallback(step: Callable[[object], T], device: object, what: str = "operation") -> tuple[T, object]:
     """Run ``step(device)``; on GPU out-of-memory, warn, free the cache and rerun on the CPU.
 
@@ -103,11 +112,11 @@ def run_with_fallback(step: Callable[[object], T], device: object, what: str = "
     try:
         return step(device), device
     except Exception as exc:  # noqa: BLE001 - re-raised unless it is an OOM on a GPU
-        if torch.device(device).type == "cpu" or not is_out_of_memory(exc):
-            raise
+        if not is_out_of_memory(exc) or _device_type(device) == "cpu":
+            raise  # (the device may be a name such as "auto": never let it hide the real error)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        message = f"{what}: {torch.device(device).type.upper()} ran out of memory; falling back to the CPU"
+        message = f"{what}: {_device_type(device).upper()} ran out of memory; falling back to the CPU"
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         log.warning(message)
         cpu = torch.device("cpu")

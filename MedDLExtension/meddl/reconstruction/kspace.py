@@ -196,9 +196,12 @@ class KSpaceData:
         rm, rf = self.header.recon_matrix, self.header.recon_fov_mm
         missing = []
         if not (rm[0] and rf[0] > 0 and rm[1] and rf[1] > 0):
-            missing.append("no in-plane field of view (reconSpace fieldOfView_mm): 1 mm pixels assumed")
+            where = "BART data carry no geometry" if self.format == "bart" else "reconSpace fieldOfView_mm"
+            missing.append(f"no in-plane field of view ({where}): 1 mm pixels assumed")
         if not self._slice_mm() > 0 and self.slices > 1:
-            missing.append("no slice thickness (reconSpace or encodedSpace fieldOfView_mm z): 1 mm slice spacing "
+            where = "BART data carry no geometry" if self.format == "bart" else \
+                "reconSpace or encodedSpace fieldOfView_mm z"
+            missing.append(f"no slice thickness ({where}): 1 mm slice spacing "
                            "assumed")
         return "; ".join(missing) or None
 
@@ -262,7 +265,8 @@ def open_hdf5(path: str | os.PathLike):
         hint = ("an image, not k-space: simulate its k-space first with meddl simulate-kspace IMAGE -o kspace.h5"
                 if image else "no HDF5 signature; is it a text file or a different format?")
         raise InputError(
-            f"cannot read '{path}': expected an HDF5 file (fastMRI or ISMRMRD), got something else ({hint})"
+            f"cannot read '{path}': expected an HDF5 file (fastMRI or ISMRMRD) or BART .cfl/.hdr data, got "
+            f"something else ({hint})"
         )
     try:
         return h5py.File(str(path), "r")

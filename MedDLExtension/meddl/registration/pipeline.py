@@ -588,6 +588,11 @@ def register(
     nd = fixed.ndim
     method = config.method
     notes: list[str] = []
+    if config.similarity is Similarity.DEEPSIM and (nd == 2 or min(fixed.spatial_shape) < 8):
+        raise InputError(
+            f"--similarity deepsim: its feature extractor is a 3D network that needs at least 8 voxels along "
+            f"every axis, got a {nd}D fixed image of shape {fixed.spatial_shape}; use lncc (same contrast), "
+            "mind or mi (across contrasts)")
     if nd == 2 and method is not Method.OPTIMISATION:
         if method is Method.NETWORK:
             raise InputError("method network: the registration network is 3D; use --method optimisation for 2D images")
