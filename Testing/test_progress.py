@@ -23,6 +23,16 @@ def test_stages_map_onto_one_monotone_range():
     assert seen == [(0.0, "start"), (0.25, "a"), (0.5, "b"), (0.75, "c"), (1.0, "clamped")]
 
 
+def test_stage_prefixes_name_where_the_work_is():
+    seen = []
+    rep = Reporter(lambda f, m: seen.append(m))
+    label = rep.stage(0.0, 0.5, "label 3 (2/20): ")
+    label(0.5, "slice 4/95")
+    label.stage(0.0, 1.0, "pass 1: ")(0.0, "x")
+    label(1.0)
+    assert seen == ["label 3 (2/20): slice 4/95", "label 3 (2/20): pass 1: x", "label 3 (2/20): "]
+
+
 def test_cancel_stops_at_next_report():
     token = CancelToken()
     rep = Reporter(None, token)

@@ -58,28 +58,32 @@ class Reporter:
         cancel: CancelToken | None = None,
         start: float = 0.0,
         end: float = 1.0,
+        prefix: str = "",
     ) -> None:
         self._progress = progress
         self._cancel = cancel
         self._start = start
         self._end = end
+        self._prefix = prefix
 
     def __call__(self, fraction: float, message: str = "") -> None:
         if self._cancel is not None:
             self._cancel.check()
         if self._progress is not None:
             f = min(max(float(fraction), 0.0), 1.0)
-            self._progress(self._start + f * (self._end - self._start), message)
+            self._progress(self._start + f * (self._end - self._start),
+                           f"{self._prefix}{message}" if self._prefix and message else message or self._prefix)
 
     def check(self) -> None:
         """Raise :class:`Cancelled` if the user cancelled (no report)."""
         if self._cancel is not None:
             self._cancel.check()
 
-    def stage(self, start: float, end: float) -> Reporter:
-        """A reporter for a sub-range of this one."""
+    def stage(self, start: float, end: float, prefix: str = "") -> Reporter:
+        """A reporter for a sub-range of this one; ``prefix`` goes before its messages (e.g. "label 3/20: ")."""
         span = self._end - self._start
-        return Reporter(self._progress, self._cancel, self._start + start * span, self._start + end * span)
+        return Reporter(self._progress, self._cancel, self._start + start * span, self._start + end * span,
+                        self._prefix + prefix)
 
     @staticmethod
     def of(progress: ProgressCallback | Reporter | None, cancel: CancelToken | None = None) -> Reporter:

@@ -701,7 +701,8 @@ def segment(target: Volume, config: SegmentConfig | None = None,
             marks = np.nonzero(painted)[0]
             mark_images, mark_positions = images[marks], positions[marks]  # the same examples for every label
             for li, v in enumerate(values):
-                stage = rep.stage(li / len(values), (li + 1) / len(values))
+                stage = rep.stage(li / len(values), (li + 1) / len(values),
+                                  f"label {v} ({li + 1}/{len(values)}): " if len(values) > 1 else "")
                 masks = lab_slices[marks] == v
                 has = marks[masks.reshape(len(marks), -1).any(1)]
                 reach = _label_reach(painted, has, todo)
@@ -832,7 +833,8 @@ def segment(target: Volume, config: SegmentConfig | None = None,
     if config.is_mask:
         best = _Best((n, *tshape))
         for li, v in enumerate(values):
-            stage = rep.stage(li / len(values), (li + 1) / len(values))
+            stage = rep.stage(li / len(values), (li + 1) / len(values),
+                              f"label {v} ({li + 1}/{len(values)}): " if len(values) > 1 else "")
             outs = torch.cat([_resize((o == v).float(), (size, size)) for o in raw_out])
             pool = _Pool(images, outs, positions, sources, reach)
             p = _run(network, timages, tpos, pool, config, size, tshape, True, notices, stage, Selection.NEAREST)
