@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 from meddl import __version__, io
 from meddl.cli import main
+from meddl.errors import InputError
 from meddl.volume import Kind, Volume
 
 
@@ -198,6 +199,27 @@ def test_convert_takes_one_component_of_complex_and_rgb_images(tmp_path, capsys)
     # what a command that needs a scalar image says about the two-channel file
     assert main(["register", str(src), str(src), "-o", str(tmp_path / "w.nii.gz")]) == 2
     assert "meddl convert IN -o OUT --component magnitude" in capsys.readouterr().err
+
+
+def test_convert_to_uint8_writes_a_picture_of_a_float_image(tmp_path, capsys):
+    from meddl.volume import to_uint8
+
+    rng = np.random.default_rng(5)
+    data = rng.normal(100.0, 20.0, (1, 30, 20)).astype(np.float32)
+    data[0, 0, 0] = np.nan
+    src = io.write(Volume(data, np.eye(4)), tmp_path / "f.nii.gz")
+    assert main(["convert", str(src), "-o", str(tmp_path / "f.png")]) == 2
+    assert "--to-uint8" in capsys.readouterr().err
+    assert main(["convert", str(src), "-o", str(tmp_path / "f.png"), "--to-uint8"]) == 0
+    back = io.read(tmp_path / "f.png").numpy()[0]
+    finite = data[np.isfinite(data)]
+    lo, hi = np.percentile(finite, [0.5, 99.5])
+    want = np.clip(np.rint((np.nan_to_num(data[0], nan=lo) - lo) * 255.0 / (hi - lo)), 0, 255)
+    np.testing.assert_array_equal(back, want)
+    assert back[0, 0] == 0 and back.max() == 255
+    assert to_uint8(Volume(np.full((1, 4, 4), 7.0, np.float32), np.eye(4))).numpy().max() == 0  # constant
+    with pytest.raises(InputError, match=r"--to-uint8: expected real voxels, got complex ones; add --component"):
+        to_uint8(Volume(np.ones((1, 4, 4), np.complex64), np.eye(4), Kind.COMPLEX))
 
 
 def test_main_returns_exit_codes_without_exiting(capsys):

@@ -419,15 +419,20 @@ def _convert(sub) -> None:
     p.add_argument("--component", metavar="WHICH",
                    help="write one scalar image: grey (of RGB), magnitude, phase, real or imaginary (of a complex "
                         "image, or of two channels holding its real and imaginary parts), or a channel number")
+    p.add_argument("--to-uint8", action="store_true",
+                   help="write 8-bit values (for .png/.jpg pictures): the 0.5-99.5th percentile window mapped onto "
+                        "0-255")
 
     def run(args, ctx) -> int:
         from . import io
-        from .volume import component
+        from .volume import component, to_uint8
 
         check_outputs([args.output], [args.input])
         vol = io.read(args.input, kind=args.kind)
         if args.component is not None:
             vol = component(vol, args.component)
+        if args.to_uint8:
+            vol = to_uint8(vol)
         io.write(vol, args.output)
         print(f"wrote {args.output}: {vol!r}")
         return EXIT_OK

@@ -469,7 +469,7 @@ def write(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Pat
         if volume.numpy().dtype not in (np.uint8, np.uint16) and suffix in INTEGER_ONLY_SUFFIXES:
             raise InputError(
                 f"output '{path}': {suffix} stores 8/16-bit integers, got {volume.numpy().dtype}; "
-                "convert to uint8 or use .nrrd / .tif"
+                "write a picture with meddl convert IN -o OUT.png --to-uint8, or use .nrrd / .tif"
             )
     sitk = _sitk()
     if suffix not in _RGB_SUFFIXES and _out_of_plane(volume):  # a slice placed in 3D: kept as one-slice 3D

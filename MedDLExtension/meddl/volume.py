@@ -225,6 +225,27 @@ def as_plain_2d(vol: Volume) -> Volume:
 COMPONENTS = ("grey", "magnitude", "phase", "real", "imaginary")
 
 
+def to_uint8(vol: Volume, low: float = 0.5, high: float = 99.5) -> Volume:
+    """An 8-bit copy for PNG/JPEG pictures: the ``low``-``high`` percentile window of the finite
+    voxels (all channels together) mapped linearly onto 0-255, rounded and clipped; NaN becomes 0.
+
+    Label maps and complex images are refused (take a component first); a constant image gives 0.
+    """
+    data = vol.numpy()
+    if vol.kind in (Kind.LABEL, Kind.DISPLACEMENT):
+        raise InputError(f"--to-uint8: expected an intensity image, got a {vol.kind.value} volume (a label map keeps "
+                         "its values: write it as .nrrd or .nii.gz)")
+    if np.iscomplexobj(data):
+        raise InputError("--to-uint8: expected real voxels, got complex ones; add --component magnitude")
+    finite = data[np.isfinite(data)] if np.issubdtype(data.dtype, np.inexact) else data.ravel()
+    if finite.size == 0:
+        raise InputError("--to-uint8: expected some finite voxel values, got none")
+    lo, hi = (float(q) for q in np.percentile(finite, [low, high]))
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    out = np.clip(np.rint((np.nan_to_num(data.astype(np.float64), nan=lo) - lo) * scale), 0, 255).astype(np.uint8)
+    return vol.with_data(out, display_window=(lo, hi))
+
+
 def component(vol: Volume, which: str | int) -> Volume:
     """One scalar image out of a multi-component one, same grid.
 
