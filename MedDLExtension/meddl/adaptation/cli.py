@@ -199,7 +199,10 @@ def run(args, ctx) -> int:
             results = result if isinstance(result, list) else [result]
         for vol, path in zip(results, outputs, strict=True):
             io.write(vol, path)
-        what = "histogram matching" if args.histogram_match else f"Fourier adaptation ({config.window.value}, {config.mode.value}, {config.domain.value} domain)"
+        from ..volume import one_slice_axis
+
+        mode = "2d" if image.ndim == 2 or one_slice_axis(image) is not None else config.mode.value  # as it ran
+        what = "histogram matching" if args.histogram_match else f"Fourier adaptation ({config.window.value}, {mode}, {config.domain.value} domain)"
         ctx.summary(f"{what} -> {', '.join(outputs)}")
         return 0
 
