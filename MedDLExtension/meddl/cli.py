@@ -160,18 +160,16 @@ def check_output_format(path: str | os.PathLike | None, flag: str, ndim: int = 3
 def load_input(path: str, role: str, **requirements: Any):
     """Read a volume given on the command line and check it (see :func:`meddl.volume.require`)."""
     from . import io
-    from .volume import require
+    from .volume import colour_again, require
 
     kind = requirements.pop("kind", None)
     vol = io.read(path, kind=kind)
     if vol.meta.get("geometry_notice"):
         sys.stderr.write(f"notice: {role} '{path}': {vol.meta['geometry_notice']}\n")
-    if requirements.get("rgb") and vol.meta.get("stored_as") and vol.channels == 1:
+    if requirements.get("rgb"):
         # a colour tool given a file stored as RGB with R = G = B: its own checks (a grey image, a
         # blank slide) say more than "one component"
-        import numpy as np
-
-        vol = vol.with_data(np.repeat(vol.numpy(), 3, axis=0))
+        vol = colour_again(vol)
     return require(vol, f"{role} '{path}'", **requirements)
 
 

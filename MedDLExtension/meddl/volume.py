@@ -225,6 +225,14 @@ def as_plain_2d(vol: Volume) -> Volume:
 COMPONENTS = ("grey", "magnitude", "phase", "real", "imaginary")
 
 
+def colour_again(vol: Volume) -> Volume:
+    """A grey picture that was stored as RGB (read as one channel, ``meta["stored_as"]``) with its three
+    equal channels back, for colour tools; any other volume as it is."""
+    if vol.channels == 1 and vol.meta.get("stored_as"):
+        return vol.with_data(np.repeat(vol.numpy(), 3, axis=0))
+    return vol
+
+
 def to_uint8(vol: Volume, low: float = 0.5, high: float = 99.5) -> Volume:
     """An 8-bit copy for PNG/JPEG pictures: the ``low``-``high`` percentile window of the finite
     voxels (all channels together) mapped linearly onto 0-255, rounded and clipped; NaN becomes 0.

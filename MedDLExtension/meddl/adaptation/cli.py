@@ -124,11 +124,9 @@ def _stain_path(prefix: str, stain: str) -> str:
 def _colour_alike(volumes: list) -> list:
     """Grey pictures stored as RGB (read as one channel, ``meta["stored_as"]``) get their three
     channels back when another image of the command is in colour, so the two still pair up."""
-    import numpy as np
+    from ..volume import colour_again
 
-    colour = any(v.channels == 3 for v in volumes)
-    return [v.with_data(np.repeat(v.numpy(), 3, axis=0)) if colour and v.channels == 1 and v.meta.get("stored_as")
-            else v for v in volumes]
+    return [colour_again(v) for v in volumes] if any(v.channels == 3 for v in volumes) else volumes
 
 
 def run(args, ctx) -> int:
