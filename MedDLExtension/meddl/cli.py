@@ -382,27 +382,9 @@ def _kspace_facts(path: str) -> dict | None:
     """:func:`meddl.reconstruction.describe` of a k-space file (fastMRI/ISMRMRD HDF5, BART .cfl), else None."""
     if capability_module("reconstruct") is None:
         return None
-    from pathlib import Path
+    from .reconstruction.kspace import describe, is_kspace
 
-    from .reconstruction.bart_io import cfl_pair
-
-    p = Path(path)
-    if cfl_pair(p) is None:
-        if not (p.is_file() and p.suffix.lower() in (".h5", ".hdf5")):
-            return None
-        try:
-            import h5py
-
-            if not h5py.is_hdf5(str(p)):
-                return None
-            with h5py.File(str(p), "r") as f:
-                if "kspace" not in f and "dataset" not in f:
-                    return None  # another HDF5 file (an ITK transform, ...)
-        except (ImportError, OSError):
-            return None
-    from .reconstruction.kspace import describe
-
-    return {"path": path, **describe(p)}
+    return {"path": path, **describe(path)} if is_kspace(path) else None
 
 
 def _convert(sub) -> None:

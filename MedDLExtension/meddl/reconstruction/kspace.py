@@ -28,7 +28,8 @@ from ..errors import InputError
 from ..volume import affine_from_geometry
 from .masks import MaskInfo, detect_mask
 
-__all__ = ["Header", "KSpaceData", "parse_header", "header_xml", "read_kspace", "open_hdf5", "describe"]
+__all__ = ["Header", "KSpaceData", "parse_header", "header_xml", "read_kspace", "is_kspace", "open_hdf5",
+           "describe"]
 
 _NS = "{http://www.ismrm.org/ISMRMRD}"
 
@@ -274,6 +275,27 @@ def open_hdf5(path: str | os.PathLike):
         raise InputError(
             f"cannot read '{path}': corrupt or truncated HDF5 file ({str(exc).splitlines()[0][:160]}); copy it again"
         ) from exc
+
+
+def is_kspace(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names k-space :func:`read_kspace` takes (a fastMRI or ISMRMRD HDF5 file, BART
+    data), judged cheaply (suffix, HDF5 signature, top-level names); never raises."""
+    from .bart_io import cfl_pair
+
+    p = Path(path)
+    if cfl_pair(p) is not None:
+        return True
+    if not (p.is_file() and p.suffix.lower() in (".h5", ".hdf5")):
+        return False
+    try:
+        import h5py
+
+        if not h5py.is_hdf5(str(p)):
+            return False
+        with h5py.File(str(p), "r") as f:
+            return "kspace" in f or "dataset" in f  # not another HDF5 file (an ITK transform, ...)
+    except (ImportError, OSError):
+        return False
 
 
 def read_kspace(path: str | os.PathLike, slices: tuple[int, ...] | None = None,
