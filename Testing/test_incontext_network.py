@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from meddl.incontext.network import InContextNet, PairwiseBlock, pad_channels
+from meddl.incontext.network import InContextNet, PairwiseBlock, conv3x3_of_upsampled, pad_channels
 from meddl.incontext.tasks import Batch
 from meddl.incontext.train import evaluate_dice, fit, soft_dice_loss, task_loss
 from torch.nn import functional as F
@@ -63,6 +63,34 @@ def test_pairwise_block_is_the_published_update():
     assert rt.shape == (2, 6, 8, 10) and rc.shape == (2, 5, 6, 8, 10)
     torch.testing.assert_close(rt, want_t, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rc, want_c, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_of_upsampled_is_conv_after_nearest_upsampling():
+    """The 4 phase 2x2 kernels give the 3x3 convolution of the 2x nearest upsampling, borders included."""
+    torch.manual_seed(2)
+    x, weight = torch.randn(3, 5, 7, 6), torch.randn(4, 5, 3, 3)
+    want = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, padding=1)
+    got = conv3x3_of_upsampled(x, weight)
+    assert got.shape == (3, 4, 14, 12)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_block_folds_upsampling_and_skip_concatenation():
+    """forward_up(t, st, c, sc) == forward(cat(up2(t), st), cat(up2(c), sc)), with gradients."""
+    torch.manual_seed(3)
+    block = PairwiseBlock(6 + 2, 6 + 2, 5)
+    t, st = torch.randn(2, 6, 4, 5, requires_grad=True), torch.randn(2, 2, 8, 10)
+    c, sc = torch.randn(2, 3, 6, 4, 5, requires_grad=True), torch.randn(2, 3, 2, 8, 10)
+    up_c = F.interpolate(c.flatten(0, 1), scale_factor=2, mode="nearest").view(2, 3, 6, 8, 10)
+    want_t, want_c = block(torch.cat([F.interpolate(t, scale_factor=2, mode="nearest"), st], 1),
+                           torch.cat([up_c, sc], 2))
+    got_t, got_c = block.forward_up(t, st, c, sc)
+    torch.testing.assert_close(got_t, want_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_c, want_c, rtol=1e-5, atol=1e-5)
+    g_want = torch.autograd.grad((want_t.sum() + want_c.square().sum()), (t, c))
+    g_got = torch.autograd.grad((got_t.sum() + got_c.square().sum()), (t, c))
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("context", [1, 3, 32])

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["PairwiseBlock", "InContextNet"]
+__all__ = ["PairwiseBlock", "InContextNet", "conv3x3_of_upsampled"]
 
 
 class PairwiseBlock(nn.Module):
@@ -37,6 +37,25 @@ class PairwiseBlock(nn.Module):
         b, n = c.shape[:2]
         rt = F.gelu(self.conv_target(t))
         rc = F.gelu(self.conv_context(c.flatten(0, 1)))
+        return self._mix(rt, rc, b, n)
+
+    def forward_up(self, t: torch.Tensor, st: torch.Tensor, c: torch.Tensor,
+                   sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward(cat([up2(t), st]), cat([up2(c), sc]))`` with ``up2`` the 2x nearest upsampling.
+
+        The same sums without the upsampled copies: the 3x3 convolution of the concatenation is the
+        convolution of each part, and that of an upsampled part is taken at its own resolution
+        (:func:`conv3x3_of_upsampled`), which costs 4 taps per output pixel instead of 9.
+        """
+        b, n = c.shape[:2]
+        cu = t.shape[1]
+        wt, wc = self.conv_target.weight, self.conv_context.weight
+        rt = F.gelu(conv3x3_of_upsampled(t, wt[:, :cu]) + F.conv2d(st, wt[:, cu:], self.conv_target.bias, padding=1))
+        rc = F.gelu(conv3x3_of_upsampled(c.flatten(0, 1), wc[:, :cu])
+                    + F.conv2d(sc.flatten(0, 1), wc[:, cu:], self.conv_context.bias, padding=1))
+        return self._mix(rt, rc, b, n)
+
+    def _mix(self, rt: torch.Tensor, rc: torch.Tensor, b: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         f, h, w = rt.shape[1:]
         # The 1x1 mixes of p_i = concat(r_x, r_i) are linear before the GELU: W p_i = W_x r_x + W_c r_i.
         # The target's part is computed once, not once per pair, and both mixes share one pass over
@@ -48,6 +67,34 @@ class PairwiseBlock(nn.Module):
         rt = rt + mixed[:, :, :f].mean(dim=1)
         rc = rc.view(b, n, f, h, w) + mixed[:, :, f:]
         return rt, rc
+
+
+# Which 3x3 taps (rows or columns: -1, 0, +1) of a convolution after 2x nearest upsampling land on
+# each of the 2 low-resolution neighbours, for an output pixel of phase 0 (even) or 1 (odd):
+# phase 0 reads low-res offsets (-1, 0) with taps (-1) and (0, +1); phase 1 reads (0, +1) with (-1, 0) and (+1).
+_PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]],
+                            [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+
+
+def conv3x3_of_upsampled(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, padding=1)`` without the upsampling.
+
+    Each of the 4 output phases (even/odd row, even/odd column) is a 2x2 convolution of ``x``
+    with the 3x3 taps that fall on the same low-resolution pixel summed; the zero padding of the
+    upsampled image is the zero padding of ``x``. ``x``: ``(N, Cin, h, w)``; ``weight``:
+    ``(Cout, Cin, 3, 3)``; returns ``(N, Cout, 2h, 2w)``.
+    """
+    n, _, h, w = x.shape
+    co = weight.shape[0]
+    taps = _PHASE_TAPS.to(weight)
+    k = torch.einsum("ark,bsl,oikl->aboirs", taps, taps, weight).reshape(4 * co, -1, 2, 2)
+    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), k)  # (N, 4 Cout, h + 1, w + 1); phase (a, b) sits at offset (a, b)
+    out = x.new_empty(n, co, h, 2, w, 2)
+    for a in range(2):
+        for b in range(2):
+            p = 2 * a + b
+            out[:, :, :, a, :, b] = y[:, p * co:(p + 1) * co, a:a + h, b:b + w]
+    return out.view(n, co, 2 * h, 2 * w)
 
 
 class InContextNet(nn.Module):
@@ -109,10 +156,9 @@ class InContextNet(nn.Module):
             t, c = block(t, c)
             skips.append((t, c))
         for block, (st, sc) in zip(self.up, reversed(skips[:-1]), strict=False):
-            b, n = c.shape[:2]
-            t = F.interpolate(t, size=st.shape[2:], mode="nearest")
-            c = F.interpolate(c.flatten(0, 1), size=st.shape[2:], mode="nearest").view(b, n, -1, *st.shape[2:])
-            t, c = block(torch.cat([t, st], dim=1), torch.cat([c, sc], dim=2))
+            # the skip is twice the size (H and W are multiples of 2 ** levels): the block folds the
+            # 2x nearest upsampling and the concatenation with the skip into its convolutions
+            t, c = block.forward_up(t, st, c, sc)
         return self.head(t)
 
 
