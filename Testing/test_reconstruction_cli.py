@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from meddl import io
@@ -318,7 +320,7 @@ def test_simulate_kspace_command_and_its_errors(tmp_path, capsys):
     assert main(["simulate-kspace", str(tmp_path / "vol.nii.gz"), "-o", str(tmp_path / "k.h5"), "--coils", "2"]) == 0
     assert read_kspace(tmp_path / "k.h5").coils == 2
     for argv, pattern in (
-        (["vol.nii.gz", "-o", "k.nii.gz"], r"expected a fastMRI k-space file name ending in \.h5"),
+        (["vol.nii.gz", "-o", "k.nii.gz"], r"expected a fastMRI k-space file name ending in \.h5, or BART data"),
         (["vol.nii.gz", "-o", "vol.nii.gz"], r"is also an input"),
         (["vol.nii.gz", "-o", "x.h5", "--coils", "0"], r"--coils: expected 1 to 64 receive coils, got 0"),
         (["vol.nii.gz", "-o", "x.h5", "--noise", "-1"], r"--noise: expected a fraction of the image maximum"),
@@ -331,6 +333,31 @@ def test_simulate_kspace_command_and_its_errors(tmp_path, capsys):
         assert main(["simulate-kspace", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err
-        import re
-
         assert re.search(pattern, err), err
+
+
+def test_simulate_kspace_writes_bart_data_that_reads_back_as_the_fastmri_file(tmp_path, capsys):
+    """NAME.cfl + NAME.hdr hold the same samples as the .h5 (same seed); no geometry, and the notice says so."""
+    from meddl import Volume
+
+    vol = Volume(_blob_volume((20, 18, 3))[None].astype(np.float32), np.diag([0.9, 1.1, 2.5, 1.0]))
+    io.write(vol, tmp_path / "vol.nii.gz")
+    base = ["simulate-kspace", str(tmp_path / "vol.nii.gz"), "--coils", "3", "--progress", "none"]
+    assert main([*base, "-o", str(tmp_path / "k.h5")]) == 0
+    capsys.readouterr()
+    assert main([*base, "-o", str(tmp_path / "k.cfl")]) == 0
+    assert "notice: BART data carry no geometry" in capsys.readouterr().out
+    assert (tmp_path / "k.hdr").exists() and (tmp_path / "k.cfl").exists()
+    h5, cfl = read_kspace(tmp_path / "k.h5"), read_kspace(tmp_path / "k")
+    assert cfl.format == "bart" and cfl.kspace.shape == h5.kspace.shape == (3, 3, 20, 18)
+    np.testing.assert_array_equal(cfl.kspace, h5.kspace)
+    a = reconstruct(tmp_path / "k.cfl", ReconstructionConfig(method="zero-filled")).image
+    b = reconstruct(tmp_path / "k.h5", ReconstructionConfig(method="zero-filled")).image
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+    assert np.allclose(a.spacing, 1.0) and np.allclose(b.spacing, (0.9, 1.1, 2.5))
+    # the .hdr half of the pair is checked too: an (Analyze) header given as input is never overwritten
+    (tmp_path / "scan.hdr").write_bytes(b"not to be overwritten")
+    capsys.readouterr()
+    assert main(["simulate-kspace", str(tmp_path / "scan.hdr"), "-o", str(tmp_path / "scan.cfl")]) == 2
+    assert re.search(r"^error: output '.*scan\.hdr' is also an input", capsys.readouterr().err)
+    assert (tmp_path / "scan.hdr").read_bytes() == b"not to be overwritten"

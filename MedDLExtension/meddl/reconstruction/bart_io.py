@@ -25,7 +25,7 @@ from ..errors import InputError
 from .fastmri import _select
 from .kspace import Header, KSpaceData
 
-__all__ = ["read_cfl", "load_cfl", "write_cfl", "cfl_pair", "BART_DIMS"]
+__all__ = ["read_cfl", "load_cfl", "write_cfl", "write_kspace_cfl", "cfl_pair", "cfl_names", "BART_DIMS"]
 
 BART_DIMS = ("READ", "PHS1", "PHS2", "COIL", "MAPS", "TE", "COEFF", "COEFF2", "ITER", "CSHIFT", "TIME",
              "TIME2", "LEVEL", "SLICE", "AVG", "BATCH")
@@ -134,14 +134,32 @@ def _last(dims: list[int]) -> int:
 
 def write_cfl(base: str | os.PathLike, array: np.ndarray) -> tuple[Path, Path]:
     """Write ``array`` (any complex/real, up to 16 axes, BART's dimension order) as ``base.hdr`` + ``base.cfl``."""
-    base = Path(base)
-    if base.suffix.lower() in (".cfl", ".hdr"):
-        base = base.with_suffix("")
     array = np.asarray(array)
     if array.ndim > len(BART_DIMS):
         raise InputError(f"BART data: expected at most 16 dimensions, got {array.ndim}")
-    hdr, cfl = base.with_name(base.name + ".hdr"), base.with_name(base.name + ".cfl")
+    hdr, cfl = cfl_names(base)
     dims = list(array.shape) + [1] * max(0, 5 - array.ndim)
     hdr.write_text("# Dimensions\n" + " ".join(str(d) for d in dims) + "\n")
     array.astype("<c8").ravel(order="F").tofile(cfl)
     return hdr, cfl
+
+
+def cfl_names(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``(NAME.hdr, NAME.cfl)`` that :func:`write_cfl` writes for ``NAME``, ``NAME.cfl`` or ``NAME.hdr``."""
+    base = Path(path)
+    if base.suffix.lower() in (".cfl", ".hdr"):
+        base = base.with_suffix("")
+    return base.with_name(base.name + ".hdr"), base.with_name(base.name + ".cfl")
+
+
+def write_kspace_cfl(base: str | os.PathLike, kspace: np.ndarray) -> tuple[Path, Path]:
+    """Write k-space ``(S, C, H, W)`` (or single-coil ``(S, H, W)``) in BART's layout, as :func:`read_cfl`
+    reads it back: ``cfl[h, w, 0, c, ..., s (SLICE)] = kspace[s, c, h, w]``."""
+    k = np.asarray(kspace)
+    if k.ndim == 3:
+        k = k[:, None]
+    if k.ndim != 4:
+        raise InputError(f"BART k-space: expected (slices, coils, H, W), got shape {k.shape}")
+    s, c, h, w = k.shape
+    array = np.transpose(k, (2, 3, 1, 0)).reshape(h, w, 1, c, *[1] * 9, s)
+    return write_cfl(base, array)

@@ -5,7 +5,7 @@ meddl reconstruct file.h5 -o recon.nii.gz [--method varnet|tv|l1-wavelet|cg-sens
     [--uncertainty unc.nii.gz] [--zero-filled zf.nii.gz] [--coils-out coils.nrrd]
     [--weights my_varnet.pt] [--slices 0,3,5 | 2:6]
 
-meddl simulate-kspace image.nii.gz -o kspace.h5 [--coils 8] [--noise 0.005] [--axis 2] [--complex auto]
+meddl simulate-kspace image.nii.gz -o kspace.h5|kspace.cfl [--coils 8] [--noise 0.005] [--axis 2] [--complex auto]
     (a fully sampled fastMRI-style file from any image or volume, to try the methods on)
 """
 
@@ -90,13 +90,15 @@ def configure(subparsers) -> None:
     s = subparsers.add_parser(
         "simulate-kspace",
         parents=[common_options()],
-        help="simulate fully sampled multi-coil k-space (fastMRI .h5) from an image",
+        help="simulate fully sampled multi-coil k-space (fastMRI .h5 or BART .cfl) from an image",
         description="Simulate a fully sampled multi-coil fastMRI-style k-space file from an image or volume "
         "(complex images keep their phase; magnitude images get a smooth random one), to reconstruct with "
         "'meddl reconstruct FILE --undersample equispaced'.",
     )
     s.add_argument("image", help="2D or 3D image (.nii.gz, .nrrd, .mha; a complex MetaImage keeps its phase)")
-    s.add_argument("-o", "--output", required=True, help="k-space file to write (.h5)")
+    s.add_argument("-o", "--output", required=True,
+                   help="k-space to write: fastMRI .h5 (with the reference image and voxel size), or BART "
+                        "NAME.cfl (+ NAME.hdr; k-space only)")
     s.add_argument("--coils", type=int, default=8, help="simulated receive coils (birdcage-like maps), 1-64")
     s.add_argument("--noise", type=float, default=0.005,
                    help="complex noise std as a fraction of the image maximum (default 0.005)")
@@ -109,16 +111,22 @@ def configure(subparsers) -> None:
 
 def run_simulate(args, ctx) -> int:
     from .. import io
+    from .bart_io import cfl_names
     from .simulate import simulate_file
 
-    check_outputs([args.output], [args.image])
-    if not args.output.lower().endswith(".h5"):
-        raise InputError(f"--output '{args.output}': expected a fastMRI k-space file name ending in .h5")
+    bart = args.output.lower().endswith((".cfl", ".hdr"))
+    check_outputs(cfl_names(args.output) if bart else [args.output], [args.image])
+    if not (bart or args.output.lower().endswith(".h5")):
+        raise InputError(f"--output '{args.output}': expected a fastMRI k-space file name ending in .h5, "
+                         "or BART data ending in .cfl")
     volume = io.read(args.image)
     path, facts = simulate_file(volume, args.output, coils=args.coils, noise=args.noise,
                                 seed=0 if ctx.seed is None else ctx.seed, axis=args.axis,
                                 complex_input=args.complex_input, progress=ctx.reporter)
     ctx.log(f"wrote {path}: " + json.dumps(facts))
+    notice = facts.pop("notice", None)
+    if notice:
+        ctx.log("notice: " + notice)
     ctx.summary(f"simulate-kspace: {args.image} -> {path}", **facts)
     return 0
 

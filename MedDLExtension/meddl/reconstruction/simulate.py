@@ -8,6 +8,8 @@ and complex Gaussian noise. A complex image (e.g. a complex MetaImage) keeps its
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ..errors import InputError
@@ -159,18 +161,25 @@ def image_slices(volume, axis: int = 2, complex_input: str = "auto") -> tuple[np
 
 def simulate_file(volume, path, coils: int = 8, noise: float = 0.005, seed: int | None = 0, axis: int = 2,
                   complex_input: str = "auto", progress=None, cancel=None):
-    """Write a fully sampled multi-coil fastMRI-style file (``.h5``) simulated from ``volume``.
+    """Write a fully sampled multi-coil fastMRI-style file (``.h5``) or BART data (``NAME.cfl`` +
+    ``NAME.hdr``, for ``bart pics`` and the other BART tools) simulated from ``volume``.
 
     Each slice ``x`` (complex: its own phase; magnitude: a smooth random phase) is multiplied by
     birdcage coil maps and Fourier transformed; complex noise of standard deviation ``noise`` x the
     largest ``|x|`` is added. The file holds ``kspace`` ``(S, coils, H, W)``, the header (field of
     view from the voxel size) and ``reconstruction_rss`` = ``|x|``, the reference. A fastMRI file
     has no orientation: a reconstruction keeps the voxel size and the slice layout, not the
-    input's position and direction. Returns ``(path, facts)``.
+    input's position and direction. BART data hold the k-space alone (no geometry, no reference;
+    ``facts["notice"]`` says so). Returns ``(path, facts)``.
     """
     from ..progress import Reporter
+    from .bart_io import write_kspace_cfl
     from .fastmri import write_fastmri
 
+    bart = Path(path).suffix.lower() in (".cfl", ".hdr")
+    if not bart and Path(path).suffix.lower() != ".h5":
+        raise InputError(f"--output '{path}': expected a fastMRI file name ending in .h5 or BART data "
+                         "ending in .cfl")
     if not isinstance(coils, (int, np.integer)) or not 1 <= coils <= 64:
         raise InputError(f"--coils: expected 1 to 64 receive coils, got {coils}")
     if not (np.isfinite(noise) and 0 <= noise < 1):
@@ -195,9 +204,17 @@ def simulate_file(volume, path, coils: int = 8, noise: float = 0.005, seed: int 
         refs.append(np.abs(x))
     kspace = np.stack(ks) if coils > 1 else np.stack(ks)[:, 0]
     h, w = slices.shape[1:]
-    out = write_fastmri(path, kspace, fov_mm=(dh * h, dw * w, thickness), target=np.stack(refs).astype(np.float32),
-                        acquisition="SIMULATED", simulated_coils=int(coils), simulated_noise=float(noise))
-    rep(1.0, "written")
     facts = {"slices": len(slices), "coils": int(coils), "matrix": [int(h), int(w)],
              "complex": bool(np.iscomplexobj(slices)), "noise": float(noise)}
+    if bart:
+        _, out = write_kspace_cfl(path, kspace)
+        facts["format"] = "bart"
+        facts["notice"] = ("BART data carry no geometry and no reference image: a reconstruction has 1 mm "
+                           f"pixels (these were {dh:g} x {dw:g} mm, slices {thickness:g} mm)")
+    else:
+        out = write_fastmri(path, kspace, fov_mm=(dh * h, dw * w, thickness),
+                            target=np.stack(refs).astype(np.float32), acquisition="SIMULATED",
+                            simulated_coils=int(coils), simulated_noise=float(noise))
+        facts["format"] = "fastmri"
+    rep(1.0, "written")
     return out, facts
