@@ -21,8 +21,54 @@ def test_velocity_net_starts_near_identity_and_keeps_shape():
     assert u.abs().max() < 1e-2
     with pytest.raises(ValueError, match="divisible"):
         net(torch.rand(1, 1, 15, 16, 16), torch.rand(1, 1, 15, 16, 16))
+    v, u = VelocityNet(3, (4, 8, 8), correlation_radius=1, feature_channels=4).displacement(x, x)
+    assert v.shape == (1, 3, 16, 16, 16)
+    v2 = VelocityNet(2, (4, 8), correlation_radius=2, feature_channels=4)(x[..., 0], x[..., 0])
+    assert v2.shape == (1, 2, 16, 16)
     feats = SegmentationNet(3, 4, (4, 8)).encode(x)
     assert [f.shape[1] for f in feats] == [4, 8]
+
+
+def test_correlation_peaks_at_the_shift_between_the_feature_maps():
+    from meddl.registration.network import correlation, correlation_offsets
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(1, 6, 12, 12, 12, generator=gen), dim=1)
+    shift = (1, -2, 0)  # b(x + shift) = a(x)
+    b = torch.roll(a, shifts=shift, dims=(2, 3, 4))
+    cost = correlation(a, b, 2)
+    offsets = correlation_offsets(2, 3)
+    assert cost.shape == (1, 125, 12, 12, 12) and offsets.shape == (3, 125)
+    inner = cost[0, :, 3:-3, 3:-3, 3:-3]
+    best = offsets[:, inner.argmax(0)]
+    assert torch.equal(best, torch.tensor(shift, dtype=torch.float32).view(3, 1, 1, 1).expand_as(best))
+    torch.testing.assert_close(inner.max(0).values, torch.ones_like(inner[0]))  # unit vectors meet themselves
+    # channel k holds <a(x), b(x + offsets[:, k])>, by the definition
+    k, x = 37, (5, 6, 7)
+    o = [int(t) for t in offsets[:, k]]
+    expected = (a[0, :, x[0], x[1], x[2]] * b[0, :, x[0] + o[0], x[1] + o[1], x[2] + o[2]]).sum()
+    torch.testing.assert_close(cost[0, k, x[0], x[1], x[2]], expected)
+
+
+def test_correlation_network_recovers_a_translation_after_brief_training():
+    torch.manual_seed(0)
+    net = VelocityNet(3, (8, 8), correlation_radius=1, feature_channels=4)
+    assert net.divisor == 2
+    gen = torch.Generator().manual_seed(1)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(30):
+        base = synth.gaussian_blur(torch.rand(1, 1, 16, 16, 16, generator=gen), 1.0)
+        moving = torch.roll(base, shifts=1, dims=2)  # moving(x + e0) = fixed(x)
+        v = net(base, moving)
+        loss = ((v - torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1, 1)) ** 2)[..., 3:-3, 3:-3, 3:-3].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    base = synth.gaussian_blur(torch.rand(1, 1, 16, 16, 16, generator=gen), 1.0)
+    with torch.no_grad():
+        v = net(base, torch.roll(base, shifts=1, dims=2))[0, :, 4:-4, 4:-4, 4:-4]
+    assert float(v[0].mean()) == pytest.approx(1.0, abs=0.2)
+    assert float(v[1:].abs().mean()) < 0.2
 
 
 def test_synthetic_pairs_are_images_with_matching_one_hot_labels():
@@ -41,18 +87,43 @@ def test_synthetic_pairs_are_images_with_matching_one_hot_labels():
     assert torch.equal(again["fixed"], pair["fixed"])
 
 
+def test_synthetic_pairs_give_the_true_displacement_from_fixed_to_moving():
+    from meddl.registration.svf import identity_grid, integrate, sample, warp
+
+    pairs = synth.SynthPairs([], (24, 24, 24), max_velocity_std=2.0)
+    gen = torch.Generator().manual_seed(3)
+    # the inverse of a random transform undoes it (to interpolation error)
+    transform = pairs._transform(gen)
+    grid = identity_grid(pairs.shape)
+    v, m, t = transform
+    inside = pairs._inverse_coords(transform, grid)
+    there = synth._apply_affine(pairs.shape, inside + sample(integrate(v, 5), inside, padding_mode="border"), m, t)
+    assert float((there - grid).norm(dim=1)[0, 4:-4, 4:-4, 4:-4].mean()) < 0.02
+    # the pair's displacement carries the moving labels onto the fixed ones
+    pair = pairs(gen)
+    d = pair["displacement"]
+    assert d.shape == (1, 3, 24, 24, 24) and float(d.norm(dim=1).mean()) > 0.5
+    fixed = pair["fixed_labels"].argmax(1)
+    moving = pair["moving_labels"].argmax(1)
+    carried = warp(moving[:, None].float(), d, mode="nearest", padding_mode="border")[:, 0].long()
+    agree_before = float((moving == fixed).float().mean())
+    agree_after = float((carried == fixed).float().mean())
+    assert agree_after > 0.85 and agree_after > agree_before + 0.1, (agree_before, agree_after)
+
+
 def test_training_writes_card_and_resumes(tmp_path):
     common = ["--model", "registration", "--procedural-only", "--shape", "16", "16", "16", "--features", "4", "8",
+              "--correlation-radius", "1",
               "--out-dir", str(tmp_path / "models"), "--state-dir", str(tmp_path / "state"), "--spacing", "6"]
     assert main([*common, "--max-steps", "2"]) == 0
     card = json.loads((tmp_path / "models" / "registration_synthmorph.json").read_text())
     assert card["metrics"]["step"] == 2 and card["spacing_mm"] == 6.0
     assert "--resume" in card["command"]
-    assert main([*common, "--max-steps", "3", "--resume"]) == 0
+    assert main([*common, "--max-steps", "3", "--resume", "--supervised", "0.1"]) == 0
     card = json.loads((tmp_path / "models" / "registration_synthmorph.json").read_text())
     assert card["metrics"]["step"] == 3  # continued, not restarted
     net, _ = load_model("registration_synthmorph", tmp_path / "models" / "registration_synthmorph.pt")
-    assert isinstance(net, VelocityNet) and net.features == (4, 8)
+    assert isinstance(net, VelocityNet) and net.features == (4, 8) and net.correlation_radius == 1
 
 
 def _bundled_network_on_mni_pair():

@@ -156,10 +156,9 @@ def random_velocity(shape: tuple[int, ...], gen: torch.Generator, max_std: float
     return _smooth_noise(len(shape), shape, coarse, gen) * std
 
 
-def _random_affine_coords(shape: tuple[int, ...], u: torch.Tensor, gen: torch.Generator,
-                          rot_deg: float, scale: float, shift: float) -> torch.Tensor:
-    """Sampling coordinates ``A (x + u(x))`` with a random affine ``A`` about the grid centre."""
-    nd = len(shape)
+def _random_affine(nd: int, gen: torch.Generator, rot_deg: float, scale: float,
+                   shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random affine ``(M (nd, nd), t (nd,))`` acting about the grid centre: ``y = M (x - c) + c + t``."""
     angles = [math.radians(_rand(gen, -rot_deg, rot_deg)) for _ in range(3 if nd == 3 else 1)]
     if nd == 3:
         rx, ry, rz = angles
@@ -172,9 +171,22 @@ def _random_affine_coords(shape: tuple[int, ...], u: torch.Tensor, gen: torch.Ge
         r = torch.tensor([[c, -s], [s, c]], dtype=torch.float32)
     m = r @ torch.diag(torch.tensor([1.0 + _rand(gen, -scale, scale) for _ in range(nd)]))
     t = torch.tensor([_rand(gen, -shift, shift) for _ in range(nd)])
-    centre = torch.tensor([(n - 1) / 2.0 for n in shape]).view(1, nd, *([1] * nd))
-    x = identity_grid(shape) + u - centre
-    return torch.einsum("cd,nd...->nc...", m, x) + centre + t.view(1, nd, *([1] * nd))
+    return m, t
+
+
+def _apply_affine(shape: tuple[int, ...], x: torch.Tensor, m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``M (x - c) + c + t`` for points ``x`` ``(N, nd, *S)`` (voxel indices)."""
+    nd = len(shape)
+    view = (1, nd, *([1] * nd))
+    centre = torch.tensor([(n - 1) / 2.0 for n in shape]).view(view)
+    return torch.einsum("cd,nd...->nc...", m, x - centre) + centre + t.view(view)
+
+
+def _random_affine_coords(shape: tuple[int, ...], u: torch.Tensor, gen: torch.Generator,
+                          rot_deg: float, scale: float, shift: float) -> torch.Tensor:
+    """Sampling coordinates ``A (x + u(x))`` with a random affine ``A`` about the grid centre."""
+    m, t = _random_affine(len(shape), gen, rot_deg, scale, shift)
+    return _apply_affine(shape, identity_grid(shape) + u, m, t)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -244,16 +256,20 @@ class SynthPairs:
         max_velocity_std: largest per-voxel std (voxels) of each image's random velocity.
         p_same_contrast: probability that both images share the label intensities (else each
             draws its own, as in SynthMorph).
+        affine: largest rotation (degrees), relative scaling and shift (voxels) of each image's
+            random affine (the pipeline aligns affinely before the network, so small ones suffice).
     """
 
     def __init__(self, sources: list[LabelSource], shape: tuple[int, ...] = (64, 64, 64), groups: int = 12,
-                 p_procedural: float = 0.3, max_velocity_std: float = 3.0, p_same_contrast: float = 0.5) -> None:
+                 p_procedural: float = 0.3, max_velocity_std: float = 3.0, p_same_contrast: float = 0.5,
+                 affine: tuple[float, float, float] = (6.0, 0.06, 2.0)) -> None:
         self.sources = sources
         self.shape = tuple(shape)
         self.groups = groups
         self.p_procedural = p_procedural
         self.max_velocity_std = max_velocity_std
         self.p_same_contrast = p_same_contrast
+        self.affine = tuple(float(a) for a in affine)
 
     def _label_map(self, gen: torch.Generator) -> torch.Tensor:
         if not self.sources or _rand(gen, 0, 1) < self.p_procedural:
@@ -267,18 +283,41 @@ class SynthPairs:
         _, labels = torch.unique(labels, return_inverse=True)
         return labels.reshape(self.shape)
 
+    def _transform(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A random ``x -> A (x + exp(v)(x))``: ``(v (1, nd, *S), M, t)``."""
+        v = random_velocity(self.shape, gen, self.max_velocity_std)
+        rot_deg, scale, shift = self.affine
+        m, t = _random_affine(len(self.shape), gen, rot_deg=rot_deg, scale=scale, shift=shift)
+        return v, m, t
+
+    def _coords(self, transform) -> torch.Tensor:
+        v, m, t = transform
+        return _apply_affine(self.shape, identity_grid(self.shape) + integrate(v, 5), m, t)
+
+    def _inverse_coords(self, transform, points: torch.Tensor) -> torch.Tensor:
+        """Where the inverse of ``transform`` sends ``points`` ``(1, nd, *S)``."""
+        v, m, t = transform
+        nd = len(self.shape)
+        view = (1, nd, *([1] * nd))
+        centre = torch.tensor([(n - 1) / 2.0 for n in self.shape]).view(view)
+        z = torch.einsum("cd,nd...->nc...", torch.linalg.inv(m), points - centre - t.view(view)) + centre
+        return z + sample(integrate(-v, 5), z, padding_mode="border")
+
     def deform(self, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """One random diffeomorphic + small affine copy of a label map (nearest neighbour)."""
-        v = random_velocity(self.shape, gen, self.max_velocity_std)
-        u = integrate(v, 5)
-        coords = _random_affine_coords(self.shape, u, gen, rot_deg=6.0, scale=0.06, shift=2.0)
-        out = sample(labels[None, None].float(), coords, mode="nearest", padding_mode="border")
+        return self._deform(labels, self._transform(gen))
+
+    def _deform(self, labels: torch.Tensor, transform) -> torch.Tensor:
+        out = sample(labels[None, None].float(), self._coords(transform), mode="nearest", padding_mode="border")
         return out[0, 0].round().long()
 
     def __call__(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """A pair; ``displacement`` ``(1, nd, *S)`` is the true one (voxels): ``moving(x + d(x)) ~ fixed(x)``."""
         labels = self._label_map(gen)
-        lf = self.deform(labels, gen)
-        lm = self.deform(labels, gen)
+        tf = self._transform(gen)
+        lf = self._deform(labels, tf)
+        tm = self._transform(gen)
+        lm = self._deform(labels, tm)
         count = int(labels.max()) + 1
         same = _rand(gen, 0, 1) < self.p_same_contrast
         means = torch.rand(count, generator=gen) if same else None
@@ -291,7 +330,10 @@ class SynthPairs:
         g = int(lut.max()) + 1
         nd = len(self.shape)
         onehot = lambda lab: F.one_hot(lut[lab], g).permute(nd, *range(nd)).float()[None]  # noqa: E731
-        return {"fixed": fixed, "moving": moving, "fixed_labels": onehot(lf), "moving_labels": onehot(lm)}
+        # fixed(x) = L(T_f x) and moving(y) = L(T_m y), so moving(T_m^-1 T_f x) = fixed(x)
+        displacement = self._inverse_coords(tm, self._coords(tf)) - identity_grid(self.shape)
+        return {"fixed": fixed, "moving": moving, "fixed_labels": onehot(lf), "moving_labels": onehot(lm),
+                "displacement": displacement}
 
     def segmentation_sample(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``(image (1, 1, *S), tissue class (1, *S))`` from a source with tissue classes."""

@@ -52,22 +52,28 @@ def soft_dice(a: torch.Tensor, b: torch.Tensor, present_only: bool = True) -> to
 
 def _build(kind: str, args) -> torch.nn.Module:
     if kind == "registration":
-        return VelocityNet(3, tuple(args.features or (8, 16, 16, 32)), steps=7)
+        return VelocityNet(3, tuple(args.features or (16, 32, 32)), steps=7,
+                           correlation_radius=args.correlation_radius)
     return SegmentationNet(3, len(TISSUE_CLASSES), tuple(args.features or (8, 16, 32)))
 
 
 def _arguments(net) -> dict:
     if isinstance(net, VelocityNet):
-        return {"spatial_dims": net.spatial_dims, "features": list(net.features), "steps": net.steps}
+        return {"spatial_dims": net.spatial_dims, "features": list(net.features), "steps": net.steps,
+                "correlation_radius": net.correlation_radius, "feature_channels": net.feature_channels}
     return {"spatial_dims": net.spatial_dims, "classes": net.classes, "features": list(net.features)}
 
 
-def _registration_step(net, pair, lam):
+def _registration_step(net, pair, lam, supervised=0.0):
     v, u = net.displacement(pair["fixed"], pair["moving"])
     warped = warp(pair["moving_labels"], u)
     dice = soft_dice(warped, pair["fixed_labels"])
     reg = diffusion(u)
-    return 1 - dice + lam * reg, {"dice": float(dice.detach()), "reg": float(reg.detach())}
+    # squared end-point error against the pair's true displacement (voxels^2): a dense signal
+    # everywhere, where the label Dice only pulls at label boundaries
+    epe2 = ((u - pair["displacement"]) ** 2).sum(1).mean()
+    loss = 1 - dice + lam * reg + supervised * epe2
+    return loss, {"dice": float(dice.detach()), "reg": float(reg.detach()), "epe": float(epe2.detach().sqrt())}
 
 
 def _segmentation_step(net, sample):
@@ -85,7 +91,7 @@ def _validate(kind, net, synth, count=4) -> dict:
     """Fixed synthetic validation pairs (their own seed, never seen in training)."""
     net.eval()
     gen = torch.Generator().manual_seed(987654)
-    before, after, folding = [], [], []
+    before, after, folding, epe = [], [], [], []
     for _ in range(count):
         if kind == "registration":
             pair = synth(gen)
@@ -93,6 +99,7 @@ def _validate(kind, net, synth, count=4) -> dict:
             before.append(float(soft_dice(pair["moving_labels"], pair["fixed_labels"])))
             after.append(float(soft_dice(warp(pair["moving_labels"], u), pair["fixed_labels"])))
             folding.append(float((jacobian_determinant(u) <= 0).float().mean() * 100))
+            epe.append(float((u - pair["displacement"]).norm(dim=1).mean()))
         else:
             image, target = synth.segmentation_sample(gen)
             pred = net(image).argmax(1)
@@ -103,6 +110,7 @@ def _validate(kind, net, synth, count=4) -> dict:
     if before:
         out["val_dice_before"] = round(sum(before) / len(before), 4)
         out["val_folding_percent"] = round(sum(folding) / len(folding), 4)
+        out["val_end_point_error_voxels"] = round(sum(epe) / len(epe), 4)
     return out
 
 
@@ -127,8 +135,10 @@ def _save(kind, net, opt, step, gen, history, args, started_seconds, metrics) ->
         net, args.out_dir, name, _arguments(net), training_data,
         command=f"python -m meddl.registration.train --model {kind} --spacing {args.spacing:g} "
                 f"--shape {' '.join(str(n) for n in args.shape)} --features {' '.join(str(f) for f in net.features)} "
+                + (f"--correlation-radius {net.correlation_radius} " if kind == "registration" else "") +
                 f"--max-velocity {args.max_velocity:g} --p-same-contrast {args.p_same_contrast:g} "
-                f"--lr {args.lr:g} --resume",
+                f"--lr {args.lr:g} --lam {args.lam:g} --supervised {args.supervised:g} "
+                f"--affine {' '.join(f'{a:g}' for a in args.affine)} --resume",
         metrics={"step": step, **metrics},
         spacing_mm=args.spacing, steps_trained=step, training_seconds=round(started_seconds, 1),
         loss_curve_step_loss_dice=curve, classes=list(TISSUE_CLASSES) if kind == "segmentation" else None,
@@ -144,8 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", type=int, nargs=3, default=(48, 48, 48))
     p.add_argument("--spacing", type=float, default=4.0, help="training grid spacing (mm) of the label maps")
     p.add_argument("--features", type=int, nargs="+")
+    p.add_argument("--correlation-radius", type=int, default=2,
+                   help="registration network: largest matching offset (voxels) of its cost volume; 0 stacks "
+                        "the two images into a plain U-Net")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lam", type=float, default=1.0, help="diffusion regulariser weight")
+    p.add_argument("--supervised", type=float, default=0.1,
+                   help="weight of the squared end-point error against the synthetic pair's true displacement")
+    p.add_argument("--affine", type=float, nargs=3, default=(2.0, 0.02, 1.0), metavar=("DEG", "SCALE", "SHIFT"),
+                   help="largest random rotation (degrees), scaling and shift (voxels) of each image")
     p.add_argument("--max-velocity", type=float, default=3.0, help="largest random velocity std (voxels)")
     p.add_argument("--p-same-contrast", type=float, default=0.5,
                    help="probability that a pair shares its random contrast (else independent, SynthMorph)")
@@ -188,14 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--procedural-only: the segmentation model needs the atlas tissue maps")
     sources = [] if args.procedural_only else label_sources(args.spacing)
     synth = SynthPairs(sources, tuple(args.shape), max_velocity_std=args.max_velocity,
-                       p_same_contrast=args.p_same_contrast)
+                       p_same_contrast=args.p_same_contrast, affine=tuple(args.affine))
     start = time.perf_counter()
     last_ckpt = start
     window: list[tuple[float, float]] = []
     while step < args.max_steps and time.perf_counter() - start < args.hours * 3600:
         t0 = time.perf_counter()
         if kind == "registration":
-            loss, facts = _registration_step(net, synth(gen), args.lam)
+            loss, facts = _registration_step(net, synth(gen), args.lam, args.supervised)
         else:
             loss, facts = _segmentation_step(net, synth.segmentation_sample(gen))
         opt.zero_grad(set_to_none=True)
