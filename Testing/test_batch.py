@@ -619,3 +619,49 @@ def test_a_row_without_an_output_is_listed_not_a_crash(tmp_path):
     manifest.write_text(json.dumps({"operation": "register", "fixed": "in.txt", "moving": "in.txt"}) + "\n")
     with pytest.raises(InputError, match=r"line 1: .*required: -o/--output"):
         read_manifest(manifest)
+
+
+@needs_adapt
+def test_files_named_after_an_output_are_checked_and_committed_like_outputs(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    scan, ref1, ref2 = _tiny_volumes(tmp_path, 3, rng)
+    # "--combine each" writes OUT_1, OUT_2: one of them an input of this job, or of another line
+    own = tmp_path / "case01_1.nii.gz"
+    io.write(io.read(ref1), own)
+    manifest = _write_csv(tmp_path / "m.csv", ["operation", "input", "references", "output", "combine"], [
+        ["adapt fourier", scan.name, f"{own.name};{ref2.name}", "case01.nii.gz", "each"],
+        ["adapt fourier", scan.name, f"{ref1.name};{ref2.name}", "out/m.nii.gz", "each"],
+        ["adapt fourier", "out/m_2.nii.gz", ref1.name, "out/n.nii.gz", ""],
+    ])
+    with pytest.raises(InputError) as err:
+        read_manifest(manifest)
+    message = str(err.value)
+    assert re.search(r"line 2: output '.*case01_1\.nii\.gz' is also an input of this job", message)
+    assert re.search(r"line 4: input '.*out/m_2\.nii\.gz' is written by line 3", message)
+    # run alone, the numbered outputs and a prefix's stain files land under their own names
+    rgb = tmp_path / "he.png"
+    import imageio.v3 as iio
+
+    iio.imwrite(rgb, (rng.uniform(0.3, 0.9, (24, 24, 3)) * 255).astype(np.uint8))
+    good = _write_csv(tmp_path / "good.csv", ["operation", "input", "references", "reference", "output", "combine",
+                                              "stains_out", "separation"], [
+        ["adapt fourier", scan.name, f"{ref1.name};{ref2.name}", "", "out/each.nii.gz", "each", "", ""],
+        ["adapt stain", rgb.name, "", rgb.name, "out/he_norm.png", "", "out/p", "hed"],
+    ])
+    report = run_batch(good, workers=1)
+    assert report.summary()["done"] == 2, [j.error for j in report.jobs]
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["each_1.nii.gz", "each_2.nii.gz", "he_norm.png", "p_DAB.nrrd", "p_E.nrrd", "p_H.nrrd"]
+    assert not _partial_files(tmp_path)
+
+
+def test_report_never_overwrites_an_input_or_the_manifest(tmp_path):
+    ins = _inputs(tmp_path, 1)
+    manifest = _write_csv(tmp_path / "m.csv", ["operation", "input", "output"], [["sleepcopy", ins[0].name, "o.txt"]])
+    before = manifest.read_bytes(), ins[0].read_bytes()
+    for report, pattern in ((ins[0], r"it is an input of a job"), (manifest, r"it is the manifest"),
+                            (tmp_path, r"it is a folder")):
+        with pytest.raises(InputError, match=f"--report '.*': {pattern}"):
+            run_batch(manifest, workers=1, report=report)
+    assert (manifest.read_bytes(), ins[0].read_bytes()) == before
+    assert not (tmp_path / "o.txt").exists()

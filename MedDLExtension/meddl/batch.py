@@ -79,6 +79,7 @@ CONNECT_TIMEOUT_S = 5.0
 CANCEL_GRACE_S = 10.0
 #: Marker in the names of outputs being written (``.NAME.meddl-part-TOKEN.SUFFIX``).
 _PART = ".meddl-part-"
+_TOKEN_LENGTH = 12
 #: Separator of several values in one CSV cell (arguments taking a list, such as references).
 LIST_SEPARATOR = ";"
 
@@ -86,7 +87,8 @@ LIST_SEPARATOR = ";"
 # positional arguments. A capability may say so itself with ``set_defaults(_outputs=(...),
 # _inputs=(...))`` on its parser; these names are the ones the ``meddl`` commands use.
 _OUTPUT_DESTS = frozenset({"output", "transform", "inverse", "jacobian", "labels_out", "uncertainty", "zero_filled",
-                           "coils_out", "coil_images", "hematoxylin", "eosin", "probabilities", "stains_out"})
+                           "phase", "coils_out", "coil_images", "hematoxylin", "eosin", "probabilities",
+                           "stains_out"})
 _INPUT_DESTS = frozenset({"moving_labels", "fixed_labels", "context", "annotated", "weights", "deepsim_weights",
                           "mask", "reference", "references", "sensitivity_maps"})
 #: Options the batch sets itself for every job.
@@ -160,6 +162,9 @@ class Job:
         inputs: absolute input paths.
         key: fingerprint of the operation and its arguments (names the job's state record).
         accepts: which of the common options (``device``, ``progress``) the subcommand takes.
+        derived: further files the job writes under names made from its outputs (``OUT_1.nii.gz``
+            for one output per reference, ``PREFIX_H.nrrd`` for a prefix), as the subcommand's
+            ``_derived_outputs`` default names them; checked like outputs.
     """
 
     id: str
@@ -173,6 +178,7 @@ class Job:
     inputs: tuple[str, ...]
     key: str
     accepts: tuple[str, ...] = ("device", "progress")
+    derived: tuple[str, ...] = ()
 
     def argv_with(self, outputs: Sequence[str]) -> list[str]:
         """``argv`` with the outputs replaced by ``outputs`` (same order as :attr:`outputs`)."""
@@ -459,10 +465,14 @@ def _build_job(line: int, row: dict[str, Any], manifest_dir: Path, root: Path, s
         except (InputError, ValueError) as exc:
             errors.append(str(exc))
 
+    derived: tuple[str, ...] = ()
     if not missing_positional:  # argparse names only the first problem it meets: after ours
         parser, _ = _parser_for(command, module)
         try:
-            parser.parse_args([command, *argv])
+            parsed = parser.parse_args([command, *argv])
+            derive = getattr(parsed, "_derived_outputs", None)
+            if derive is not None:
+                derived = tuple(str(p) for p in derive(parsed) if str(p) not in {str(o) for o in out_paths})
         except MedDLError as exc:
             errors.append(str(exc).replace("(see 'meddl --help')", "").strip())
         except SystemExit:  # argparse's own exit (should not happen with meddl's parser)
@@ -476,7 +486,7 @@ def _build_job(line: int, row: dict[str, Any], manifest_dir: Path, root: Path, s
     key = hashlib.sha256(json.dumps([command, argv]).encode()).hexdigest()
     accepts = tuple(name for name in ("device", "progress") if name in by_name)
     job = Job(job_id, line, operation, command, module, tuple(argv), tuple(str(p) for p in out_paths),
-              tuple(slots), tuple(str(p) for p in in_paths), key, accepts)
+              tuple(slots), tuple(str(p) for p in in_paths), key, accepts, derived)
     return job, [f"{where}: {e}" for e in errors]
 
 
@@ -574,7 +584,7 @@ def read_manifest(path: str | os.PathLike, output_root: str | os.PathLike | None
             problem = _check_input(Path(p))
             if problem:
                 problems.append((job.line, f"{where}: {problem}"))
-        for p in job.outputs:
+        for p in (*job.outputs, *job.derived):
             if p in job.inputs:
                 problems.append((job.line, f"{where}: output '{p}' is also an input of this job "
                                            "(inputs are never overwritten)"))
@@ -656,9 +666,15 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=1) + "\n")
 
 
+def _part_marker(part_name: str) -> str:
+    """``.NAME.meddl-part-TOKEN`` of a temporary name (whatever suffix follows)."""
+    at = part_name.index(_PART) + len(_PART)
+    return part_name[: at + _TOKEN_LENGTH]
+
+
 def _part_name(final: Path) -> Path:
     name = final.name
-    return final.with_name(f".{_stem_of(name)}{_PART}{uuid.uuid4().hex[:12]}{_suffix_of(name)}")
+    return final.with_name(f".{_stem_of(name)}{_PART}{uuid.uuid4().hex[:_TOKEN_LENGTH]}{_suffix_of(name)}")
 
 
 def sweep_partial_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -785,7 +801,7 @@ def _worker_name() -> str:
 def _produced(final: Path, part: Path) -> list[tuple[Path, Path]]:
     """``(written, final)`` pairs for one output slot: the temporary file itself, and files the
     operation named after it (``OUT_1.nii.gz`` for several outputs, ``PREFIX_H.nrrd`` for a prefix)."""
-    marker = _stem_of(part.name)  # .NAME.meddl-part-TOKEN
+    marker = _part_marker(part.name)  # the final's suffix may be none (a prefix such as "p")
     stem = _stem_of(final.name)
     pairs = []
     with contextlib.suppress(OSError):
@@ -822,7 +838,7 @@ def commit_outputs(job: Job, parts: Sequence[Path], state_dir: str | os.PathLike
 def discard_parts(parts: Sequence[Path]) -> None:
     """Remove whatever is left under these temporary names (a failed or cancelled job)."""
     for part in parts:
-        marker = _stem_of(part.name)
+        marker = _part_marker(part.name)
         with contextlib.suppress(OSError):
             for entry in os.scandir(part.parent):
                 # ours, and what meddl.io.atomic_path made from ours (".<ours>.XXXX.part.nii.gz")
@@ -1124,8 +1140,15 @@ def run_batch(
     if threads_per_worker < 1:
         raise InputError(f"--threads-per-worker: expected 1 or more, got {threads_per_worker}")
     report_path = Path(report) if report is not None else manifest.state_dir / "report.json"
-    if str(report_path.resolve()) in {str(Path(p)) for j in manifest.jobs for p in j.outputs}:
+    resolved = str(report_path.resolve())
+    if resolved in {str(Path(p)) for j in manifest.jobs for p in (*j.outputs, *j.derived)}:
         raise InputError(f"--report '{report_path}': it is also an output of a job; choose another path")
+    if resolved in {str(Path(p)) for j in manifest.jobs for p in j.inputs} or resolved == str(manifest.path):
+        raise InputError(f"--report '{report_path}': it is "
+                         + ("the manifest" if resolved == str(manifest.path) else "an input of a job")
+                         + "; inputs are never overwritten, choose another path")
+    if report_path.is_dir():
+        raise InputError(f"--report '{report_path}': it is a folder; expected a file name such as report.json")
     distributed = _dask()
     reporter = Reporter.of(progress)
     say = log or (lambda message: None)

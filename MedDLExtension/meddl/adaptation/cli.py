@@ -50,7 +50,7 @@ def configure(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--light-intensity", type=float, default=240.0, help="transmitted light intensity I0")
     s.add_argument("--tiled", action="store_true",
                    help="stream a TIFF of any size tile by tile (TIFF in, tiled TIFF out)")
-    s.set_defaults(_run=run, _adapt="stain", _compute=True)
+    s.set_defaults(_run=run, _adapt="stain", _compute=True, _derived_outputs=stain_outputs)
 
     f = methods.add_parser("fourier", parents=parents,
                            help="Fourier domain adaptation (FDA): swap the low-frequency amplitude spectrum")
@@ -77,7 +77,7 @@ def configure(subparsers) -> argparse.ArgumentParser:
                    help="log domain: log(x + c), c = this fraction of each image's 99th percentile (default 0.05)")
     f.add_argument("--histogram-match", action="store_true",
                    help="baseline: SimpleITK histogram matching to the references instead of FDA")
-    f.set_defaults(_run=run, _adapt="fourier", _compute=True)
+    f.set_defaults(_run=run, _adapt="fourier", _compute=True, _derived_outputs=fourier_outputs)
 
     h = methods.add_parser("histogram", parents=parents, help="baseline: histogram matching (SimpleITK)")
     h.add_argument("input")
@@ -121,6 +121,24 @@ def _stain_path(prefix: str, stain: str) -> str:
     return f"{prefix}_{stain}.nrrd"
 
 
+def stain_outputs(args) -> list[str]:
+    """The stain-concentration files ``--stains-out PREFIX`` writes (none without it)."""
+    if not args.stains_out:
+        return []
+    separation = args.separation or ("hed" if args.method == "reinhard" else args.method)
+    names = ("H", "E", "DAB") if separation == "hed" else ("H", "E")
+    return [_stain_path(args.stains_out, n) for n in names]
+
+
+def fourier_outputs(args) -> list[str]:
+    """The files ``adapt fourier`` writes: the output, or one numbered file per reference
+    (``--combine each``, at most ``--donors``)."""
+    if args.combine != "each":
+        return [args.output]
+    n_out = len(args.references) if args.donors is None else min(len(args.references), max(args.donors, 1))
+    return [_numbered(args.output, i + 1) for i in range(n_out)]
+
+
 def _colour_alike(volumes: list) -> list:
     """Grey pictures stored as RGB (read as one channel, ``meta["stored_as"]``) get their three
     channels back when another image of the command is in colour, so the two still pair up."""
@@ -142,7 +160,7 @@ def run(args, ctx) -> int:
         config = StainConfig(method=args.method, tissue=args.tissue, light_intensity=args.light_intensity)
         separation = args.separation or ("hed" if args.method == "reinhard" else args.method)
         stain_names = ("H", "E", "DAB") if separation == "hed" else ("H", "E")
-        stain_paths = [_stain_path(args.stains_out, n) for n in stain_names] if args.stains_out else []
+        stain_paths = stain_outputs(args)
         for path in stain_paths:  # found before any work, not after the main output is written
             if Path(path).suffix.lower() in io.INTEGER_ONLY_SUFFIXES:
                 raise InputError(f"--stains-out: stain concentrations are floating point, which '{Path(path).suffix}' "
@@ -172,16 +190,12 @@ def run(args, ctx) -> int:
         return 0
 
     if which == "fourier":
-        from .fourier import Combine, FourierConfig, adapt_fourier
+        from .fourier import FourierConfig, adapt_fourier
 
         config = FourierConfig(beta=args.beta, window=args.window, mode=args.mode, combine=args.combine,
                                slice_axis=args.slice_axis, donors=args.donors, preserve_range=not args.no_clip,
                                domain=args.domain, log_offset=args.log_offset)
-        n_out = len(args.references) if config.combine is Combine.EACH else 1
-        if config.combine is Combine.EACH and config.donors is not None:
-            n_out = min(n_out, config.donors)
-        outputs = [args.output] if n_out == 1 and config.combine is Combine.MEAN else [
-            _numbered(args.output, i + 1) for i in range(n_out)]
+        outputs = fourier_outputs(args)
         check_outputs(outputs, [args.input, *args.references])
         image = load_input(args.input, "input", ndim=(2, 3))
         refs = [load_input(r, f"reference {i + 1}", ndim=(2, 3)) for i, r in enumerate(args.references)]
