@@ -79,6 +79,21 @@ def test_output_that_is_an_input_is_refused(cli, scalar3d):
     _assert_clean_error(result, r"is also an input")
 
 
+def test_output_over_a_file_of_an_input_is_refused(cli, tmp_path, scalar3d):
+    # a .mhd input whose data file has the name a .mhd output would write
+    folder = tmp_path / "mhd"
+    folder.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((6, 5, 4), np.float32)), str(folder / "adapted.mhd"), True)
+    (folder / "adapted.mhd").rename(folder / "img.mhd")
+    assert "ElementDataFile = adapted.zraw" in (folder / "img.mhd").read_text()
+    data = (folder / "adapted.zraw").read_bytes()
+    result = cli("convert", str(folder / "img.mhd"), "-o", str(folder / "adapted.mhd"))
+    _assert_clean_error(result, r"output '.*adapted\.mhd' would overwrite '.*adapted\.zraw', a file of input "
+                                r"'.*img\.mhd'")
+    assert (folder / "adapted.zraw").read_bytes() == data and not (folder / "adapted.mhd").exists()
+    assert cli("convert", str(folder / "img.mhd"), "-o", str(folder / "other.mhd")).returncode == 0
+
+
 def test_usage_errors_are_one_line(cli):
     _assert_clean_error(cli("register"), r"the following arguments are required")
     _assert_clean_error(cli("frobnicate"), r"invalid choice: 'frobnicate'")

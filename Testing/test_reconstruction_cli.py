@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 from meddl import io
 from meddl.cli import main
 from meddl.errors import InputError
@@ -361,3 +362,11 @@ def test_simulate_kspace_writes_bart_data_that_reads_back_as_the_fastmri_file(tm
     assert main(["simulate-kspace", str(tmp_path / "scan.hdr"), "-o", str(tmp_path / "scan.cfl")]) == 2
     assert re.search(r"^error: output '.*scan\.hdr' is also an input", capsys.readouterr().err)
     assert (tmp_path / "scan.hdr").read_bytes() == b"not to be overwritten"
+    # nor is the header of a NIfTI pair read through its .img
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((3, 18, 20), np.float32)), str(tmp_path / "pair.hdr"))
+    header = (tmp_path / "pair.hdr").read_bytes()
+    assert main(["simulate-kspace", str(tmp_path / "pair.img"), "-o", str(tmp_path / "pair.cfl")]) == 2
+    assert re.search(r"^error: output '.*pair\.(cfl|hdr)' (would overwrite '.*pair\.hdr', )?(is )?a file of input "
+                     r"'.*pair\.img'",
+                     capsys.readouterr().err)
+    assert (tmp_path / "pair.hdr").read_bytes() == header and not (tmp_path / "pair.cfl").exists()

@@ -556,7 +556,7 @@ def read_manifest(path: str | os.PathLike, output_root: str | os.PathLike | None
     those of the subcommand and parse; inputs exist and are readable; outputs are writable,
     inside the output root, not an input, and written by no other job.
     """
-    from .io import DETACHED_SUFFIXES
+    from .io import DETACHED_SUFFIXES, files_of
 
     path = Path(path)
     rows = _rows(path)
@@ -584,10 +584,16 @@ def read_manifest(path: str | os.PathLike, output_root: str | os.PathLike | None
             problem = _check_input(Path(p))
             if problem:
                 problems.append((job.line, f"{where}: {problem}"))
+        input_files = {str(f) for i in job.inputs for f in files_of(i)}
         for p in (*job.outputs, *job.derived):
             if p in job.inputs:
                 problems.append((job.line, f"{where}: output '{p}' is also an input of this job "
                                            "(inputs are never overwritten)"))
+                continue
+            clash = next((str(f) for f in files_of(p, written=True) if str(f) in input_files), None)
+            if clash is not None:
+                problems.append((job.line, f"{where}: output '{p}' would overwrite '{clash}', a file of an input of "
+                                           "this job (inputs are never overwritten)"))
                 continue
             if p in writers:
                 other = writers[p]

@@ -126,8 +126,12 @@ def common_options(compute: bool = True) -> argparse.ArgumentParser:
 
 
 def check_outputs(outputs: Sequence[str | os.PathLike | None], inputs: Sequence[str | os.PathLike | None]) -> None:
-    """Refuse outputs that would overwrite an input, or that repeat each other."""
+    """Refuse outputs that would overwrite an input (or a file of one: a header's data file, the
+    other half of a pair), or that repeat each other."""
+    from .io import files_of
+
     ins = {Path(p).resolve() for p in inputs if p}
+    parts = {f.resolve(): p for p in inputs if p for f in files_of(p)[1:]}
     seen: set[Path] = set()
     for out in outputs:
         if not out:
@@ -135,6 +139,14 @@ def check_outputs(outputs: Sequence[str | os.PathLike | None], inputs: Sequence[
         target = Path(out).resolve()
         if target in ins:
             raise InputError(f"output '{out}' is also an input; choose another output path (inputs are never overwritten)")
+        if target in parts:
+            raise InputError(f"output '{out}' is a file of input '{parts[target]}'; choose another output path "
+                             "(inputs are never overwritten)")
+        for f in files_of(out, written=True)[1:]:
+            if f.resolve() in ins or f.resolve() in parts:
+                what = f"a file of input '{parts[f.resolve()]}'" if f.resolve() in parts else "an input"
+                raise InputError(f"output '{out}' would overwrite '{f}', {what}; choose another output path "
+                                 "(inputs are never overwritten)")
         if target in seen:
             raise InputError(f"output '{out}' is given twice; each output needs its own path")
         if target.exists() and target.is_dir():

@@ -9,6 +9,7 @@ SimpleITK's array view is ``(K, J, I[, C])``; a Volume is ``(C, I, J, K)``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -425,6 +426,37 @@ def _default_mode() -> int:
 
 #: formats whose header names a separate data file (ITK writes ``name.raw`` / ``name.zraw`` / ``name.raw.gz``)
 DETACHED_SUFFIXES = (".nhdr", ".mhd")
+
+
+def files_of(path: str | os.PathLike, written: bool = False) -> list[Path]:
+    """Every file an image at ``path`` occupies: itself and its companions (an Analyze/NIfTI pair's
+    ``.hdr`` / ``.img``, BART's ``.cfl`` / ``.hdr``, the data file a ``.mhd`` / ``.nhdr`` header names).
+
+    ``written``: the files writing ``path`` may create (a detached header's ``.raw``, ``.zraw``,
+    ``.raw.gz``), rather than those an existing header names. Used to keep outputs off inputs.
+    """
+    path = Path(path)
+    name = path.name
+    lower = name.lower()
+    out = [path]
+    if lower.endswith(".img") or lower.endswith(".cfl"):
+        out.append(path.with_name(name[:-4] + ".hdr"))
+    elif lower.endswith(".hdr"):
+        out += [path.with_name(name[:-4] + ".img"), path.with_name(name[:-4] + ".cfl")]
+    elif lower.endswith(DETACHED_SUFFIXES):
+        stem = name[: -len(Path(name).suffix)]
+        if written:
+            out += [path.with_name(stem + s) for s in (".raw", ".zraw", ".raw.gz")]
+        else:
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                head = path.read_bytes()[:65536].decode("latin-1")
+                for line in head.splitlines():
+                    key, sep, value = line.partition("=" if lower.endswith(".mhd") else ":")
+                    if sep and key.strip().lower().replace(" ", "") in ("elementdatafile", "datafile"):
+                        value = value.strip()
+                        if value and value.upper() not in ("LOCAL", "LIST") and "%" not in value:
+                            out.append(path.parent / value)
+    return out
 
 
 def _write_detached(image: Any, path: Path, compress: bool) -> None:
