@@ -25,6 +25,8 @@ def images(tmp_path_factory):
     io.write(Volume(rng.random((1, 16, 18)).astype(np.float32)), folder / "slice.nii.gz")
     labels = (rng.random((1, 16, 18, 12)) > 0.5).astype(np.int16)
     io.write(Volume(labels, kind="label"), folder / "labels.nii.gz")
+    io.write(Volume(labels, np.diag([2.0, 2.0, 2.0, 1.0]), kind="label"), folder / "labels_2mm.nii.gz")
+    io.write(Volume(np.zeros((1, 16, 18, 12), np.float32)), folder / "blank.nii.gz")
     return folder
 
 
@@ -90,6 +92,20 @@ def test_fourier_each_reference_and_histogram_baseline(images):
         (["stain", "{d}/slide.png", "{d}/ref.png", "-o", "{d}/slide.png"], r"error: output .* is also an input"),
         (["stain", "{d}/slide.png", "{d}/ref.png", "-o", "{d}/x.png", "--method", "fancy"], r"error: .*invalid choice"),
         ([], r"error: meddl adapt: expected a method"),
+        (["fourier", "{d}/mr.nii.gz", "{d}/blank.nii.gz", "-o", "{d}/x.nii.gz"],
+         r"error: reference 1: the image is constant \(0 everywhere\); there is no style to match"),
+        (["fourier", "{d}/blank.nii.gz", "{d}/mr_ref1.nii.gz", "-o", "{d}/x.nii.gz"],
+         r"error: input: the image is constant"),
+        (["histogram", "{d}/mr.nii.gz", "{d}/blank.nii.gz", "-o", "{d}/x.nii.gz"],
+         r"error: reference: the image is constant"),
+        (["histogram", "{d}/mr.nii.gz", "{d}/mr_ref1.nii.gz", "-o", "{d}/x.nii.gz", "--levels", "5000000000"],
+         r"error: histogram matching: expected 2 <= levels <= 65536 .* got 5000000000 levels"),
+        (["histogram", "{d}/mr.nii.gz", "{d}/mr_ref1.nii.gz", "-o", "{d}/x.nii.gz", "--match-points", "300"],
+         r"error: histogram matching: .*1 <= match points <= levels, got 256 levels and 300 match points"),
+        (["classwise", "{d}/mr.nii.gz", "{d}/labels_2mm.nii.gz", "{d}/mr_ref1.nii.gz", "{d}/labels.nii.gz",
+          "-o", "{d}/x.nii.gz"],
+         r"error: labels: expected the grid of its image \(spacing 1 x 1 x 1 mm, origin 0 x 0 x 0 mm\), got "
+         r"spacing 2 x 2 x 2 mm"),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(argv, pattern, images, capsys):

@@ -481,6 +481,13 @@ def test_empty_context_label_is_refused(net):
         run(target, net, context=[(img, labels(np.zeros((16, 16, 8)), img))])
 
 
+def test_blank_target_is_refused(net):
+    blank = image(np.zeros((16, 16, 8), np.float32))
+    img = image(smooth_volume((16, 16, 8), 2))
+    with pytest.raises(InputError, match=r"target image: the image is constant \(0 everywhere\); there is nothing"):
+        run(blank, net, context=[(img, labels(np.ones((16, 16, 8)), img))])
+
+
 def test_annotation_without_painted_slice_is_refused(net):
     target = image(smooth_volume((16, 16, 8), 1))
     with pytest.raises(InputError, match=r"annotated: expected at least one painted slice"):

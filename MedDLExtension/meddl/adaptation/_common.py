@@ -35,11 +35,18 @@ def as_tensor(data: Any, device, dtype=None):
     return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device=device)
 
 
-def check_intensity(volume: Any, role: str, ndim: tuple[int, ...] = (2, 3), rgb: bool = False) -> Volume:
-    """An intensity volume with finite values (NaN and inf refused), 2D or 3D."""
+def check_intensity(volume: Any, role: str, ndim: tuple[int, ...] = (2, 3), rgb: bool = False,
+                    varying: bool = False) -> Volume:
+    """An intensity volume with finite values (NaN and inf refused), 2D or 3D; with ``varying``,
+    not one value everywhere (a blank image has no histogram or spectrum to match)."""
     if not isinstance(volume, Volume):
         raise InputError(f"{role}: expected a meddl.Volume, got {type(volume).__name__}")
     require(volume, role, ndim=ndim, rgb=rgb, kinds=(Kind.INTENSITY,), finite=True)
+    if varying:
+        arr = volume.numpy()
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo == hi:
+            raise InputError(f"{role}: the image is constant ({lo:g} everywhere); there is no style to match")
     return volume
 
 

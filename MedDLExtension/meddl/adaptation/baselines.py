@@ -35,8 +35,8 @@ def histogram_match(
     """
     import SimpleITK as sitk
 
-    check_intensity(image, "input")
-    check_intensity(reference, "reference")
+    check_intensity(image, "input", varying=True)
+    check_intensity(reference, "reference", varying=True)
     if reference.ndim != image.ndim:
         raise InputError(
             f"reference: expected a {image.ndim}D volume like the input, got {reference.ndim}D with shape "
@@ -44,8 +44,9 @@ def histogram_match(
         )
     if reference.channels not in (1, image.channels):
         raise InputError(f"reference: expected {image.channels} channel(s) like the input (or 1), got {reference.channels}")
-    if levels < 2 or match_points < 1:
-        raise InputError(f"histogram matching: expected levels >= 2 and match_points >= 1, got {levels}, {match_points}")
+    if not 2 <= levels <= 65536 or not 1 <= match_points <= levels:
+        raise InputError(f"histogram matching: expected 2 <= levels <= 65536 and 1 <= match points <= levels, "
+                         f"got {levels} levels and {match_points} match points")
     src = image.numpy().astype(np.float32)
     ref = reference.numpy().astype(np.float32)
     out = np.empty_like(src)
@@ -59,6 +60,10 @@ def histogram_match(
         f.SetThresholdAtMeanIntensity(bool(threshold_at_mean))
         out[c] = sitk.GetArrayFromImage(f.Execute(a, b))
     return image.with_data(out, adaptation="histogram matching")
+
+
+def _mm(values) -> str:
+    return " x ".join(f"{float(v):g}" for v in values) + " mm"
 
 
 def align_class_statistics(
@@ -86,6 +91,11 @@ def align_class_statistics(
         require(vol, role, ndim=(grid.ndim,), scalar=True)
         if vol.spatial_shape != grid.spatial_shape:
             raise InputError(f"{role}: expected the shape {grid.spatial_shape} of its image, got {vol.spatial_shape}")
+        if not vol.same_grid(grid, atol=1e-3):
+            raise InputError(
+                f"{role}: expected the grid of its image (spacing {_mm(grid.spacing)}, origin {_mm(grid.origin)}), "
+                f"got spacing {_mm(vol.spacing)}, origin {_mm(vol.origin)}; resample the labels onto the image first"
+            )
     if reference.channels not in (1, image.channels):
         raise InputError(f"reference: expected {image.channels} channel(s) like the input (or 1), got {reference.channels}")
     lab = np.rint(labels.numpy()[0]).astype(np.int64)

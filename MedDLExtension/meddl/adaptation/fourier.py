@@ -237,7 +237,7 @@ def _check_references(image: Volume, references: Sequence[Volume]) -> None:
                 f"{role}: expected a {image.ndim}D volume like the input, got {ref.ndim}D with shape "
                 f"{ref.spatial_shape}; give references of the same dimensionality"
             )
-        check_intensity(ref, role)
+        check_intensity(ref, role, varying=True)
         if ref.channels not in (1, image.channels):
             raise InputError(
                 f"{role}: expected {image.channels} channel(s) like the input (or 1), got {ref.channels}"
@@ -271,7 +271,7 @@ def adapt_fourier(
 
     config = config if config is not None else FourierConfig()
     rep = Reporter.of(progress, cancel)
-    check_intensity(image, "input")
+    check_intensity(image, "input", varying=True)
     refs = [references] if isinstance(references, Volume) else list(references)
     _check_references(image, refs)
     if config.domain is FourierDomain.LOG:

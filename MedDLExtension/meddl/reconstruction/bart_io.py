@@ -137,10 +137,14 @@ def write_cfl(base: str | os.PathLike, array: np.ndarray) -> tuple[Path, Path]:
     array = np.asarray(array)
     if array.ndim > len(BART_DIMS):
         raise InputError(f"BART data: expected at most 16 dimensions, got {array.ndim}")
+    from ..io import atomic_path
+
     hdr, cfl = cfl_names(base)
     dims = list(array.shape) + [1] * max(0, 5 - array.ndim)
-    hdr.write_text("# Dimensions\n" + " ".join(str(d) for d in dims) + "\n")
-    array.astype("<c8").ravel(order="F").tofile(cfl)
+    with atomic_path(cfl) as tmp:  # the data first, the header (which makes it readable) last
+        array.astype("<c8").ravel(order="F").tofile(tmp)
+    with atomic_path(hdr) as tmp:
+        tmp.write_text("# Dimensions\n" + " ".join(str(d) for d in dims) + "\n")
     return hdr, cfl
 
 

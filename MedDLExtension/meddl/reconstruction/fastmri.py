@@ -133,9 +133,9 @@ def write_fastmri(
         kspace.shape[0],
         kspace.shape[1] if kspace.ndim == 4 else 1,
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
+    from ..io import atomic_path
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("kspace", data=kspace)
         f.create_dataset("ismrmrd_header", data=header_xml(header).encode())
         if mask is not None:
@@ -146,4 +146,4 @@ def write_fastmri(
         f.attrs["acquisition"] = acquisition
         for k, v in attrs.items():
             f.attrs[k] = v
-    return path
+    return Path(path)
