@@ -106,6 +106,21 @@ def test_weights_that_do_not_fit_are_reported(saved, monkeypatch):
         models.load_model("tiny")
 
 
+@pytest.mark.parametrize("arguments, pattern", [
+    ({**ARGS, "bogus": 1}, r"the card's arguments do not build a UNet \(.*unexpected keyword argument 'bogus'"),
+    ({**ARGS, "features": "abc"}, r"the card's arguments do not build a UNet \(invalid literal"),
+    ([2, 1, 2], r"the card's 'arguments' must be an object of keyword arguments, got list"),
+], ids=["unknown-key", "bad-value", "list"])
+def test_card_arguments_that_do_not_build_the_network_are_reported(saved, monkeypatch, arguments, pattern):
+    _, _, folder = saved
+    body = json.loads((folder / "tiny.json").read_text())
+    body["arguments"] = arguments
+    (folder / "tiny.json").write_text(json.dumps(body))
+    monkeypatch.setenv("MEDDL_MODELS_DIR", str(folder))
+    with pytest.raises(ModelError, match=pattern):
+        models.load_model("tiny")
+
+
 def test_bundled_cards_match_their_weights():
     """Every card in Resources/models describes the file beside it."""
     for card_path in sorted(models.models_dir().glob("*.json")):

@@ -88,11 +88,16 @@ def test_a_header_without_field_of_view_gives_1_mm_and_says_so(tmp_path, rng, ca
 def test_single_coil_file_and_slice_selection(tmp_path, rng):
     k = _kspace(rng, (4, 16, 12))
     path = write_fastmri(tmp_path / "s.h5", k)
-    data = read_fastmri(path, slices=(3, 1))
+    data = read_fastmri(path, slices=(2, 1, 2))  # any order, repeats merged
     assert data.single_coil and data.kspace.shape == (2, 1, 16, 12)
-    np.testing.assert_array_equal(data.kspace[:, 0], k[[1, 3]])
+    np.testing.assert_array_equal(data.kspace[:, 0], k[[1, 2]])
     with pytest.raises(InputError, match="--slices: expected indices in 0..3"):
         read_fastmri(path, slices=(7,))
+    with pytest.raises(InputError, match=r"--slices: expected indices in 0..3 for 's\.h5', got \[-1\]"):
+        read_fastmri(path, slices=(-1,))
+    # one volume holds neighbouring slices: a gap would put slices 0 and 2 one spacing apart
+    with pytest.raises(InputError, match=r"--slices: expected consecutive slices .* got 0, 2 .* range such as 0:3"):
+        read_fastmri(path, slices=(2, 0))
 
 
 def test_ismrmrd_file_written_with_the_package_reads_back(tmp_path, rng):
@@ -419,3 +424,19 @@ def test_bart_names_never_match_folders_and_absurd_headers_are_refused(tmp_path,
     (tmp_path / "huge.cfl").write_bytes(b"")
     assert main(["reconstruct", str(tmp_path / "huge"), "-o", str(tmp_path / "x.nii.gz")]) == 2
     assert re.search(r"expected 147573952589676412928 bytes .* got 0: a truncated", capsys.readouterr().err)
+
+
+def test_ismrmrd_file_with_a_scalar_header_and_no_data_is_one_error(tmp_path, capsys):
+    pytest.importorskip("ismrmrd")
+    from meddl.cli import main
+
+    path = tmp_path / "empty.h5"
+    with h5py.File(path, "w") as f:
+        f.create_group("dataset").create_dataset("xml", data=b"<ismrmrdHeader/>")
+    with pytest.raises(InputError, match=r"the ISMRMRD XML header in 'dataset/xml' is not stored as ISMRMRD writes"):
+        read_kspace(path)
+    for argv in (["reconstruct", str(path), "-o", str(tmp_path / "r.nii.gz"), "--method", "zero-filled"],
+                 ["info", str(path)]):
+        assert main([*argv, "--progress", "none"] if argv[0] == "reconstruct" else argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err and "internal" not in err, err

@@ -475,6 +475,8 @@ def test_foreground_box_is_the_tissue_plus_margin_with_the_same_physical_positio
     np.testing.assert_array_equal(box.numpy()[0], img.numpy()[0][tuple(slice(c, c + n) for c, n in
                                                                           zip(corner, box.spatial_shape, strict=True))])
     assert _foreground_box(_normalise(img), img, None) is img
+    for huge in (1e4, 1e20, 1e308):  # a margin wider than the image: the whole image, no overflow
+        assert _foreground_box(_normalise(img), img, huge) is img
     full = phantom()  # tissue reaches near every edge: the box would be most of the image
     assert _foreground_box(_normalise(full), full, 10.0) is full
 

@@ -135,7 +135,13 @@ def _build(card: ModelCard):
         cls = getattr(importlib.import_module(module_name), cls_name)
     except (ImportError, AttributeError) as exc:
         raise ModelError(f"model '{card.name}': unknown architecture '{card.architecture}'") from exc
-    return cls(**card.arguments)
+    if not isinstance(card.arguments, dict):
+        raise ModelError(f"model '{card.name}': the card's 'arguments' must be an object of keyword arguments, got "
+                         f"{type(card.arguments).__name__}")
+    try:
+        return cls(**card.arguments)
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"model '{card.name}': the card's arguments do not build a {cls_name} ({exc})") from None
 
 
 def load_model(name: str, path: str | os.PathLike | None = None, device: object = "cpu",

@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .fastmri import _select
-from .kspace import Header, KSpaceData
+from .kspace import Header, KSpaceData, select_slices
 
 __all__ = ["read_cfl", "load_cfl", "write_cfl", "write_kspace_cfl", "cfl_pair", "cfl_names", "BART_DIMS"]
 
@@ -111,7 +110,7 @@ def read_cfl(path: str | os.PathLike, slices: tuple[int, ...] | None = None) -> 
         raise InputError(f"'{cfl}': expected 2D multi-coil k-space (READ, PHS1, COIL, SLICE), got also "
                          f"{', '.join(extra)}; pick one with bart slice or average with bart avg first")
     n_slices = dims[13]
-    chosen = _select(n_slices, slices, cfl)
+    chosen = select_slices(n_slices, slices, cfl)
     index = [0] * len(BART_DIMS)
     stack = []
     for s in chosen:

@@ -14,18 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .kspace import Header, KSpaceData, header_xml, open_hdf5, parse_header
+from .kspace import Header, KSpaceData, header_xml, open_hdf5, parse_header, select_slices
 
 __all__ = ["read_fastmri", "write_fastmri"]
-
-
-def _select(n: int, slices: tuple[int, ...] | None, path: Path) -> list[int]:
-    if slices is None:
-        return list(range(n))
-    bad = [s for s in slices if not -n <= s < n]
-    if bad:
-        raise InputError(f"--slices: expected indices in 0..{n - 1} for '{path.name}', got {bad}")
-    return sorted({s % n for s in slices})
 
 
 def read_fastmri(path: str | os.PathLike, slices: tuple[int, ...] | None = None) -> KSpaceData:
@@ -66,7 +57,7 @@ def read_fastmri(path: str | os.PathLike, slices: tuple[int, ...] | None = None)
                 f"'{path}': k-space shape (H, W) = ({h}, {w}) disagrees with the header's encoded matrix "
                 f"({header.encoded_matrix[0]}, {header.encoded_matrix[1]}); the file is inconsistent"
             )
-        index = _select(ds.shape[0], slices, path)
+        index = select_slices(ds.shape[0], slices, path)
         try:
             kspace = np.asarray(ds[index] if slices is not None else ds[()], dtype=np.complex64)
             mask = np.asarray(f["mask"][()]).astype(bool).reshape(-1) if "mask" in f else None

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DependencyError, InputError
-from .kspace import Header, KSpaceData, header_xml, open_hdf5, parse_header
+from .kspace import Header, KSpaceData, header_xml, open_hdf5, parse_header, select_slices
 
 __all__ = ["read_ismrmrd", "write_ismrmrd"]
 
@@ -71,10 +71,13 @@ def read_ismrmrd(
             raise InputError(
                 f"'{path}': expected an ISMRMRD XML header in '{dataset}/xml', got none; the file is incomplete"
             ) from None
+        except (ValueError, TypeError) as exc:  # e.g. a scalar dataset where ISMRMRD writes an array
+            raise InputError(f"'{path}': the ISMRMRD XML header in '{dataset}/xml' is not stored as ISMRMRD writes "
+                             f"it ({exc})") from None
         header = parse_header(xml)
         try:
             n = dset.number_of_acquisitions()
-        except (LookupError, OSError):
+        except (LookupError, OSError, ValueError, TypeError):
             raise InputError(f"'{path}': expected acquisitions in '{dataset}/data' (raw k-space), got none") from None
         enc_x, enc_y = header.encoded_matrix[:2]
         if header.encoded_matrix[2] > 1:
@@ -143,10 +146,7 @@ def read_ismrmrd(
     for (s, ky), items in lines.items():
         kspace[s, :, :, ky] = np.mean(items, axis=0)
     if slices is not None:
-        bad = [s for s in slices if not -n_slices <= s < n_slices]
-        if bad:
-            raise InputError(f"--slices: expected indices in 0..{n_slices - 1} for '{path.name}', got {bad}")
-        kspace = kspace[sorted({s % n_slices for s in slices})]
+        kspace = kspace[select_slices(n_slices, slices, path)]
     ef, rf = header.encoded_fov_mm, header.recon_fov_mm
     keep = enc_x
     if ef[0] > 0 and rf[0] > 0 and rf[0] < ef[0]:

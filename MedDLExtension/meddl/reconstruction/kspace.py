@@ -29,6 +29,7 @@ from ..volume import affine_from_geometry
 from .masks import MaskInfo, detect_mask
 
 __all__ = ["Header", "KSpaceData", "parse_header", "header_xml", "read_kspace", "is_kspace", "open_hdf5",
+           "select_slices",
            "describe"]
 
 _NS = "{http://www.ismrm.org/ISMRMRD}"
@@ -243,6 +244,28 @@ class KSpaceData:
             "calibration_lines": s.calibration.stop - s.calibration.start,
             "has_reference": self.target is not None,
         } | {k: v for k, v in self.attrs.items() if isinstance(v, (str, int, float))}
+
+
+def select_slices(n: int, slices: tuple[int, ...] | None, path: str | os.PathLike) -> list[int]:
+    """The slice indices ``--slices`` picks from a file of ``n`` slices (default all), in order.
+
+    One output volume holds evenly spaced slices, and its geometry assumes neighbours, so the
+    choice must be one consecutive run (repeats are merged); gaps and negative indices are refused.
+    """
+    if slices is None:
+        return list(range(n))
+    name = Path(path).name
+    bad = [s for s in slices if not 0 <= s < n]
+    if bad:
+        raise InputError(f"--slices: expected indices in 0..{n - 1} for '{name}', got {bad}")
+    chosen = sorted(set(slices))
+    if chosen[-1] - chosen[0] + 1 != len(chosen):
+        raise InputError(
+            f"--slices: expected consecutive slices for one volume (its slice spacing is the file's), got "
+            f"{', '.join(str(s) for s in chosen)} for '{name}'; give a range such as {chosen[0]}:{chosen[-1] + 1}, "
+            "or reconstruct the slices one at a time"
+        )
+    return chosen
 
 
 def open_hdf5(path: str | os.PathLike):

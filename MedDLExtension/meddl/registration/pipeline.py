@@ -243,8 +243,8 @@ def _foreground_box(normalised: np.ndarray, vol: Volume, margin_mm: float | None
         return vol
     lo = found.min(0) * np.array(block)
     hi = (found.max(0) + 1) * np.array(block)
-    grow = np.ceil(float(margin_mm) / spacing).astype(int)
     shape = np.array(vol.spatial_shape)
+    grow = np.ceil(np.minimum(float(margin_mm) / spacing, shape)).astype(int)  # no wider than the image
     lo = np.maximum(lo - grow, 0)
     hi = np.minimum(hi + grow, shape)
     if np.prod(hi - lo) > 0.9 * np.prod(shape):
