@@ -237,6 +237,24 @@ def test_dicom_folder_without_series_is_refused(tmp_path, capfd):
     assert "WARNING" not in capfd.readouterr().err  # ITK's own warning is not printed beside the error
 
 
+@pytest.mark.parametrize("damage", ["missing", "duplicate", "truncated"])
+def test_dicom_series_with_a_missing_repeated_or_broken_slice_is_refused(tmp_path, rng, capfd, damage):
+    vol = Volume(rng.normal(100, 10, (1, 12, 10, 8)).astype(np.int16), np.diag([1.0, 1.0, 2.0, 1.0]))
+    files = sorted(io.write_dicom_series(vol, tmp_path / "dicom"))
+    assert io.read(tmp_path / "dicom").spatial_shape == (12, 10, 8)  # intact
+    victim = files[3]
+    if damage == "missing":
+        victim.unlink()
+    elif damage == "duplicate":
+        (tmp_path / "dicom" / "copy.dcm").write_bytes(victim.read_bytes())
+    else:
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.raises(InputError, match=r"DICOM series in '.*dicom': its \d+ slices are not evenly spaced \(usual "
+                                         r"step 2 mm, also .*\): a slice is missing, repeated or unreadable"):
+        io.read(tmp_path / "dicom")
+    assert "WARNING" not in capfd.readouterr().err
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads everything")
 def test_unreadable_file_is_reported(tmp_path, volume_factory):
     path = io.write(volume_factory("float", 3), tmp_path / "locked.nii.gz")

@@ -379,8 +379,45 @@ def _read_dicom_series(folder: Path, series: str | None):
     elif series not in uids:
         raise InputError(f"DICOM folder '{folder}': series {series} not found; found {', '.join(uids)}")
     files = reader.GetGDCMSeriesFileNames(str(folder), series)
+    _check_slice_positions(folder, series, files)
     reader.SetFileNames(files)
-    return reader.Execute(), series
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's "missing slices" warning: checked above
+    try:
+        return reader.Execute(), series
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _check_slice_positions(folder: Path, series: str, files) -> None:
+    """Refuse a series whose slices are not evenly spaced along their normal: a missing, repeated or
+    unreadable slice would otherwise shift every slice after it (ITK only warns)."""
+    if len(files) < 3:
+        return
+    sitk = _sitk()
+    positions, normal = [], None
+    for name in files:
+        r = sitk.ImageFileReader()
+        r.SetFileName(str(name))
+        try:
+            r.ReadImageInformation()
+            pos = [float(v) for v in r.GetMetaData("0020|0032").split("\\")]
+            if normal is None:
+                o = [float(v) for v in r.GetMetaData("0020|0037").split("\\")]
+                normal = np.cross(o[:3], o[3:6])
+        except (RuntimeError, ValueError, IndexError):
+            return  # no positions to check (ITK orders such series by other means)
+        positions.append(float(np.dot(pos, normal)))
+    gaps = np.diff(np.sort(positions))
+    step = float(np.median(gaps))
+    if step <= 0 or np.any(np.abs(gaps - step) > 0.01 * step + 1e-3):
+        odd = sorted({round(float(g), 3) for g in gaps if abs(g - step) > 0.01 * step + 1e-3})
+        raise InputError(
+            f"DICOM series in '{folder}': its {len(files)} slices are not evenly spaced (usual step {step:g} mm, "
+            f"also {', '.join(f'{g:g}' for g in odd[:4])} mm): a slice is missing, repeated or unreadable, and "
+            "the slices after it would be misplaced; complete the series, or convert it with a tool that "
+            "resamples irregular series"
+        )
 
 
 # -- writing ------------------------------------------------------------------------------------
