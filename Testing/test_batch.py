@@ -133,6 +133,7 @@ def test_bad_manifest_lists_every_problem_and_runs_nothing(tmp_path, capsys):
         ["sleepcopy", ins[2].name, ins[2].name, "", "", ""],  # would overwrite its input
         ["sleepcopy", ins[2].name, "outputs/folder.txt", "", "", ""],  # a folder
         ["sleepcopy", ins[2].name, "outputs/d.nhdr", "", "", ""],  # a detached header
+        ["sleepcopy", ins[2].name, "m.csv", "", "", ""],  # the manifest itself
     ])
     with pytest.raises(InputError) as err:
         read_manifest(manifest)
@@ -148,6 +149,7 @@ def test_bad_manifest_lists_every_problem_and_runs_nothing(tmp_path, capsys):
         r"line 8: output '.*in02\.txt' is also an input of this job",
         r"line 9: output '.*folder\.txt' is a folder",
         r"line 10: output '.*d\.nhdr': a detached header names its data file, .* use \.nrrd or \.mha",
+        r"line 11: output '.*m\.csv' is the manifest itself",
     ]
     for pattern in expected:
         assert re.search(pattern, message), pattern
@@ -168,7 +170,12 @@ def test_bad_manifest_lists_every_problem_and_runs_nothing(tmp_path, capsys):
     (b'{"operation": "sleepcopy", "input": "a"}\n{"operation": \n', r"line 2: not valid JSON"),
     (b'["sleepcopy", "a", "b"]\n', r"line 1: expected a JSON object, got list"),
     (b"operation,input,output\n", r"no jobs"),
-], ids=["binary", "empty", "yaml", "no-operation-column", "broken-jsonl", "jsonl-array", "header-only"])
+    (b'{"operation": "sleepcopy", "input": "a", "output": "b", "seconds": NaN}\n',
+     r"line 1: NaN is not a JSON number; give a finite value"),
+    (b'{"operation": "sleepcopy", "input": "a", "output": "b", "output": "c"}\n',
+     r"line 1: the key 'output' is given twice"),
+], ids=["binary", "empty", "yaml", "no-operation-column", "broken-jsonl", "jsonl-array", "header-only", "nan",
+        "duplicate-key"])
 def test_not_a_manifest(tmp_path, content, pattern):
     suffix = ".jsonl" if content.startswith((b"{", b"[")) else ".txt"
     path = tmp_path / f"m{suffix}"

@@ -586,6 +586,19 @@ def test_command_bad_input_is_one_error_line(files, capsys, monkeypatch, extra, 
     assert pytest.importorskip("re").search(message, err[0])
 
 
+def test_command_refuses_an_output_format_that_cannot_hold_the_answer_before_any_work(files, capsys, monkeypatch):
+    monkeypatch.chdir(files)
+    import meddl.incontext
+
+    monkeypatch.setattr(meddl.incontext, "segment", lambda *a, **k: pytest.fail("segmented before checking the output"))
+    code = main(["segment", "t.nii.gz", "-o", "out.png", "--weights", "incontext_brain2d.pt",
+                 "--context", "t.nii.gz", "full.nii.gz"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert re.search(r"error: -o 'out.png': expected a volume file .* for a 3D volume, got '.png'", err[0]), err
+    assert not (files / "out.png").exists()
+
+
 def test_demo_paints_evenly_spaced_slices_inside_the_structure():
     lab = np.zeros((4, 4, 30), np.int16)
     lab[1:3, 1:3, 10:21] = 1

@@ -237,6 +237,18 @@ def _rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return _csv_rows(path, text, "\t" if suffix == ".tsv" else ",")
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number; give a finite value")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"the key {', '.join(repr(k) for k in twice)} is given twice")
+    return dict(pairs)
+
+
 def _json_rows(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
     rows, bad = [], []
     for number, line in enumerate(text.splitlines(), 1):
@@ -244,9 +256,12 @@ def _json_rows(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
         if not stripped or stripped.startswith("#"):
             continue
         try:
-            obj = json.loads(stripped)
+            obj = json.loads(stripped, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as exc:
             bad.append(f"line {number}: not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        except ValueError as exc:
+            bad.append(f"line {number}: {exc}")
             continue
         if not isinstance(obj, dict):
             bad.append(f"line {number}: expected a JSON object, got {type(obj).__name__}")
@@ -586,6 +601,9 @@ def read_manifest(path: str | os.PathLike, output_root: str | os.PathLike | None
                 problems.append((job.line, f"{where}: {problem}"))
         input_files = {str(f) for i in job.inputs for f in files_of(i)}
         for p in (*job.outputs, *job.derived):
+            if p == str(path.resolve()):
+                problems.append((job.line, f"{where}: output '{p}' is the manifest itself"))
+                continue
             if p in job.inputs:
                 problems.append((job.line, f"{where}: output '{p}' is also an input of this job "
                                            "(inputs are never overwritten)"))

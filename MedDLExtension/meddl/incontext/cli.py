@@ -72,6 +72,8 @@ def run(args, ctx) -> int:
                            finetune_steps=args.finetune_steps, weights=args.weights,
                            seed=args.seed if args.seed is not None else 0)
     target = cli.load_input(args.target, "target image", ndim=(2, 3))
+    flat = target.ndim == 2 or target.spatial_shape[-1] == 1
+    cli.check_output_format(args.output, "-o", ndim=2 if flat else 3, floating=not config.is_mask)
     label_kind = Kind.LABEL if config.is_mask else None
     context = annotated = None
     if args.annotated:

@@ -144,7 +144,9 @@ def prealign(fixed: Volume, moving: Volume, mode: AffineMode | str = AffineMode.
         except RuntimeError as exc:
             if stopped:
                 raise stopped[0] from None
-            detail = re.sub(r"\(0x[0-9a-f]+\)", "", str(exc).strip().splitlines()[-1])[:200]
+            detail = re.sub(r"\(0x[0-9a-f]+\)", "", str(exc).strip().splitlines()[-1])
+            if len(detail) > 200:  # at a word boundary, not mid-word
+                detail = detail[:200].rsplit(" ", 1)[0] + " ..."
             raise InputError(
                 f"affine pre-alignment failed: {detail}; the images may not overlap "
                 f"or be nearly constant. Try {option} center or none"
