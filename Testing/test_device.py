@@ -25,6 +25,12 @@ def test_unknown_device_is_a_clear_error(spec):
         resolve_device(spec)
 
 
+@pytest.mark.parametrize("spec", ["cuda:abc", "cuda:", "cpu:0", "auto:1"])
+def test_malformed_device_index_is_refused_before_looking_for_a_gpu(spec):
+    with pytest.raises(InputError, match=rf"--device: expected .* cuda:N \(N a GPU number\) or mps, got '{spec}'"):
+        resolve_device(spec)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_missing_cuda_is_a_clear_error():
     with pytest.raises(InputError, match=r"no CUDA GPU is available here"):

@@ -517,6 +517,7 @@ def test_propagation_of_a_2d_image_is_refused(net):
     ({"align": "rigid"}, r"align: expected one of auto, affine, center, deformable, none, got 'rigid'"),
     ({"augment": 40}, r"augment: expected 0 to 32 context slices, got 40"),
     ({"atlas_prior": -0.1}, r"atlas prior: expected a weight between 0 and 1, got -0.1"),
+    ({"finetune_steps": 100000000}, r"fine-tuning steps: expected 0 to 10000, got 100000000"),
 ])
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(InputError, match=message):

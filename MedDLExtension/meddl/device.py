@@ -55,11 +55,13 @@ def resolve_device(spec: str | DeviceName = "auto") -> DeviceChoice:
     import torch
 
     text = str(spec.value if isinstance(spec, DeviceName) else spec).strip().lower()
-    base = text.split(":", 1)[0]
+    base, colon, index = text.partition(":")
     try:
         DeviceName(base)
     except ValueError:
         raise InputError(f"--device: expected auto, cpu, cuda, cuda:N or mps, got '{spec}'") from None
+    if colon and (base != "cuda" or not index.isdigit()):  # only cuda takes an index: cuda:0, cuda:1, ...
+        raise InputError(f"--device: expected auto, cpu, cuda, cuda:N (N a GPU number) or mps, got '{spec}'")
     if base == "auto":
         if torch.cuda.is_available():
             return DeviceChoice(torch.device("cuda"), f"auto: CUDA ({torch.cuda.get_device_name(0)})")

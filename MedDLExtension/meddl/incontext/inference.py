@@ -165,8 +165,8 @@ class SegmentConfig:
             raise InputError(f"atlas prior: expected a weight between 0 and 1, got {self.atlas_prior}")
         if not 0 <= int(self.augment) <= MAX_CONTEXT:
             raise InputError(f"augment: expected 0 to {MAX_CONTEXT} context slices, got {self.augment}")
-        if self.finetune_steps < 0:
-            raise InputError(f"fine-tuning steps: expected 0 or more, got {self.finetune_steps}")
+        if not 0 <= self.finetune_steps <= 10000:
+            raise InputError(f"fine-tuning steps: expected 0 to 10000, got {self.finetune_steps}")
         if self.batch < 1 or self.memory_mb <= 0:
             raise InputError(f"batch/memory: expected positive values, got {self.batch}/{self.memory_mb}")
         if self.labels is not None:
