@@ -327,3 +327,12 @@ def test_a_2d_slice_placed_in_3d_keeps_its_position_and_orientation(tmp_path):
         io.to_sitk(coronal)
     flat = Volume(data, affine_from_geometry([1.0, 2.0], [5.0, -4.0]))
     assert io.read(io.write(flat, tmp_path / "flat.nii.gz")).ndim == 2  # an ordinary 2D image stays 2D
+
+
+def test_a_file_with_unusable_geometry_is_named_in_the_error(tmp_path):
+    image = sitk.GetImageFromArray(np.ones((4, 4, 4), np.float32))
+    image.SetSpacing((1e-6, 1e-6, 1e-6))
+    sitk.WriteImage(image, str(tmp_path / "tiny.nii.gz"))
+    with pytest.raises(InputError, match=r"cannot read '.*tiny\.nii\.gz': its geometry is unusable \(spacing "
+                                         r"1e-06 x 1e-06 x 1e-06 mm\): volume affine: the 3x3 part is singular"):
+        io.read(tmp_path / "tiny.nii.gz")

@@ -186,7 +186,13 @@ def read(path: str | os.PathLike, kind: Kind | str | None = None, series: str | 
         image = image[:, :, :, 0]
     if image.GetDimension() == 3 and image.GetSize()[2] == 1 and _suffix(path) in _RGB_SUFFIXES:
         image = image[:, :, 0]
-    vol = from_sitk(image, kind=kind, meta=meta)
+    try:
+        vol = from_sitk(image, kind=kind, meta=meta)
+    except InputError as exc:
+        if str(exc).startswith("volume affine"):  # say which file, and what its header holds
+            raise InputError(f"cannot read '{path}': its geometry is unusable (spacing "
+                             f"{' x '.join(f'{v:g}' for v in image.GetSpacing())} mm): {exc}") from None
+        raise
     if not path.is_dir() and path.name.lower().endswith((".nii", ".nii.gz")):
         notice = _nifti_geometry_notice(path, vol.affine, vol.ndim)
         if notice:
