@@ -172,10 +172,12 @@ def test_bad_manifest_lists_every_problem_and_runs_nothing(tmp_path, capsys):
     (b"operation,input,output\n", r"no jobs"),
     (b'{"operation": "sleepcopy", "input": "a", "output": "b", "seconds": NaN}\n',
      r"line 1: NaN is not a JSON number; give a finite value"),
+    (b'{"operation": "sleepcopy", "input": "a", "output": "b", "seconds": 1e999}\n',
+     r"line 1: 1e999 is too large for a number"),
     (b'{"operation": "sleepcopy", "input": "a", "output": "b", "output": "c"}\n',
      r"line 1: the key 'output' is given twice"),
 ], ids=["binary", "empty", "yaml", "no-operation-column", "broken-jsonl", "jsonl-array", "header-only", "nan",
-        "duplicate-key"])
+        "overflow", "duplicate-key"])
 def test_not_a_manifest(tmp_path, content, pattern):
     suffix = ".jsonl" if content.startswith((b"{", b"[")) else ".txt"
     path = tmp_path / f"m{suffix}"
@@ -649,7 +651,7 @@ def test_files_named_after_an_output_are_checked_and_committed_like_outputs(tmp_
     message = str(err.value)
     assert re.search(r"line 2: output '.*case01_1\.nii\.gz' is also an input of this job", message)
     assert re.search(r"line 4: input '.*out/m_2\.nii\.gz' is written by line 3", message)
-    assert re.search(r"line 5: output '.*pair\.hdr' would overwrite '.*pair\.hdr', a file of an input", message)
+    assert re.search(r"line 5: output '.*pair\.hdr' is a file of an input of this job \(the other half", message)
     # run alone, the numbered outputs and a prefix's stain files land under their own names
     rgb = tmp_path / "he.png"
     import imageio.v3 as iio

@@ -25,7 +25,7 @@ def test_unknown_device_is_a_clear_error(spec):
         resolve_device(spec)
 
 
-@pytest.mark.parametrize("spec", ["cuda:abc", "cuda:", "cpu:0", "auto:1"])
+@pytest.mark.parametrize("spec", ["cuda:abc", "cuda:", "cpu:0", "auto:1", "cuda:\u00b2"])
 def test_malformed_device_index_is_refused_before_looking_for_a_gpu(spec):
     with pytest.raises(InputError, match=rf"--device: expected .* cuda:N \(N a GPU number\) or mps, got '{spec}'"):
         resolve_device(spec)

@@ -255,6 +255,32 @@ def test_dicom_series_with_a_missing_repeated_or_broken_slice_is_refused(tmp_pat
     assert "WARNING" not in capfd.readouterr().err
 
 
+def test_dicom_series_with_rounded_positions_or_images_sharing_positions(tmp_path, rng):
+    import SimpleITK as sitk
+
+    vol = Volume(rng.normal(100, 10, (1, 6, 5, 8)).astype(np.int16), np.diag([1.0, 1.0, 0.35, 1.0]))
+    files = sorted(io.write_dicom_series(vol, tmp_path / "d"))
+
+    def rewrite(path, z):  # ImagePositionPatient with one decimal, as some scanners store it
+        image = sitk.ReadImage(str(path))
+        for key in image.GetMetaDataKeys():
+            image.SetMetaData(key, image.GetMetaData(key))
+        x, y, _ = (float(v) for v in image.GetMetaData("0020|0032").split("\\"))
+        image.SetMetaData("0020|0032", f"{x:g}\\{y:g}\\{z:.1f}")
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(path))
+        writer.Execute(image)
+
+    for i, path in enumerate(files):
+        rewrite(path, 0.35 * i)
+    assert io.read(tmp_path / "d").spatial_shape[2] == 8  # 0.3 / 0.4 mm steps of rounding: read
+    for i, path in enumerate(files):
+        rewrite(path, 2.0 * (i // 2))  # two images per position: two echoes in one series
+    with pytest.raises(InputError, match=r"several of its 8 images share a slice position \(echoes"):
+        io.read(tmp_path / "d")
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads everything")
 def test_unreadable_file_is_reported(tmp_path, volume_factory):
     path = io.write(volume_factory("float", 3), tmp_path / "locked.nii.gz")

@@ -114,7 +114,7 @@ def test_config_validation(kwargs, message):
 
 
 def test_parse_slices():
-    assert parse_slices("0,3,5") == (0, 3, 5)
+    assert parse_slices("0,3,5") == (0, 3, 5)  # parsed; the readers then require consecutive slices
     assert parse_slices("2:5,7") == (2, 3, 4, 7)
     with pytest.raises(InputError, match="--slices: expected"):
         parse_slices("a:b")

@@ -98,6 +98,13 @@ def test_single_coil_file_and_slice_selection(tmp_path, rng):
     # one volume holds neighbouring slices: a gap would put slices 0 and 2 one spacing apart
     with pytest.raises(InputError, match=r"--slices: expected consecutive slices .* got 0, 2 .* range such as 0:3"):
         read_fastmri(path, slices=(2, 0))
+    with pytest.raises(InputError, match=r"--slices: expected at least one slice index"):
+        read_fastmri(path, slices=())
+    # the same rules for k-space already in memory
+    from meddl.reconstruction import ReconstructionConfig, reconstruct
+
+    with pytest.raises(InputError, match=r"--slices: expected consecutive slices"):
+        reconstruct(read_fastmri(path), ReconstructionConfig(method="zero-filled", slices=(0, 2)))
 
 
 def test_ismrmrd_file_written_with_the_package_reads_back(tmp_path, rng):

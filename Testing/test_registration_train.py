@@ -124,6 +124,17 @@ def test_training_writes_card_and_resumes(tmp_path):
     assert card["metrics"]["step"] == 3  # continued, not restarted
     net, _ = load_model("registration_synthmorph", tmp_path / "models" / "registration_synthmorph.pt")
     assert isinstance(net, VelocityNet) and net.features == (4, 8) and net.correlation_radius == 1
+    # the state of another network is refused clearly; the card's own network resumes whatever the options
+    other = [a for a in common if a not in ("--correlation-radius", "1")] + ["--correlation-radius", "0"]
+    with pytest.raises(SystemExit):
+        main([*other, "--max-steps", "4", "--resume"])
+    import shutil
+
+    shutil.rmtree(tmp_path / "state")
+    assert main([*other, "--max-steps", "4", "--resume"]) == 0
+    card = json.loads((tmp_path / "models" / "registration_synthmorph.json").read_text())
+    assert card["metrics"]["step"] == 4 and card["arguments"]["correlation_radius"] == 1
+    assert card["metrics"]["val_end_point_error_before_voxels"] > 0
 
 
 def _bundled_network_on_mni_pair():

@@ -32,6 +32,7 @@ import importlib
 import io as _stdio
 import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -241,6 +242,13 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number; give a finite value")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large for a number; give a finite value")
+    return value
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     keys = [k for k, _ in pairs]
     twice = sorted({k for k in keys if keys.count(k) > 1})
@@ -256,7 +264,8 @@ def _json_rows(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
         if not stripped or stripped.startswith("#"):
             continue
         try:
-            obj = json.loads(stripped, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+            obj = json.loads(stripped, parse_constant=_no_constant, parse_float=_finite_float,
+                             object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as exc:
             bad.append(f"line {number}: not valid JSON ({exc.msg} at column {exc.colno})")
             continue
@@ -610,8 +619,10 @@ def read_manifest(path: str | os.PathLike, output_root: str | os.PathLike | None
                 continue
             clash = next((str(f) for f in files_of(p, written=True) if str(f) in input_files), None)
             if clash is not None:
-                problems.append((job.line, f"{where}: output '{p}' would overwrite '{clash}', a file of an input of "
-                                           "this job (inputs are never overwritten)"))
+                what = (f"output '{p}' is a file of an input of this job (the other half of a pair, or a header's "
+                        "data file)" if clash == p else f"output '{p}' would overwrite '{clash}', a file of an "
+                        "input of this job")
+                problems.append((job.line, f"{where}: {what} (inputs are never overwritten)"))
                 continue
             if p in writers:
                 other = writers[p]
@@ -692,8 +703,10 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 def _part_marker(part_name: str) -> str:
     """``.NAME.meddl-part-TOKEN`` of a temporary name (whatever suffix follows)."""
-    at = part_name.index(_PART) + len(_PART)
-    return part_name[: at + _TOKEN_LENGTH]
+    at = part_name.rfind(_PART)  # the last: an output's own name may hold the marker too
+    if at < 0:
+        return part_name
+    return part_name[: at + len(_PART) + _TOKEN_LENGTH]
 
 
 def _part_name(final: Path) -> Path:

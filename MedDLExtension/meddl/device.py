@@ -60,7 +60,7 @@ def resolve_device(spec: str | DeviceName = "auto") -> DeviceChoice:
         DeviceName(base)
     except ValueError:
         raise InputError(f"--device: expected auto, cpu, cuda, cuda:N or mps, got '{spec}'") from None
-    if colon and (base != "cuda" or not index.isdigit()):  # only cuda takes an index: cuda:0, cuda:1, ...
+    if colon and (base != "cuda" or not (index.isascii() and index.isdecimal())):  # only cuda takes an index: cuda:0, cuda:1, ...
         raise InputError(f"--device: expected auto, cpu, cuda, cuda:N (N a GPU number) or mps, got '{spec}'")
     if base == "auto":
         if torch.cuda.is_available():

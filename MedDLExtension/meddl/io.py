@@ -401,13 +401,17 @@ def _check_slice_positions(folder: Path, series: str, files) -> None:
     if len(files) < 3:
         return
     sitk = _sitk()
-    positions, normal = [], None
+    positions, normal, decimals = [], None, 0
     for name in files:
         r = sitk.ImageFileReader()
         r.SetFileName(str(name))
         try:
             r.ReadImageInformation()
-            pos = [float(v) for v in r.GetMetaData("0020|0032").split("\\")]
+            parts = r.GetMetaData("0020|0032").split("\\")
+            pos = [float(v) for v in parts]
+            for v in parts:  # how finely the positions are written (rounding moves a gap by one unit)
+                v = v.strip().lower()
+                decimals = max(decimals, 6 if "e" in v else len(v.partition(".")[2]))
             if normal is None:
                 o = [float(v) for v in r.GetMetaData("0020|0037").split("\\")]
                 normal = np.cross(o[:3], o[3:6])
@@ -416,8 +420,17 @@ def _check_slice_positions(folder: Path, series: str, files) -> None:
         positions.append(float(np.dot(pos, normal)))
     gaps = np.diff(np.sort(positions))
     step = float(np.median(gaps))
-    if step <= 0 or np.any(np.abs(gaps - step) > 0.01 * step + 1e-3):
-        odd = sorted({round(float(g), 3) for g in gaps if abs(g - step) > 0.01 * step + 1e-3})
+    # positions are often rounded to a few decimals: a missing or repeated slice is off by a whole step
+    tolerance = min(max(0.2 * step, 1.01 * 10.0 ** -decimals, 1e-3), 0.75 * step)
+    shared = int(np.sum(gaps <= tolerance)) if step > 0 else len(gaps)
+    if step <= 1e-3 or shared > len(gaps) // 2:
+        raise InputError(
+            f"DICOM series in '{folder}': several of its {len(files)} images share a slice position (echoes, "
+            "cardiac phases or time points in one series?); one volume holds one image per position: "
+            "export one echo/phase as its own series"
+        )
+    odd = sorted({round(float(g), 3) for g in gaps if abs(g - step) > tolerance})
+    if odd:
         raise InputError(
             f"DICOM series in '{folder}': its {len(files)} slices are not evenly spaced (usual step {step:g} mm, "
             f"also {', '.join(f'{g:g}' for g in odd[:4])} mm): a slice is missing, repeated or unreadable, and "
@@ -482,10 +495,13 @@ def files_of(path: str | os.PathLike, written: bool = False) -> list[Path]:
     name = path.name
     lower = name.lower()
     out = [path]
+    def other(suffix: str) -> Path:  # in the case of the name's own suffix (X.IMG -> X.HDR)
+        return path.with_name(name[:-4] + (suffix.upper() if name[-3:].isupper() else suffix))
+
     if lower.endswith(".img") or lower.endswith(".cfl"):
-        out.append(path.with_name(name[:-4] + ".hdr"))
+        out.append(other(".hdr"))
     elif lower.endswith(".hdr"):
-        out += [path.with_name(name[:-4] + ".img"), path.with_name(name[:-4] + ".cfl")]
+        out += [other(".img"), other(".cfl")]
     elif lower.endswith(DETACHED_SUFFIXES):
         stem = name[: -len(Path(name).suffix)]
         if written:

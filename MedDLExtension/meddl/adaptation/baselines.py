@@ -92,9 +92,11 @@ def align_class_statistics(
         if vol.spatial_shape != grid.spatial_shape:
             raise InputError(f"{role}: expected the shape {grid.spatial_shape} of its image, got {vol.spatial_shape}")
         if not vol.same_grid(grid, atol=1e-3):
+            differ = float(np.abs(np.asarray(vol.affine) - np.asarray(grid.affine)).max())
             raise InputError(
                 f"{role}: expected the grid of its image (spacing {_mm(grid.spacing)}, origin {_mm(grid.origin)}), "
-                f"got spacing {_mm(vol.spacing)}, origin {_mm(vol.origin)}; resample the labels onto the image first"
+                f"got spacing {_mm(vol.spacing)}, origin {_mm(vol.origin)} (voxel-to-world matrices differ by up "
+                f"to {differ:.3g}, directions included); resample the labels onto the image first"
             )
     if reference.channels not in (1, image.channels):
         raise InputError(f"reference: expected {image.channels} channel(s) like the input (or 1), got {reference.channels}")

@@ -3,7 +3,7 @@
 meddl reconstruct file.h5 -o recon.nii.gz [--method varnet|tv|l1-wavelet|cg-sense|zero-filled]
     [--undersample equispaced|random|poisson --acceleration 4 --center-fraction 0.08]
     [--uncertainty unc.nii.gz] [--zero-filled zf.nii.gz] [--coils-out coils.nrrd]
-    [--weights my_varnet.pt] [--slices 0,3,5 | 2:6]
+    [--weights my_varnet.pt] [--slices 2,3,4 | 2:5]
 
 meddl simulate-kspace image.nii.gz -o kspace.h5|kspace.cfl [--coils 8] [--noise 0.005] [--axis 2] [--complex auto]
     (a fully sampled fastMRI-style file from any image or volume, to try the methods on)
@@ -22,7 +22,7 @@ from .pipeline import Method, ReconstructionConfig, reconstruct
 __all__ = ["configure", "run", "run_simulate", "parse_slices"]
 
 def parse_slices(text: str | None) -> tuple[int, ...] | None:
-    """``"0,3,5"`` or ``"2:6"`` (end exclusive) -> slice indices."""
+    """``"2,3,4"`` or ``"2:5"`` (end exclusive) -> slice indices (the readers require consecutive ones)."""
     if text is None:
         return None
     out: list[int] = []
@@ -35,7 +35,7 @@ def parse_slices(text: str | None) -> tuple[int, ...] | None:
             elif part:
                 out.append(int(part))
     except ValueError:
-        raise InputError(f"--slices: expected indices like 0,3,5 or a range 2:6, got '{text}'") from None
+        raise InputError(f"--slices: expected indices like 2,3,4 or a range 2:5, got '{text}'") from None
     if not out:
         raise InputError(f"--slices: expected at least one index, got '{text}'")
     return tuple(out)
@@ -78,7 +78,7 @@ def configure(subparsers) -> None:
                    help="coil combination of the zero-filled image (--method zero-filled, --zero-filled): root sum "
                         "of squares, or sensitivity-weighted with ESPIRiT maps from the calibration region")
     p.add_argument("--weights", help="VarNet weights file (a state dict with its JSON card beside it)")
-    p.add_argument("--slices", help="slices to reconstruct: 0,3,5 or 2:6 (default all)")
+    p.add_argument("--slices", help="consecutive slices to reconstruct: 2,3,4 or 2:5 (default all)")
     p.add_argument("--repetition", type=int, metavar="N",
                    help="ISMRMRD files: reconstruct repetition N only, as acquired (default: all repetitions, "
                         "their lines averaged or merged)")

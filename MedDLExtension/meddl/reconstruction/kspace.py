@@ -255,6 +255,8 @@ def select_slices(n: int, slices: tuple[int, ...] | None, path: str | os.PathLik
     if slices is None:
         return list(range(n))
     name = Path(path).name
+    if not slices:
+        raise InputError(f"--slices: expected at least one slice index for '{name}', got none")
     bad = [s for s in slices if not 0 <= s < n]
     if bad:
         raise InputError(f"--slices: expected indices in 0..{n - 1} for '{name}', got {bad}")

@@ -17,7 +17,7 @@ from ..volume import Kind, Volume
 from . import classical
 from .coils import calibration_block, espirit_maps, rss, sense_combine
 from .fft import ifft2c
-from .kspace import KSpaceData, read_kspace
+from .kspace import KSpaceData, read_kspace, select_slices
 from .masks import MaskType, center_block, default_center_fraction, detect_mask, make_mask
 
 __all__ = ["Method", "ReconstructionConfig", "ReconstructionResult", "reconstruct", "MODEL_NAME"]
@@ -184,12 +184,8 @@ def reconstruct(
                          "already read")
     data = source if isinstance(source, KSpaceData) else read_kspace(source, config.slices, config.repetition)
     if isinstance(source, KSpaceData) and config.slices is not None:
-        n = data.slices
-        bad = [s for s in config.slices if not -n <= s < n]
-        if bad:
-            raise InputError(f"--slices: expected indices in 0..{n - 1}, got {bad}")
         data = KSpaceData(
-            data.kspace[sorted({s % n for s in config.slices})],
+            data.kspace[select_slices(data.slices, config.slices, data.source or "the k-space data")],
             data.header,
             data.mask,
             None,

@@ -73,7 +73,7 @@ def _registration_step(net, pair, lam, supervised=0.0):
     # everywhere, where the label Dice only pulls at label boundaries
     epe2 = ((u - pair["displacement"]) ** 2).sum(1).mean()
     loss = 1 - dice + lam * reg + supervised * epe2
-    return loss, {"dice": float(dice.detach()), "reg": float(reg.detach()), "epe": float(epe2.detach().sqrt())}
+    return loss, {"dice": float(dice.detach()), "reg": float(reg.detach()), "epe_rms": float(epe2.detach().sqrt())}
 
 
 def _segmentation_step(net, sample):
@@ -91,7 +91,7 @@ def _validate(kind, net, synth, count=4) -> dict:
     """Fixed synthetic validation pairs (their own seed, never seen in training)."""
     net.eval()
     gen = torch.Generator().manual_seed(987654)
-    before, after, folding, epe = [], [], [], []
+    before, after, folding, epe, epe_before = [], [], [], [], []
     for _ in range(count):
         if kind == "registration":
             pair = synth(gen)
@@ -100,6 +100,7 @@ def _validate(kind, net, synth, count=4) -> dict:
             after.append(float(soft_dice(warp(pair["moving_labels"], u), pair["fixed_labels"])))
             folding.append(float((jacobian_determinant(u) <= 0).float().mean() * 100))
             epe.append(float((u - pair["displacement"]).norm(dim=1).mean()))
+            epe_before.append(float(pair["displacement"].norm(dim=1).mean()))
         else:
             image, target = synth.segmentation_sample(gen)
             pred = net(image).argmax(1)
@@ -111,6 +112,7 @@ def _validate(kind, net, synth, count=4) -> dict:
         out["val_dice_before"] = round(sum(before) / len(before), 4)
         out["val_folding_percent"] = round(sum(folding) / len(folding), 4)
         out["val_end_point_error_voxels"] = round(sum(epe) / len(epe), 4)
+        out["val_end_point_error_before_voxels"] = round(sum(epe_before) / len(epe_before), 4)
     return out
 
 
@@ -181,25 +183,32 @@ def main(argv: list[str] | None = None) -> int:
     kind = args.model
     name = MODEL_NAMES[kind]
     net = _build(kind, args)
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     step, history, seconds = 0, [], 0.0
     state_path = Path(args.state_dir) / f"{name}_state.pt"
+    opt_state = None
     if args.resume and state_path.is_file():
         state = torch.load(state_path, weights_only=True)
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        try:
+            net.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            p.error(f"--resume: the training state in {state_path} is of another network than these options "
+                    f"build ({str(exc).splitlines()[0][:120]}); give the options it was trained with")
+        opt_state = state["optimizer"]
         gen.set_state(state["generator"])
         step, history, seconds = int(state["step"]), list(state["history"]), float(state["seconds"])
         log.info("resumed %s from %s at step %d", name, state_path, step)
     elif args.resume and (Path(args.out_dir) / f"{name}.pt").is_file():
         loaded, card = models.load_model(name, Path(args.out_dir) / f"{name}.pt")
-        net.load_state_dict(loaded.state_dict())
+        net = loaded  # the card's architecture (its own arguments), whatever the options here say
         step = int(card.metrics.get("step", 0))
         history = [list(h) for h in card.extra.get("loss_curve_step_loss_dice", [])]
         seconds = float(card.extra.get("training_seconds", 0.0))
         gen.manual_seed(args.seed + step)
         log.info("resumed %s from bundled weights at step %d (fresh optimiser)", name, step)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
     net.train()
     if args.procedural_only and kind == "segmentation":
         p.error("--procedural-only: the segmentation model needs the atlas tissue maps")
