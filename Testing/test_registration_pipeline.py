@@ -309,6 +309,31 @@ def test_a_network_field_worse_than_none_is_not_used_with_a_note(tmp_path):
     assert any("matched the images worse than none" in n for n in result.summary["notes"])
 
 
+def test_a_network_field_that_loses_shared_information_is_not_used(tmp_path, monkeypatch):
+    """The second guard of --method network: its similarity may improve where the contrast fools it
+    (an inverted T2-like image), the mutual information against the affine start then says so."""
+    from meddl.models import save_model
+    from meddl.registration import pipeline
+    from meddl.registration.network import VelocityNet
+
+    torch.manual_seed(0)
+    net = VelocityNet(3, (4, 8, 8, 8))
+    with torch.no_grad():
+        head = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([2.5, -2.0, 1.5]))
+    save_model(net, tmp_path, "bad", {"spatial_dims": 3, "features": [4, 8, 8, 8], "steps": 7}, "none", "test", {},
+               spacing_mm=4.0)
+    monkeypatch.setattr(pipeline, "_improves", lambda *a, **k: True)  # the similarity was fooled
+    img = phantom()
+    result = register(img, img, RegistrationConfig(method="network", affine="none", weights=str(tmp_path / "bad.pt")))
+    assert np.abs(result.displacement.numpy()).max() < 1e-6
+    facts = result.summary["mutual_information"]
+    assert facts["deformable"] < facts["affine"] and result.summary["network_rejected"] is True
+    assert any(re.search(r"the network's field shares less information with the fixed image than the affine alone "
+                         r"\(mutual information [0-9.]+ -> [0-9.]+\): not used", n) for n in result.summary["notes"])
+
+
 def test_weights_given_for_a_path_not_taken_are_named_in_the_notes():
     img = phantom()
     config = RegistrationConfig(**{**FAST, "method": "optimisation", "weights": "w.pt", "deepsim_weights": "d.pt"})

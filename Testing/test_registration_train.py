@@ -137,14 +137,14 @@ def test_training_writes_card_and_resumes(tmp_path):
     assert card["metrics"]["val_end_point_error_before_voxels"] > 0
 
 
-def _bundled_network_on_mni_pair():
+def _bundled_network_on_mni_pair(contrast: str = "inverted", max_mm: float = 6.0):
     from meddl import data
     from meddl.registration import RegistrationConfig, register
     from meddl.registration.demo import synthetic_pair
 
     fixed = data.load_sample("mni152_t1")
     gm = data.load_sample("mni152_gm_mask")
-    moving, moving_gm, _ = synthetic_pair(fixed, gm, seed=11, max_mm=6.0, contrast="inverted")
+    moving, moving_gm, _ = synthetic_pair(fixed, gm, seed=11, max_mm=max_mm, contrast=contrast)
     result = register(fixed, moving, RegistrationConfig(method="network", affine="none"), moving_labels=moving_gm)
     a, b = result.warped_labels.numpy() > 0, gm.numpy() > 0
     before = 2 * (moving_gm.numpy() > 0)[b].sum() / ((moving_gm.numpy() > 0).sum() + b.sum())
@@ -163,8 +163,11 @@ def test_bundled_models_load_and_register_mni_pair():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the bundled network (2,790 CPU training steps) is still worse than the "
-                   "identity on real images (docs/benchmarks/registration.md); remove this mark once it is not")
-def test_bundled_network_does_not_make_the_mni_pair_worse():
-    before, after, _ = _bundled_network_on_mni_pair()
-    assert after >= before - 0.01
+def test_bundled_network_improves_a_real_pair_and_never_makes_one_worse():
+    """Grey-matter Dice on MNI152 warped by up to 12 mm: one network pass (about 0.5 s) moves it
+    closer (0.947 -> 0.952 with the step-5333 weights); an inverted contrast it misreads is caught
+    by the similarity and mutual-information guards, and the answer stays the identity."""
+    before, after, _ = _bundled_network_on_mni_pair("same", 12.0)
+    assert after > before + 0.002
+    before, after, result = _bundled_network_on_mni_pair("inverted", 12.0)
+    assert after >= before - 0.002

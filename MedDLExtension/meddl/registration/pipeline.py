@@ -697,14 +697,20 @@ def register(
                 before, after = _information_check(fixed_t, fixed_aff, moving_t, moving_aff, matrix, u, grid,
                                                    make_grid(box, levels_mm[-1], max_size=config.max_grid))
             facts["mutual_information"] = {"affine": round(before, 4), "deformable": round(after, 4)}
-            if after < MI_WARNING_RATIO * before:
-                cause = ("the network's field may not suit these images; try --method network+optimisation"
-                         if method is Method.NETWORK else
-                         f"the {config.similarity.value} similarity may not suit these images; check the result, "
-                         "or try --similarity mind (across contrasts) or lncc (same contrast)")
+            if method is Method.NETWORK and after < MI_WARNING_RATIO * before:
+                # one network pass has nothing to refine it: a field that loses shared information
+                # (e.g. a contrast it misreads) is worse than none, as when its similarity gets worse
+                v, u = torch.zeros_like(v), torch.zeros_like(u)
+                facts["network_rejected"] = True
+                notes.append(f"the network's field shares less information with the fixed image than the affine "
+                             f"alone (mutual information {before:.3f} -> {after:.3f}): not used; try --method "
+                             "network+optimisation")
+            elif after < MI_WARNING_RATIO * before:
                 notes.append(
                     f"the deformable result shares less information with the fixed image than the affine "
-                    f"alone (mutual information {before:.3f} -> {after:.3f}): {cause}")
+                    f"alone (mutual information {before:.3f} -> {after:.3f}): the {config.similarity.value} "
+                    "similarity may not suit these images; check the result, or try --similarity mind (across "
+                    "contrasts) or lncc (same contrast)")
         field_np = _fixed_points_field(u, grid, fixed, matrix)
         displacement = Volume(field_np, fixed.affine, Kind.DISPLACEMENT, {"description": "meddl registration"})
         inverse = None

@@ -10,7 +10,9 @@ state (optimiser, step, random state, loss curve) to ``--state-dir``; ``--resume
 from that state, or from the bundled weights (step taken from the card) when the state is gone.
 
 Registration loss (Hoffmann et al., SynthMorph): ``1 - soft Dice(labels_moving o phi, labels_fixed)
-+ lambda * diffusion(phi)``. Segmentation loss: cross-entropy + soft Dice on tissue classes.
++ lambda * diffusion(phi) + supervised * |phi - d|^2``, ``d`` the pair's true displacement (a dense
+target where the Dice pulls only at label edges). Segmentation loss: cross-entropy + soft Dice on
+tissue classes.
 """
 
 from __future__ import annotations
