@@ -298,9 +298,8 @@ class SynthPairs:
         """Where the inverse of ``transform`` sends ``points`` ``(1, nd, *S)``."""
         v, m, t = transform
         nd = len(self.shape)
-        view = (1, nd, *([1] * nd))
-        centre = torch.tensor([(n - 1) / 2.0 for n in self.shape]).view(view)
-        z = torch.einsum("cd,nd...->nc...", torch.linalg.inv(m), points - centre - t.view(view)) + centre
+        # y = M (x - c) + c + t  <=>  x = M^-1 ((y - t) - c) + c
+        z = _apply_affine(self.shape, points - t.view(1, nd, *([1] * nd)), torch.linalg.inv(m), torch.zeros_like(t))
         return z + sample(integrate(-v, 5), z, padding_mode="border")
 
     def deform(self, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
