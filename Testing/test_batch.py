@@ -642,16 +642,20 @@ def test_files_named_after_an_output_are_checked_and_committed_like_outputs(tmp_
         ["adapt fourier", scan.name, f"{ref1.name};{ref2.name}", "out/m.nii.gz", "each"],
         ["adapt fourier", "out/m_2.nii.gz", ref1.name, "out/n.nii.gz", ""],
         ["adapt fourier", "pair.img", ref1.name, "pair.hdr", ""],  # the header of its input's pair
+        ["adapt fourier", scan.name, ref1.name, "other.img", ""],  # writes other.hdr, which line 7 reads
+        ["adapt fourier", "other.hdr", ref1.name, "out/o.nii.gz", ""],
     ])
     import SimpleITK as sitk
 
     sitk.WriteImage(sitk.ReadImage(str(scan)), str(tmp_path / "pair.hdr"))
+    sitk.WriteImage(sitk.ReadImage(str(scan)), str(tmp_path / "other.hdr"))
     with pytest.raises(InputError) as err:
         read_manifest(manifest)
     message = str(err.value)
     assert re.search(r"line 2: output '.*case01_1\.nii\.gz' is also an input of this job", message)
     assert re.search(r"line 4: input '.*out/m_2\.nii\.gz' is written by line 3", message)
     assert re.search(r"line 5: output '.*pair\.hdr' is a file of an input of this job \(the other half", message)
+    assert re.search(r"line 7: input '.*other\.hdr' is written by line 6", message)  # as the .img's header
     # run alone, the numbered outputs and a prefix's stain files land under their own names
     rgb = tmp_path / "he.png"
     import imageio.v3 as iio

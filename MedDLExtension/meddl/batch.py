@@ -637,10 +637,14 @@ def read_manifest(path: str | os.PathLike, output_root: str | os.PathLike | None
             problem = _check_output(Path(p), root)
             if problem:
                 problems.append((job.line, f"{where}: {problem}"))
+    # every file the jobs write (a pair's other half, a header's data file included)
+    touched = {str(f): job for p, job in writers.items() for f in files_of(p, written=True)}
     for job in jobs:
         for p in job.inputs:
-            if p in writers and writers[p] is not job:
-                problems.append((job.line, f"line {job.line}: input '{p}' is written by line {writers[p].line}; jobs "
+            hit = next((str(f) for f in files_of(p) if str(f) in touched and touched[str(f)] is not job), None)
+            if hit is not None:
+                what = f"input '{p}'" if hit == p else f"input '{p}' (its file '{hit}')"
+                problems.append((job.line, f"line {job.line}: {what} is written by line {touched[hit].line}; jobs "
                                            "run in any order, so split the manifest in two and run one after the other"))
     if problems:
         problems.sort(key=lambda item: item[0])
