@@ -180,7 +180,8 @@ def test_an_output_under_a_file_is_one_error_line_not_a_crash(tmp_path, volume_f
     from meddl.cli import main
 
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(InputError, match=r"cannot write '.*file/sub/" + name.replace(".", r"\.") + "': Not a directory"):
+    with pytest.raises(InputError, match=r"cannot write '.*file/sub/" + name.replace(".", r"\.")
+                       + r"': '.*file' is a file, not a folder"):
         io.write(volume_factory("float", 3), tmp_path / "file" / "sub" / name)
     io.write(volume_factory("float", 3), tmp_path / "in.nii.gz")
     assert main(["convert", str(tmp_path / "in.nii.gz"), "-o", str(tmp_path / "file" / name)]) == 2

@@ -328,8 +328,8 @@ def test_simulate_kspace_command_and_its_errors(tmp_path, capsys):
         (["three.nrrd", "-o", "x.h5"], r"expected one channel \(magnitude\) or two \(real, imaginary\), got 3"),
         (["vol.nii.gz", "-o", "x.h5", "--complex", "yes"], r"expected two channels \(real, imaginary\), got 1"),
         (["ct.nii.gz", "-o", "x.h5"], r"expected a magnitude image \(values >= 0\), got a minimum of -1000"),
-        (["vol.nii.gz", "-o", "vol.nii.gz/k.h5"], r"cannot write '.*vol\.nii\.gz/k\.h5': Not a directory"),
-        (["vol.nii.gz", "-o", "vol.nii.gz/k.cfl"], r"cannot write '.*vol\.nii\.gz/k\.cfl': Not a directory"),
+        (["vol.nii.gz", "-o", "vol.nii.gz/k.h5"], r"cannot write '.*vol\.nii\.gz/k\.h5': '.*vol\.nii\.gz' is a file, not a folder"),
+        (["vol.nii.gz", "-o", "vol.nii.gz/k.cfl"], r"cannot write '.*vol\.nii\.gz/k\.cfl': '.*vol\.nii\.gz' is a file, not a folder"),
     ):
         capsys.readouterr()
         args = [str(tmp_path / a) if a.endswith((".gz", ".h5", ".nrrd", ".cfl")) else a for a in argv]

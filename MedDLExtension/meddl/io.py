@@ -442,6 +442,15 @@ def _check_slice_positions(folder: Path, series: str, files) -> None:
 # -- writing ------------------------------------------------------------------------------------
 
 
+def _check_parent(path: Path, parent: Path) -> None:
+    """A file where the output's folder (or one above it) should be: say so, not "File exists"."""
+    for folder in (parent, *parent.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise InputError(f"cannot write '{path}': '{folder}' is a file, not a folder")
+            return
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffix); rename it onto ``path`` on success.
@@ -451,6 +460,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".nii.gz") else path.suffix
+    _check_parent(path, parent)
     try:  # a folder that cannot be made or written to (a file on the way, no permission, disk full)
         if not parent.exists():
             parent.mkdir(parents=True, exist_ok=True)
@@ -524,6 +534,7 @@ def _write_detached(image: Any, path: Path, compress: bool) -> None:
     only once its data is in place (a temporary name would be written into the header)."""
     sitk = _sitk()
     parent = path.parent if str(path.parent) else Path(".")
+    _check_parent(path, parent)
     try:
         parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", suffix=".part", dir=parent))
