@@ -314,6 +314,7 @@ def require(
     rgb: bool = False,
     kinds: tuple[Kind, ...] | None = None,
     finite: bool = True,
+    varying: str | None = None,
 ) -> Volume:
     """Check that a volume is what an operation needs; raise one clear :class:`InputError` if not.
 
@@ -324,6 +325,8 @@ def require(
         rgb: 3 (or 4) channels of 8-bit colour.
         kinds: accepted kinds.
         finite: refuse NaN or infinite voxels.
+        varying: refuse an image of one value everywhere, saying this (what it cannot give, e.g.
+            "nothing to register").
     """
     if volume.ndim not in ndim:
         want = " or ".join(f"{d}D" for d in ndim)
@@ -353,4 +356,8 @@ def require(
                 raise InputError(
                     f"{role}: expected finite voxel values, got {bad} NaN/infinite voxel(s); fill or mask them first"
                 )
+    if varying is not None:
+        arr = volume.numpy()
+        if arr.size and float(arr.max()) == float(arr.min()):
+            raise InputError(f"{role}: the image is constant ({float(arr.min()):g} everywhere); {varying}")
     return volume

@@ -41,12 +41,8 @@ def check_intensity(volume: Any, role: str, ndim: tuple[int, ...] = (2, 3), rgb:
     not one value everywhere (a blank image has no histogram or spectrum to match)."""
     if not isinstance(volume, Volume):
         raise InputError(f"{role}: expected a meddl.Volume, got {type(volume).__name__}")
-    require(volume, role, ndim=ndim, rgb=rgb, kinds=(Kind.INTENSITY,), finite=True)
-    if varying:
-        arr = volume.numpy()
-        lo, hi = float(arr.min()), float(arr.max())
-        if lo == hi:
-            raise InputError(f"{role}: the image is constant ({lo:g} everywhere); there is no style to match")
+    require(volume, role, ndim=ndim, rgb=rgb, kinds=(Kind.INTENSITY,), finite=True,
+            varying="there is no style to match" if varying else None)
     return volume
 
 

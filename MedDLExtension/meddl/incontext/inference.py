@@ -525,11 +525,7 @@ def _predict(net: InContextNet, targets: torch.Tensor, where: np.ndarray, pool: 
 def _check_target(target: Volume, net: InContextNet) -> None:
     from ..volume import require
 
-    require(target, "target image", ndim=(2, 3), finite=True)
-    arr = target.numpy()
-    if float(arr.min()) == float(arr.max()):
-        raise InputError(f"target image: the image is constant ({float(arr.min()):g} everywhere); "
-                         "there is nothing to segment")
+    require(target, "target image", ndim=(2, 3), finite=True, varying="there is nothing to segment")
     if target.channels > net.in_channels:
         raise InputError(
             f"target image: expected at most {net.in_channels} channels, got {target.channels}; "

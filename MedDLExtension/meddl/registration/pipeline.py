@@ -265,8 +265,7 @@ def _check_inputs(fixed: Volume, moving: Volume, labels: Volume | None, config: 
         arr = vol.numpy()
         if arr.size == 0 or min(vol.spatial_shape) < 4:
             raise InputError(f"{role}: expected at least 4 voxels along every axis, got shape {vol.spatial_shape}")
-        if float(arr.max()) == float(arr.min()):
-            raise InputError(f"{role}: the image is constant ({float(arr.min()):g} everywhere); nothing to register")
+        require(vol, role, ndim=(2, 3), finite=False, varying="nothing to register")
     if fixed.ndim != moving.ndim:
         raise InputError(f"moving image: expected {fixed.ndim}D like the fixed image, got {moving.ndim}D")
     n = int(np.prod(fixed.spatial_shape))
