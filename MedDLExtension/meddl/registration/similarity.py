@@ -27,11 +27,11 @@ class Similarity(str, enum.Enum):
 def _box(x: torch.Tensor, radius: int) -> torch.Tensor:
     """Mean over a ``(2r+1)^nd`` window (zero padding, divided by the window size), separably.
 
-    Each axis is a sum of ``2r+1`` shifted views of the zero-padded tensor: on a CPU about 3x
-    faster than ``avg_pool3d`` with a ``(2r+1, 1, 1)`` kernel (which gives the same numbers). The
+    Each axis is a sum of ``2r+1`` shifted views (:func:`_box_sums`): on a CPU about 6x faster than
+    ``avg_pool3d`` with a ``(2r+1, 1, 1)`` kernel (which gives the same numbers to rounding). The
     filter is its own adjoint (a symmetric window, zero padding), so the gradient is the same
     filter applied to the incoming gradient (:class:`_BoxFilter`): autograd through the shifted
-    views would allocate and zero a padded tensor per view.
+    views would allocate and zero a tensor per view.
     """
     if radius <= 0:
         return x
@@ -52,19 +52,21 @@ class _BoxFilter(torch.autograd.Function):
 
 
 def _box_sums(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """:func:`_box` for ``radius >= 1``, computed directly."""
+    """:func:`_box` for ``radius >= 1``, computed directly.
+
+    Along each axis, a copy of the tensor receives in place the ``2r`` views shifted by 1..r either way,
+    each added to the part of the copy it overlaps (zero padding without a padded tensor: about 2x
+    faster on a CPU than summing shifted views of a padded copy, which allocates and zeroes it).
+    """
     nd = x.dim() - 2
     k = 2 * radius + 1
     for d in range(nd):
         n = x.shape[2 + d]
-        pad = [0, 0] * nd
-        pad[2 * (nd - 1 - d)] = radius
-        pad[2 * (nd - 1 - d) + 1] = radius
-        xp = F.pad(x, pad)
-        acc = xp.narrow(2 + d, 0, n)
-        for shift in range(1, k):
-            acc = acc + xp.narrow(2 + d, shift, n)
-        x = acc / k
+        acc = x.clone()
+        for s in range(1, min(radius, n - 1) + 1):
+            acc.narrow(2 + d, s, n - s).add_(x.narrow(2 + d, 0, n - s))
+            acc.narrow(2 + d, 0, n - s).add_(x.narrow(2 + d, s, n - s))
+        x = acc.div_(k)
     return x
 
 
