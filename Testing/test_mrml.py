@@ -513,6 +513,31 @@ def test_sequence_round_trip(tmp_path):
         mrml.volumes_to_sequence_node([], scene)
 
 
+def test_nodes_the_adapter_creates_hold_no_extra_reference():
+    """CreateNodeByClass hands its caller a reference; the adapter gives it back (no leak per display node)."""
+    scene = new_scene()
+    node = mrml.volume_to_node(coil_volumes(1)[0], scene, "v")
+    made = node.GetDisplayNode()
+    # the same pair built with AddNewNodeByClass (the scene alone owns what it returns), as reference
+    volume = scene.AddNewNodeByClass(node.GetClassName())
+    plain = scene.AddNewNodeByClass(made.GetClassName())
+    volume.SetAndObserveDisplayNodeID(plain.GetID())
+    assert made.GetReferenceCount() == plain.GetReferenceCount()
+
+
+def test_sequence_browser_only_where_the_sequences_module_is_there():
+    scene = new_scene()
+    sequence = mrml.volumes_to_sequence_node(coil_volumes(2), scene, "coils")
+    # Slicer's core libraries register no browser class: no browser, no error; the application gets one
+    expected = scene.IsNodeClassRegistered("vtkMRMLSequenceBrowserNode")
+    browser = mrml.browse_sequence(sequence, scene)
+    assert (browser is not None) == expected
+    if browser is not None:
+        assert browser.GetMasterSequenceNode() is sequence
+    with pytest.raises(InputError, match="sequence: expected a vtkMRMLSequenceNode"):
+        mrml.browse_sequence(scene.GetFirstNodeByName("v") or sequence.GetDataNodeAtValue("0"), scene)
+
+
 def build_scene():
     scene = new_scene()
     volumes = {

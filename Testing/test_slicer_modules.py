@@ -398,6 +398,70 @@ def test_sample_data_sources_point_at_the_local_cache(monkeypatch):
         assert Path(call["thumbnailFileName"]).is_file()
 
 
+def test_sample_data_registers_with_an_older_sample_data_module(monkeypatch):
+    calls = []
+
+    def older(category="Custom", sampleName=None, uris=None, fileNames=None, nodeNames=None, customDownloader=None,
+              thumbnailFileName=None, loadFileType="VolumeFile", loadFiles=None, loadFileProperties=None):
+        calls.append(loadFileType)
+
+    fake = types.ModuleType("SampleData")
+    fake.SampleDataLogic = types.SimpleNamespace(registerCustomSampleDataSource=older)
+    monkeypatch.setitem(sys.modules, "SampleData", fake)
+    _load("sampledata").registerSampleData()
+    from meddl import data
+
+    assert calls == ["VolumeFile"] * len(data.available_samples())
+
+
+@pytest.fixture
+def common_package(monkeypatch):
+    """MedDLCommon's helper modules imported as a package (its ``__init__`` needs Qt), with the real
+    ``slicer.util.tryWithErrorDisplay`` and a stand-in ``slicer.app`` (in testing mode: no dialogs)."""
+    import slicer
+    import slicer.util
+
+    package = types.ModuleType("MedDLCommon")
+    package.__path__ = [str(EXT / "MedDLCommon")]
+    monkeypatch.setitem(sys.modules, "MedDLCommon", package)
+    for name in ("dependencies", "sampledata"):  # fresh imports, dropped again after the test
+        monkeypatch.setitem(sys.modules, f"MedDLCommon.{name}", None)
+        monkeypatch.delitem(sys.modules, f"MedDLCommon.{name}")
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(testingEnabled=lambda: True), raising=False)
+    shown = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda *a, **k: shown.append(a), raising=False)
+    import importlib
+
+    return types.SimpleNamespace(deps=importlib.import_module("MedDLCommon.dependencies"),
+                                 samples=importlib.import_module("MedDLCommon.sampledata"), shown=shown)
+
+
+def test_a_sample_that_cannot_be_built_returns_none_not_an_exception(common_package, monkeypatch):
+    from meddl import data
+
+    monkeypatch.setattr(common_package.deps, "ensureDependencies", lambda *a, **k: True)
+
+    def broken(name):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(data, "sample_path", broken)
+    assert common_package.samples.loadSample(data.available_samples()[0]) is None
+
+
+def test_a_failed_pip_install_returns_false_not_an_exception(common_package, monkeypatch):
+    import slicer.util
+
+    deps = common_package.deps
+    monkeypatch.setattr(deps, "missingPackages", lambda wanted: ["no-such-dist>=1"])
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: True, raising=False)
+
+    def failing(requirements):
+        raise RuntimeError("pip failed")
+
+    monkeypatch.setattr(deps, "pipInstall", failing)
+    assert deps.ensureDependencies(what="test") is False
+
+
 _LOGIC_OF = {"MedDLRegistration": ("RegistrationLogic", "RegistrationResult"),
              "MedDLReconstruction": ("ReconstructionLogic", "ReconstructionResult"),
              "MedDLDomainAdaptation": ("AdaptationLogic", "AdaptationResult"),

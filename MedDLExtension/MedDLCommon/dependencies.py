@@ -84,8 +84,16 @@ def ensureTorch(askConfirmation=True):
         slicer.util.errorDisplay("MedDL needs the PyTorch extension: install it with the Extensions Manager, "
                                  "restart Slicer and try again.")
         return False
-    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation)
-    return torch is not None
+    logic = PyTorchUtils.PyTorchUtilsLogic()
+    requirement = ">=" + ".".join(map(str, MINIMUM_TORCH))
+    try:  # without a requirement it may pick an older torch that suits the GPU driver
+        torch = logic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=requirement)
+    except TypeError:  # a PyTorch extension older than the torchVersionRequirement argument
+        torch = logic.installTorch(askConfirmation=askConfirmation)
+    if torch is None:
+        return False
+    importlib.invalidate_caches()
+    return torchVersion() is not None and ensureTorch(askConfirmation=False)
 
 
 def pipInstall(requirements):
@@ -126,9 +134,12 @@ def ensureDependencies(extra=None, what="MedDL"):
         return False
     if needTorch and not ensureTorch(askConfirmation=False):
         return False
-    with slicer.util.tryWithErrorDisplay(f"{what}: installing {', '.join(missing)} failed.", waitCursor=True):
-        pipInstall(missing)
-        importlib.invalidate_caches()
+    try:  # tryWithErrorDisplay shows the error, then raises it again
+        with slicer.util.tryWithErrorDisplay(f"{what}: installing {', '.join(missing)} failed.", waitCursor=True):
+            pipInstall(missing)
+            importlib.invalidate_caches()
+    except Exception:
+        return False
     still = missingPackages(wanted)
     if still:
         slicer.util.errorDisplay(f"{what}: these packages are still missing after installation: {', '.join(still)}")

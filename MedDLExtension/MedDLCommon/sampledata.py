@@ -3,6 +3,11 @@
 The samples are built locally from files that PyPI wheels ship (nilearn, scikit-image, dipy) and
 cached; nothing is downloaded. Sample Data sources expect URIs, so each source points at the
 cached file (``file://``) and has a custom loader that builds the file first and then loads it.
+
+The Sample Data module's buttons call that loader. ``SampleData.downloadSample("MedDL <name>")``
+from a script does not (Slicer's ``downloadFromSource`` reads the URI directly), so it works only
+once the sample has been built; from the Python console use :func:`loadSample` (``name`` as in
+``meddl.data.available_samples()``), which always works.
 """
 
 import logging
@@ -32,16 +37,19 @@ def registerSampleData():
     for name in data.available_samples():
         sample = data.SAMPLES[name]
         cached = data.cache_dir() / f"{name}{sample.suffix}"
-        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        source = dict(
             category=CATEGORY,
             sampleName=f"MedDL {name}",
             uris=cached.as_uri(),
             fileNames=f"MedDL-{name}{sample.suffix}",
             nodeNames=name,
             thumbnailFileName=_icon(),
-            loadFileTypes="VolumeFile",
             customDownloader=lambda source, n=name: loadSample(n),
         )
+        try:
+            SampleData.SampleDataLogic.registerCustomSampleDataSource(**source, loadFileTypes="VolumeFile")
+        except TypeError:  # a Slicer whose Sample Data module still calls it loadFileType
+            SampleData.SampleDataLogic.registerCustomSampleDataSource(**source, loadFileType="VolumeFile")
 
 
 def loadSample(name):
@@ -55,8 +63,10 @@ def loadSample(name):
     extra = SAMPLE_REQUIREMENTS.get(sample.source, {})
     if not ensureDependencies(extra, what=f"Sample '{name}'"):
         return None
-    with slicer.util.tryWithErrorDisplay(f"Cannot build the sample '{name}'.", waitCursor=True):
-        path = data.sample_path(name)
-        properties = {"name": name, "labelmap": sample.kind.value == "label"}
-        return slicer.util.loadVolume(str(path), properties)
-    return None
+    try:  # tryWithErrorDisplay shows the error, then raises it again
+        with slicer.util.tryWithErrorDisplay(f"Cannot build the sample '{name}'.", waitCursor=True):
+            path = data.sample_path(name)
+            properties = {"name": name, "labelmap": sample.kind.value == "label"}
+            return slicer.util.loadVolume(str(path), properties)
+    except Exception:
+        return None

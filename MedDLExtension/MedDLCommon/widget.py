@@ -151,9 +151,12 @@ class MedDLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not ensureDependencies(self.extraRequirements, what=self.moduleName):
             self._setStatus("Not run: the required Python packages are not installed.")
             return
-        job = None
-        with slicer.util.tryWithErrorDisplay(f"{self.moduleName}: cannot start.", waitCursor=True):
-            job = self.startJob(progress=self._onProgress, log=self._onLog)
+        try:  # tryWithErrorDisplay shows the error, then raises it again: stop here, not in the Qt slot
+            with slicer.util.tryWithErrorDisplay(f"{self.moduleName}: cannot start.", waitCursor=True):
+                job = self.startJob(progress=self._onProgress, log=self._onLog)
+        except Exception:
+            self._setStatus("Not run: see the error message.")
+            return
         if job is None:
             return
         self._job = job
@@ -216,4 +219,6 @@ class MedDLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def showVolume(node, labelNode=None):
         """Show a result volume in the slice views (as background, with a label map on top)."""
         if node is not None and node.IsA("vtkMRMLVolumeNode"):
-            slicer.util.setSliceViewerLayers(background=node, label=labelNode, fit=True)
+            # label=None would clear a label map the user shows; keep it unless there is a new one
+            slicer.util.setSliceViewerLayers(background=node, fit=True,
+                                             label=labelNode if labelNode is not None else "keep-current")

@@ -45,6 +45,7 @@ __all__ = [
     "transform_node_to_displacement",
     "volumes_to_sequence_node",
     "sequence_node_to_volumes",
+    "browse_sequence",
     "save_scene",
     "load_scene",
     "LABEL_TAG",
@@ -224,6 +225,7 @@ def _ensure_volume_display(node, scene, class_name: str) -> None:
         "vtkMRMLVectorVolumeNode": "vtkMRMLVectorVolumeDisplayNode",
     }[class_name]
     display = scene.CreateNodeByClass(display_class)
+    display.UnRegister(None)  # CreateNodeByClass hands over a reference: the Python object owns it now
     candidates = {"vtkMRMLLabelMapVolumeNode": _LABEL_COLOR_IDS, "vtkMRMLScalarVolumeNode": _GREY_COLOR_IDS}
     for color_id in candidates.get(class_name, ()):
         if scene.GetNodeByID(color_id) is not None:
@@ -419,8 +421,13 @@ def labels_to_segmentation_node(
             segmentation = node.GetSegmentation()
             segmentation.RemoveAllSegments()
             node.SetReferenceImageGeometryParameterFromVolumeNode(labelmap)
+            logic = slicer.vtkSlicerSegmentationsModuleLogic
             messages = slicer.vtkMRMLMessageCollection()
-            ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, node, "", messages)
+            try:
+                ok = logic.ImportLabelmapToSegmentationNode(labelmap, node, "", messages)
+            except TypeError:  # a Slicer older than the messages argument
+                messages = None
+                ok = logic.ImportLabelmapToSegmentationNode(labelmap, node, "")
             if not ok:
                 raise MedDLError(f"segmentation import failed: {_error_text(messages)}")
             imported = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
@@ -800,10 +807,31 @@ def volumes_to_sequence_node(
     base = sequence.GetName()
     for n, volume in enumerate(volumes):
         item = scene.CreateNodeByClass(class_name)
+        item.UnRegister(None)  # owned by the Python object (the sequence keeps its own copy)
         item.SetName(f"{base} [{index_name} {n}]")
         _fill_volume_node(item, volume)
         sequence.SetDataNodeAtValue(item, str(n))
     return sequence
+
+
+def browse_sequence(sequence, scene):
+    """A sequence browser for ``sequence`` (Slicer shows a sequence only through a browser's proxy node).
+
+    Returns the ``vtkMRMLSequenceBrowserNode``, or None where the Sequences module is not part of
+    the scene's node classes (Slicer's core libraries without the application). In the application
+    the proxy node is created at once, so the first item appears in the node selectors.
+    """
+    _require_scene(scene)
+    _require_node(sequence, "vtkMRMLSequenceNode", "sequence")
+    if not scene.IsNodeClassRegistered("vtkMRMLSequenceBrowserNode"):
+        return None
+    browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", _unique_name(scene, f"{sequence.GetName()} browser"))
+    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    modules = getattr(slicer, "modules", None)
+    sequences = getattr(modules, "sequences", None)
+    if sequences is not None:
+        sequences.logic().UpdateProxyNodesFromSequences(browser)
+    return browser
 
 
 def sequence_node_to_volumes(node) -> list[Volume]:

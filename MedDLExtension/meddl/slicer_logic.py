@@ -685,6 +685,7 @@ class ReconstructionLogic(MedDLLogic):
                 per_coil = [coils.with_data(coils.numpy()[c:c + 1]) for c in range(coils.channels)]
                 out.coil_images = mrml.volumes_to_sequence_node(
                     per_coil, scene, name=f"{base} coil images", index_name="coil")
+                mrml.browse_sequence(out.coil_images, scene)
             return out
 
         return self._launch("meddl reconstruct", args, workdir, importer, progress, log)
