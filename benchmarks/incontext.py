@@ -209,15 +209,19 @@ def propagate(net, t1: np.ndarray, lab: np.ndarray, idx: np.ndarray, target: int
     return mixed, prior
 
 
-def seconds_per_slice(net, size: int = 128, context: int = 16, repeats: int = 5) -> float:
+def seconds_per_slice(net, size: int = 128, context: int = 16, repeats: int = 9) -> float:
+    """Median wall time of one forward pass (after one warm-up): a median, so a moment when another job
+    takes the CPU does not count as the network's time."""
     t = torch.rand(1, net.in_channels, size, size)
     ci, co = torch.rand(1, context, net.in_channels, size, size), torch.rand(1, context, 1, size, size)
+    times = []
     with torch.no_grad():
         net(t, ci, co)
-        t0 = time.perf_counter()
         for _ in range(repeats):
+            t0 = time.perf_counter()
             net(t, ci, co)
-    return (time.perf_counter() - t0) / repeats
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def image_tasks(net, bank, per_task: int, seed: int) -> dict[str, tuple[float, float]]:
@@ -414,7 +418,7 @@ def write_report(args, card, tasks, mean, rows, speed, median_time, images, size
         f"of sixteen in this setting ({s1['affine'] / max(s16['affine'], 1e-9):.0%} with `--align affine`).",
         "",
         f"In-context forward pass per target slice at {size}x{size} (median over all runs): {median_time:.3f} s; "
-        f"at 128x128 with 16 context slices: **{speed:.3f} s per slice**; with the 2 context slices that "
+        f"at 128x128 with 16 context slices (median of 9 passes): **{speed:.3f} s per slice**; with the 2 context slices that "
         f"propagation uses by default: **{speed2:.3f} s per slice**; measured with a 1-minute load "
         f"average of {load:.1f} on {os.cpu_count()} cores (other jobs share the CPU).",
         "",
