@@ -564,8 +564,9 @@ def test_each_worker_loads_the_segmentation_model_once(tmp_path, cluster):
         io.write(Volume((img > 0.5).astype(np.uint8), np.eye(4), "label"), tmp_path / f"lab{i}.nii.gz")
     for i in range(4):
         j = (i + 1) % 4
+        # noise images share their grid: no alignment (mutual information has nothing to align in noise)
         rows.append({"operation": "segment", "target": f"img{i}.nii.gz", "output": f"seg/{i}.nii.gz",
-                     "context": [f"img{j}.nii.gz", f"lab{j}.nii.gz"]})
+                     "context": [f"img{j}.nii.gz", f"lab{j}.nii.gz"], "align": "none"})
     with distributed.Client(cluster.scheduler_address, set_as_default=False) as client:
         before = client.run(lambda: batch._WORKER_STATE["model_loads"])
         report = run_batch(_write_jsonl(tmp_path / "m.jsonl", rows), scheduler=cluster.scheduler_address,
