@@ -528,12 +528,14 @@ def test_nodes_the_adapter_creates_hold_no_extra_reference():
 def test_sequence_browser_only_where_the_sequences_module_is_there():
     scene = new_scene()
     sequence = mrml.volumes_to_sequence_node(coil_volumes(2), scene, "coils")
-    # Slicer's core libraries register no browser class: no browser, no error; the application gets one
-    expected = scene.IsNodeClassRegistered("vtkMRMLSequenceBrowserNode")
+    # Slicer's core libraries register no browser class: no browser, no error
+    assert not scene.IsNodeClassRegistered("vtkMRMLSequenceBrowserNode")
+    assert mrml.browse_sequence(sequence, scene) is None
+    # where the Sequences module is there (the application registers the class), a browser of the sequence
+    scene.RegisterNodeClass(slicer.vtkMRMLSequenceBrowserNode())
     browser = mrml.browse_sequence(sequence, scene)
-    assert (browser is not None) == expected
-    if browser is not None:
-        assert browser.GetMasterSequenceNode() is sequence
+    assert browser is not None and browser.GetMasterSequenceNode().GetID() == sequence.GetID()
+    assert browser.GetName() == "coils browser"
     with pytest.raises(InputError, match="sequence: expected a vtkMRMLSequenceNode"):
         mrml.browse_sequence(scene.GetFirstNodeByName("v") or sequence.GetDataNodeAtValue("0"), scene)
 

@@ -427,7 +427,10 @@ def common_package(monkeypatch):
     for name in ("dependencies", "sampledata"):  # fresh imports, dropped again after the test
         monkeypatch.setitem(sys.modules, f"MedDLCommon.{name}", None)
         monkeypatch.delitem(sys.modules, f"MedDLCommon.{name}")
-    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(testingEnabled=lambda: True), raising=False)
+    app = types.SimpleNamespace(testingEnabled=lambda: True, setOverrideCursor=lambda cursor: None,
+                                restoreOverrideCursor=lambda: None)
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    monkeypatch.setitem(sys.modules, "qt", types.SimpleNamespace(Qt=types.SimpleNamespace(WaitCursor=3)))
     shown = []
     monkeypatch.setattr(slicer.util, "errorDisplay", lambda *a, **k: shown.append(a), raising=False)
     import importlib
@@ -441,11 +444,15 @@ def test_a_sample_that_cannot_be_built_returns_none_not_an_exception(common_pack
 
     monkeypatch.setattr(common_package.deps, "ensureDependencies", lambda *a, **k: True)
 
+    called = []
+
     def broken(name):
+        called.append(name)
         raise OSError("disk full")
 
     monkeypatch.setattr(data, "sample_path", broken)
     assert common_package.samples.loadSample(data.available_samples()[0]) is None
+    assert called == [data.available_samples()[0]]  # it got as far as building the sample
 
 
 def test_a_failed_pip_install_returns_false_not_an_exception(common_package, monkeypatch):
@@ -455,11 +462,37 @@ def test_a_failed_pip_install_returns_false_not_an_exception(common_package, mon
     monkeypatch.setattr(deps, "missingPackages", lambda wanted: ["no-such-dist>=1"])
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: True, raising=False)
 
+    called = []
+
     def failing(requirements):
+        called.append(requirements)
         raise RuntimeError("pip failed")
 
     monkeypatch.setattr(deps, "pipInstall", failing)
     assert deps.ensureDependencies(what="test") is False
+    assert called == [["no-such-dist>=1"]]  # the install ran and failed; its error did not escape
+
+
+def test_torch_is_installed_with_the_minimum_version_and_a_failure_does_not_escape(common_package, monkeypatch):
+    deps = common_package.deps
+    monkeypatch.setattr(deps, "torchVersion", lambda: None)
+    calls = []
+
+    class Logic:  # PyTorchUtilsLogic, recent (with the version requirement)
+        def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None):
+            calls.append(torchVersionRequirement)
+            raise RuntimeError("pip failed")
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=Logic))
+    assert deps.ensureTorch(askConfirmation=False) is False
+    assert calls == [">=" + ".".join(map(str, deps.MINIMUM_TORCH))]
+
+    class OldLogic:  # an older PyTorch extension: no requirement argument, returns None when declined
+        def installTorch(self, askConfirmation=False):
+            calls.append("old")
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=OldLogic))
+    assert deps.ensureTorch(askConfirmation=False) is False and calls[-1] == "old"
 
 
 _LOGIC_OF = {"MedDLRegistration": ("RegistrationLogic", "RegistrationResult"),

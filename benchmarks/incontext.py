@@ -366,7 +366,7 @@ def write_report(args, card, tasks, mean, rows, speed, median_time, images, size
         "```",
         "",
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.processor() or platform.machine()}, "
-        f"{args.threads} torch thread(s), CPU shared with other jobs (timings are pessimistic).",
+        f"{args.threads} torch thread(s), CPU only (the load average under the timings says whether other jobs shared it).",
         f"Weights: `{card.name}` (sha256 {card.sha256[:12]}...), {training.get('steps', '?')} training steps, "
         f"{training.get('seconds', 0) / 3600:.2f} h of CPU training; working size {size}x{size}.",
         "",
@@ -400,7 +400,7 @@ def write_report(args, card, tasks, mean, rows, speed, median_time, images, size
         "default `--align auto`, which for 2D scans is `deformable`: the affine by mutual information, then our "
         "deformable registration with LNCC, about 0.1 s per 96 x 96 pair; fewer than 16 context pairs are "
         "completed with slightly deformed copies, `--augment 16`); the same with `--align affine` (the affine "
-        "alone, the default for 3D scans, where a deformable registration costs 8-20 s per example). "
+        "alone, the default for 3D scans, where a deformable registration costs 6-16 s per example). "
         "Registration: the same affine alignment, then demons, from the most similar scan (NCC); majority vote: the same from every context scan, voxels labelled by more than half of them.",
         "",
         "| context scans | **in-context (library default, deformable in 2D)** | in-context, `--align affine` | "
@@ -420,7 +420,7 @@ def write_report(args, card, tasks, mean, rows, speed, median_time, images, size
         f"In-context forward pass per target slice at {size}x{size} (median over all runs): {median_time:.3f} s; "
         f"at 128x128 with 16 context slices (median of 9 passes): **{speed:.3f} s per slice**; with the 2 context slices that "
         f"propagation uses by default: **{speed2:.3f} s per slice**; measured with a 1-minute load "
-        f"average of {load:.1f} on {os.cpu_count()} cores (other jobs share the CPU).",
+        f"average of {load:.1f} on {os.cpu_count()} cores (this benchmark's own {args.threads} threads count in it).",
         "",
         "## Image tasks (4 context pairs, PSNR in dB, intensities in [0, 1])",
         "",

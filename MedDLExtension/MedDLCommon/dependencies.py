@@ -11,6 +11,7 @@ user's consent (``slicer.util.confirmOkCancelDisplay``).
 
 import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import os
 import tempfile
@@ -85,11 +86,18 @@ def ensureTorch(askConfirmation=True):
                                  "restart Slicer and try again.")
         return False
     logic = PyTorchUtils.PyTorchUtilsLogic()
-    requirement = ">=" + ".".join(map(str, MINIMUM_TORCH))
-    try:  # without a requirement it may pick an older torch that suits the GPU driver
-        torch = logic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=requirement)
-    except TypeError:  # a PyTorch extension older than the torchVersionRequirement argument
-        torch = logic.installTorch(askConfirmation=askConfirmation)
+    options = {"askConfirmation": askConfirmation}
+    try:
+        accepted = inspect.signature(logic.installTorch).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    if "torchVersionRequirement" in accepted:  # without it, it may pick an older torch that suits the GPU driver
+        options["torchVersionRequirement"] = ">=" + ".".join(map(str, MINIMUM_TORCH))
+    try:  # tryWithErrorDisplay shows the error, then raises it again
+        with slicer.util.tryWithErrorDisplay("MedDL: installing PyTorch failed.", waitCursor=True):
+            torch = logic.installTorch(**options)
+    except Exception:
+        return False
     if torch is None:
         return False
     importlib.invalidate_caches()

@@ -41,7 +41,7 @@ def configure(subparsers) -> None:
                    help="--context: bring each context scan onto the target's grid first: auto (default: "
                         "deformable for a 2D target, affine for a 3D one), affine (centre of mass, rigid, affine by "
                         "mutual information), deformable (the affine, then a deformable registration per example: "
-                        "about 0.1 s for a 2D pair, 8-20 s for a 3D brain on a CPU; a little more accurate), "
+                        "about 0.1 s for a 2D pair, 6-16 s for a 3D brain on a CPU; a little more accurate), "
                         "center (centres of mass) or none (use the scans as they are, slices matched by relative "
                         "position)")
     p.add_argument("--atlas-prior", type=float, default=0.25,

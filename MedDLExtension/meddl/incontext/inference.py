@@ -48,7 +48,7 @@ ALIGN_2D_PIXELS = 256
 def resolve_align(mode: str, target: Volume) -> str:
     """``auto`` -> ``deformable`` for a 2D target (a tenth of a second per example, and better at every
     context size on the benchmark's 2D scans), ``affine`` for a 3D one (a deformable registration costs
-    8-20 s per example on a CPU); any other mode unchanged."""
+    6-16 s per example on a CPU); any other mode unchanged."""
     if mode != "auto":
         return mode
     return "deformable" if target.ndim == 2 else "affine"
@@ -103,7 +103,7 @@ class SegmentConfig:
             costs about 0.1 s per example, ``affine`` for a 3D one; :func:`resolve_align`),
             ``affine`` (centre of mass, rigid, then affine by mutual information), ``deformable``
             (the affine, then the registration module's instance optimisation with LNCC: one
-            registration per example, 8-20 s for a 3D brain on a CPU, a little more accurate; see
+            registration per example, 6-16 s for a 3D brain on a CPU, a little more accurate; see
             :func:`align_context`), ``center`` (centres of mass only) or ``none`` (slices matched by
             relative position, the scans taken as they are).
         atlas_prior: multi-volume / 2D segmentation with aligned examples (``align`` not ``none``):
