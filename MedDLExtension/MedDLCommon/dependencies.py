@@ -66,6 +66,22 @@ def torchVersion():
     return tuple(parts)
 
 
+def runShowingError(message, function):
+    """``(True, function())``, or ``(False, None)`` after showing the error.
+
+    ``slicer.util.tryWithErrorDisplay`` shows the error (with a wait cursor meanwhile) and then raises
+    it again: callers that should stop quietly after the dialog (a Qt slot, a loader that returns
+    None) use this instead of repeating the try/except around it.
+    """
+    import slicer
+
+    try:
+        with slicer.util.tryWithErrorDisplay(message, waitCursor=True):
+            return True, function()
+    except Exception:
+        return False, None
+
+
 def ensureTorch(askConfirmation=True):
     """Install torch through the PyTorch extension if needed; True when a usable torch is there."""
     import slicer
@@ -93,12 +109,8 @@ def ensureTorch(askConfirmation=True):
         accepted = {}
     if "torchVersionRequirement" in accepted:  # without it, it may pick an older torch that suits the GPU driver
         options["torchVersionRequirement"] = ">=" + ".".join(map(str, MINIMUM_TORCH))
-    try:  # tryWithErrorDisplay shows the error, then raises it again
-        with slicer.util.tryWithErrorDisplay("MedDL: installing PyTorch failed.", waitCursor=True):
-            torch = logic.installTorch(**options)
-    except Exception:
-        return False
-    if torch is None:
+    ok, torch = runShowingError("MedDL: installing PyTorch failed.", lambda: logic.installTorch(**options))
+    if not ok or torch is None:
         return False
     importlib.invalidate_caches()
     return torchVersion() is not None and ensureTorch(askConfirmation=False)
@@ -142,12 +154,10 @@ def ensureDependencies(extra=None, what="MedDL"):
         return False
     if needTorch and not ensureTorch(askConfirmation=False):
         return False
-    try:  # tryWithErrorDisplay shows the error, then raises it again
-        with slicer.util.tryWithErrorDisplay(f"{what}: installing {', '.join(missing)} failed.", waitCursor=True):
-            pipInstall(missing)
-            importlib.invalidate_caches()
-    except Exception:
+    installed, _ = runShowingError(f"{what}: installing {', '.join(missing)} failed.", lambda: pipInstall(missing))
+    if not installed:
         return False
+    importlib.invalidate_caches()
     still = missingPackages(wanted)
     if still:
         slicer.util.errorDisplay(f"{what}: these packages are still missing after installation: {', '.join(still)}")

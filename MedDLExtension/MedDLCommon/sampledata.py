@@ -57,16 +57,14 @@ def loadSample(name):
     import slicer
     from meddl import data
 
-    from .dependencies import SAMPLE_REQUIREMENTS, ensureDependencies
+    from .dependencies import SAMPLE_REQUIREMENTS, ensureDependencies, runShowingError
 
     sample = data.SAMPLES[name]
     extra = SAMPLE_REQUIREMENTS.get(sample.source, {})
     if not ensureDependencies(extra, what=f"Sample '{name}'"):
         return None
-    try:  # tryWithErrorDisplay shows the error, then raises it again
-        with slicer.util.tryWithErrorDisplay(f"Cannot build the sample '{name}'.", waitCursor=True):
-            path = data.sample_path(name)
-            properties = {"name": name, "labelmap": sample.kind.value == "label"}
-            return slicer.util.loadVolume(str(path), properties)
-    except Exception:
-        return None
+    def build_and_load():
+        properties = {"name": name, "labelmap": sample.kind.value == "label"}
+        return slicer.util.loadVolume(str(data.sample_path(name)), properties)
+
+    return runShowingError(f"Cannot build the sample '{name}'.", build_and_load)[1]

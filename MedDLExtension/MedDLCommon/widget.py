@@ -21,7 +21,7 @@ from meddl.errors import Cancelled, MedDLError
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
-from .dependencies import ensureDependencies
+from .dependencies import ensureDependencies, runShowingError
 
 #: the choices of every device combo box (the ``--device`` of the meddl command)
 DEVICES = ["auto", "cpu", "cuda", "mps"]
@@ -151,10 +151,9 @@ class MedDLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not ensureDependencies(self.extraRequirements, what=self.moduleName):
             self._setStatus("Not run: the required Python packages are not installed.")
             return
-        try:  # tryWithErrorDisplay shows the error, then raises it again: stop here, not in the Qt slot
-            with slicer.util.tryWithErrorDisplay(f"{self.moduleName}: cannot start.", waitCursor=True):
-                job = self.startJob(progress=self._onProgress, log=self._onLog)
-        except Exception:
+        started, job = runShowingError(f"{self.moduleName}: cannot start.",
+                                       lambda: self.startJob(progress=self._onProgress, log=self._onLog))
+        if not started:  # the error was shown; it must not escape from the Qt slot
             self._setStatus("Not run: see the error message.")
             return
         if job is None:
