@@ -262,15 +262,16 @@ def test_mind_descriptor_path_matches_the_exact_loss_and_is_used_by_the_optimise
 def _box_reference(x, radius):
     nd = x.dim() - 2
     pool = torch.nn.functional.avg_pool3d if nd == 3 else torch.nn.functional.avg_pool2d
-    for d in range(nd):
-        size, pad = [1] * nd, [0] * nd
-        size[d], pad[d] = 2 * radius + 1, radius
-        x = pool(x, tuple(size), stride=1, padding=tuple(pad), count_include_pad=True)
+    for d in range(nd):  # zero padding made explicit: pooling refuses axes shorter than its window
+        size, pad = [1] * nd, [0, 0] * nd
+        size[d] = 2 * radius + 1
+        pad[2 * (nd - 1 - d)] = pad[2 * (nd - 1 - d) + 1] = radius
+        x = pool(torch.nn.functional.pad(x, pad), tuple(size), stride=1)
     return x
 
 
-@pytest.mark.parametrize("shape", [(1, 2, 9, 8, 7), (2, 1, 11, 6)])
-@pytest.mark.parametrize("radius", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 2, 9, 8, 7), (2, 1, 11, 6), (1, 1, 3, 1, 2), (1, 3, 1, 5)])
+@pytest.mark.parametrize("radius", [1, 2, 3])
 def test_box_filter_matches_average_pooling(shape, radius):
     x = torch.rand(shape, generator=torch.Generator().manual_seed(radius), requires_grad=True)
     y = torch.rand(shape)
