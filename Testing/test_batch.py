@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -684,3 +685,21 @@ def test_report_never_overwrites_an_input_or_the_manifest(tmp_path):
             run_batch(manifest, workers=1, report=report)
     assert (manifest.read_bytes(), ins[0].read_bytes()) == before
     assert not (tmp_path / "o.txt").exists()
+
+
+def test_two_local_clusters_at_once_do_not_compete_for_a_port():
+    """A batch beside another one (or beside any Dask cluster) starts its scheduler's HTTP endpoint
+    on a free port: no "Port 8787 is already in use" warning, no dashboard."""
+    pytest.importorskip("distributed")
+    from meddl.batch import _start_cluster
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = _start_cluster(1, 1, [])
+        try:
+            second = _start_cluster(1, 1, [])
+            second.close()
+        finally:
+            first.close()
+    in_use = [str(w.message) for w in caught if "already in use" in str(w.message)]
+    assert not in_use, in_use

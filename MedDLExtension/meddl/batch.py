@@ -1097,12 +1097,15 @@ def _start_cluster(n_workers: int, threads_per_worker: int, gpus: Sequence[str])
     import dask
     from distributed import LocalCluster, Scheduler, SpecCluster
 
-    common = {"dashboard_address": None, "host": "127.0.0.1"}
+    # no dashboard; the scheduler's HTTP endpoint (health, metrics) on a free port rather than 8787, so
+    # two batches at once (or a batch beside another Dask cluster) do not collide
+    common = {"dashboard": False, "dashboard_address": ":0", "host": "127.0.0.1"}
     environ = cluster_environment(compute_threads(n_workers, threads_per_worker))
     with dask.config.set(environ):
         if not gpus:
             return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-                                silence_logs=logging.ERROR, preload=["meddl.batch"], **common)
+                                silence_logs=logging.ERROR, preload=["meddl.batch"], dashboard_address=None,
+                                host="127.0.0.1", scheduler_kwargs=common)
         return SpecCluster(workers=worker_specs(n_workers, threads_per_worker, gpus),
                            scheduler={"cls": Scheduler, "options": common}, silence_logs=logging.ERROR)
 
