@@ -107,6 +107,61 @@ def _diversify(img: np.ndarray, rng: np.random.Generator, p: float) -> np.ndarra
     return np.ascontiguousarray(img, dtype=np.float32)
 
 
+def phantom_maps() -> list[np.ndarray]:
+    """Tissue maps ``(4, H, W)`` float16 of MNI152 1 mm slices (every 4th, three orientations): CSF, grey
+    and white matter fractions (nilearn's probabilistic templates inside the brain mask) and the distance
+    in mm outside the brain, where :func:`phantom` lays the head's layers (the template is skull-stripped)."""
+    from nilearn import datasets
+    from scipy.ndimage import distance_transform_edt
+
+    def get(name: str) -> np.ndarray:
+        return np.asarray(getattr(datasets, name)(resolution=1).get_fdata(), dtype=np.float32)
+
+    gm, wm, brain = (get(n) for n in ("load_mni152_gm_template", "load_mni152_wm_template", "load_mni152_brain_mask"))
+    inside = brain > 0.5
+    gm, wm = gm * inside, wm * inside
+    tissue = np.stack([np.clip(inside - gm - wm, 0, 1), gm, wm])
+    out = []
+    for axis in range(3):
+        n = inside.shape[axis]
+        for i in range(int(n * 0.2), int(n * 0.8), 4):
+            t = np.take(tissue, i, axis=axis + 1)
+            mask = np.take(inside, i, axis=axis)
+            if mask.mean() < 0.1:
+                continue
+            # room for a head of up to 25 mm around the brain
+            t = np.pad(t, ((0, 0), (25, 25), (25, 25)))
+            dist = distance_transform_edt(~np.pad(mask, 25))
+            out.append(np.concatenate([t, dist[None]]).astype(np.float16))
+    return out
+
+
+# tissue intensity ranges (CSF, GM, WM) of the contrasts a phantom takes: T1-, PD- and T2-like
+_CONTRASTS = (((0.1, 0.3), (0.4, 0.6), (0.7, 0.9)), ((0.8, 1.0), (0.65, 0.85), (0.5, 0.7)),
+              ((0.9, 1.0), (0.4, 0.6), (0.25, 0.45)))
+
+
+def phantom(maps: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """A BrainWeb-like phantom slice from :func:`phantom_maps`: the brain's tissues (hard labels, or the
+    fractions as partial volume) and a head of CSF, skull, fat and skin layers of random thickness, in a
+    T1-, PD-, T2-like or random contrast, with fine texture; scaled to about [0, 1]."""
+    m = maps[int(rng.integers(0, len(maps)))].astype(np.float32)
+    f, dist = m[:3], m[3]
+    if rng.uniform() < 0.5:  # hard tissue labels: sharp, piecewise-constant edges
+        hard = np.zeros_like(f)
+        np.put_along_axis(hard, f.argmax(0)[None], 1.0, axis=0)
+        f = hard * (f.sum(0) > 0.5)
+    kind = int(rng.integers(0, len(_CONTRASTS) + 1))
+    brain = [rng.uniform(*r) for r in _CONTRASTS[kind]] if kind < len(_CONTRASTS) else list(rng.uniform(0, 1, 3))
+    img = np.tensordot(np.array(brain, np.float32), f, axes=1)
+    edges = np.cumsum([rng.uniform(0, 3), rng.uniform(2, 8), rng.uniform(2, 7), rng.uniform(1, 3)])
+    layers = (brain[0], rng.uniform(0, 0.15), rng.uniform(0.3, 1.0), rng.uniform(0.2, 0.7))  # CSF skull fat skin
+    for (lo, hi), value in zip(zip([0.0, *edges[:-1]], edges, strict=True), layers, strict=True):
+        img = np.where((dist > lo) & (dist <= hi), value, img)
+    img = img * (1 + rng.uniform(0, 0.05) * rng.standard_normal(img.shape)) * (img > 0)
+    return _normalise(img)
+
+
 def _augment(img: np.ndarray, rng: np.random.Generator, crop: int, diverse: float = 0.0) -> np.ndarray:
     img = np.rot90(img, int(rng.integers(0, 4)))
     if rng.uniform() < 0.5:
@@ -132,14 +187,19 @@ def make_batch(
     accelerations: tuple[float, ...] = (4.0, 8.0),
     transpose_p: float = 0.5,
     diverse: float = 0.0,
+    phantoms: float = 0.0,
+    maps: list[np.ndarray] | None = None,
 ):
     """One simulated batch: ``(kspace (B, C, H, W) complex64, mask (B, 1, H, W) bool, target (B, H, W))``.
 
-    ``diverse``: probability of each of :func:`_diversify`'s changes (voxel size, contrast, noise)."""
+    ``diverse``: probability of each of :func:`_diversify`'s changes (voxel size, contrast, noise);
+    ``phantoms``: probability of a :func:`phantom` from ``maps`` instead of a pool slice."""
     coils = int(rng.choice([4, 6, 8]))
     ks, ms, ts = [], [], []
     for _ in range(batch):
-        img = _augment(pool[int(rng.integers(0, len(pool)))], rng, crop, diverse)
+        use_phantom = phantoms > 0 and maps is not None and rng.uniform() < phantoms
+        source = phantom(maps, rng) if use_phantom else pool[int(rng.integers(0, len(pool)))]
+        img = _augment(source, rng, crop, diverse)
         k, _, _ = simulate_kspace(img, coils, rng, noise=float(rng.uniform(0, 0.01)))
         acc = float(rng.choice(accelerations))
         mask = make_mask(str(rng.choice(["equispaced", "random"])), k.shape, acc, seed=rng)
@@ -174,20 +234,22 @@ class _Batches(torch.utils.data.IterableDataset):
     """Endless simulated batches; each worker draws from its own seed (seed, first step, worker)."""
 
     def __init__(self, pool: list[np.ndarray], batch: int, crop: int, seed: int, step: int,
-                 diverse: float = 0.0) -> None:
+                 diverse: float = 0.0, phantoms: float = 0.0, maps: list[np.ndarray] | None = None) -> None:
         self.pool, self.batch, self.crop, self.seed, self.step = pool, batch, crop, seed, step
-        self.diverse = diverse
+        self.diverse, self.phantoms, self.maps = diverse, phantoms, maps
 
     def __iter__(self):
         torch.set_num_threads(1)
         info = torch.utils.data.get_worker_info()
         rng = np.random.default_rng([self.seed, self.step, info.id if info else 0])
         while True:
-            yield make_batch(self.pool, rng, self.batch, self.crop, diverse=self.diverse)
+            yield make_batch(self.pool, rng, self.batch, self.crop, diverse=self.diverse, phantoms=self.phantoms,
+                             maps=self.maps)
 
 
-def _parallel_batches(pool: list[np.ndarray], args, step: int):
-    loader = torch.utils.data.DataLoader(_Batches(pool, args.batch, args.crop, args.seed, step, args.diverse),
+def _parallel_batches(pool: list[np.ndarray], args, step: int, maps: list[np.ndarray] | None = None):
+    loader = torch.utils.data.DataLoader(_Batches(pool, args.batch, args.crop, args.seed, step, args.diverse,
+                                                  args.phantoms, maps),
                                          batch_size=None,
                                          num_workers=args.workers, pin_memory=args.device.startswith("cuda"),
                                          prefetch_factor=4, persistent_workers=True)
@@ -229,6 +291,12 @@ def _validate(net: VarNet, val) -> dict[str, float]:
     }
 
 
+def _appended(name: str) -> bool:
+    """Whether a parameter name belongs to a cascade beyond the base network's ``ARCH`` ones."""
+    parts = name.split(".")
+    return parts[0] == "cascades" and int(parts[1]) >= ARCH["num_cascades"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m meddl.reconstruction.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=4000, help="total optimisation steps (the schedule's length)")
@@ -252,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--diverse", type=float, default=0.0,
                    help="probability of each change towards images unlike the training slices: another voxel "
                         "size, another contrast, single-scan noise (0: none, as every phase before step 62348)")
+    p.add_argument("--phantoms", type=float, default=0.0,
+                   help="probability of a BrainWeb-like tissue phantom (MNI152 tissue maps, random contrast) "
+                        "instead of a training slice (0: none, as every phase before step 62079)")
+    p.add_argument("--extend", type=int, default=0,
+                   help="append this many gated cascades (starting as the identity) to the bundled network and "
+                        "train only them, the rest frozen")
     p.add_argument("--pool", default=None,
                    help="an .npz of the training slices: read it when it exists, else build the slices from the "
                         "sample data and write it (to train on a machine without the sample data)")
@@ -275,14 +349,15 @@ def main(argv: list[str] | None = None) -> int:
     pool = _pool(args.pool, args.mni_mm)
     say(f"{len(pool)} training slices")
     device = torch.device(args.device)
-    net = VarNet(**ARCH).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    arch = dict(ARCH, extra_cascades=args.extend) if args.extend else dict(ARCH)
+    net = VarNet(**arch).to(device)
+    maps = phantom_maps() if args.phantoms > 0 else None
     step, history, phases = 0, [], []
     rng = np.random.default_rng(args.seed)
-    if state_path.is_file():
+    resumed = state_path.is_file()
+    if resumed:
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         net.load_state_dict(state["net"])
-        opt.load_state_dict(state["opt"])  # Adam's moments follow the parameters' device
         step, history = state["step"], state["history"]
         phases = state.get("phases", [])
         rng.bit_generator.state = state["rng"]
@@ -291,13 +366,24 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.from_scratch and (out_dir / f"{MODEL_NAME}.json").is_file():
         # a new machine has no state file: continue from the committed weights (a fresh optimiser)
         bundled, card = models.load_model(MODEL_NAME, out_dir / f"{MODEL_NAME}.pt")
-        same_layers = {k: v for k, v in card.arguments.items() if k != "output"} == {
-            k: v for k, v in ARCH.items() if k != "output"}  # the output combination holds no weights
-        if same_layers:
-            net.load_state_dict(bundled.state_dict())
+
+        def layers(a: dict) -> dict:  # the output combination holds no weights
+            return {k: v for k, v in a.items() if k != "output" and not (k == "extra_cascades" and not v)}
+
+        base = dict(arch, extra_cascades=0)
+        if layers(card.arguments) == layers(arch) or (args.extend and layers(card.arguments) == layers(base)):
+            missing, unexpected = net.load_state_dict(bundled.state_dict(), strict=False)
+            if unexpected or not all(_appended(k) for k in missing):
+                raise SystemExit(f"bundled weights do not fit {arch}: missing {missing[:4]}, extra {unexpected[:4]}")
             step = int(card.extra.get("step") or 0)
             phases = list(card.extra.get("phases", []))
             say(f"no training state in {work}: continuing from the bundled weights at step {step} (new optimiser)")
+    if args.extend:  # only the appended cascades learn
+        for name, param in net.named_parameters():
+            param.requires_grad_(_appended(name))
+    opt = torch.optim.Adam([q for q in net.parameters() if q.requires_grad], lr=args.lr)
+    if resumed:
+        opt.load_state_dict(state["opt"])  # Adam's moments follow the parameters' device
     val_rng = np.random.default_rng(12345)
     val = []
     for acc in (4.0, 8.0):
@@ -305,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
             k, m, t = make_batch(pool, val_rng, 2, args.crop, (acc,), transpose_p=0.0)
             val.append((f"{int(acc)}x", (k.to(device), m.to(device), t.to(device))))
     n_params = sum(p.numel() for p in net.parameters())
-    say(f"VarNet {ARCH}: {n_params} parameters")
+    say(f"VarNet {arch}: {n_params} parameters, {sum(q.numel() for q in net.parameters() if q.requires_grad)} "
+        "trained")
     command = (
         f"python -m meddl.reconstruction.train --steps {args.steps} --batch {args.batch} "
         f"--crop {args.crop} --seed {args.seed} --mni-mm {args.mni_mm}"
@@ -313,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         + (f" --device {args.device}" if args.device != "cpu" else "")
         + (f" --workers {args.workers}" if args.workers else "")
         + (f" --diverse {args.diverse:g}" if args.diverse else "")
+        + (f" --phantoms {args.phantoms:g}" if args.phantoms else "")
+        + (f" --extend {args.extend}" if args.extend else "")
     )
     # a resumed run may change the schedule or crop: the card lists every phase
     phases.append(f"from step {step}: {command}")
@@ -336,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             net,
             out_dir,
             MODEL_NAME,
-            ARCH,
+            arch,
             training_data={
                 "images": "MNI152 2009 T1 (nilearn; axial, coronal, sagittal slices; native 1 mm in phases with "
                 "--mni-mm 1, the 2 mm template upsampled to 1 mm in the phases before), "
@@ -348,7 +437,9 @@ def main(argv: list[str] | None = None) -> int:
                 "(4/6/8 coils), complex noise up to 1% of max, equispaced or random masks at 4x "
                 "and 8x (centre fractions 0.08 / 0.04), k-space transpose p=0.5; in phases with --diverse P, "
                 "each with probability P: zoom 0.5-1.2, a random 6-knot intensity curve (other contrasts), "
-                "Rician image noise 0.5-3% of max",
+                "Rician image noise 0.5-3% of max; in phases with --phantoms P, with probability P a BrainWeb-like "
+                "phantom (MNI152 1 mm tissue maps painted with a T1-, PD-, T2-like or random contrast) instead of "
+                "a slice; with --extend N, N gated cascades appended and trained alone",
                 "loss": "SSIM (7x7, data range = target max), Adam, warm-up + cosine decay, clip 1.0",
             },
             command=command,
@@ -364,10 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     last_save = time.time()
     started = time.time()
     running = []
-    batches = _parallel_batches(pool, args, step) if args.workers > 0 else None
+    batches = _parallel_batches(pool, args, step, maps) if args.workers > 0 else None
     while step < args.steps:
-        k, m, t = next(batches) if batches is not None else make_batch(pool, rng, args.batch, args.crop,
-                                                                          diverse=args.diverse)
+        k, m, t = next(batches) if batches is not None else make_batch(
+            pool, rng, args.batch, args.crop, diverse=args.diverse, phantoms=args.phantoms, maps=maps)
         k, m, t = k.to(device, non_blocking=True), m.to(device, non_blocking=True), t.to(device, non_blocking=True)
         for g in opt.param_groups:
             g["lr"] = _lr(step, args.steps, args.lr)
@@ -375,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         loss = ssim_loss(out, t, t.amax(dim=(1, 2)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([q for q in net.parameters() if q.requires_grad], 1.0)
         opt.step()
         step += 1
         running.append(loss.item())

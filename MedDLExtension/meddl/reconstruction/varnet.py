@@ -110,19 +110,35 @@ class _Cascade(nn.Module):
         return k - soft_dc - refined
 
 
+class _GatedCascade(_Cascade):
+    """A cascade whose whole update is scaled by a learnable ``gate``, initialised to 0: appended to a
+    trained network it starts as the identity, so training it cannot begin by undoing the rest."""
+
+    def __init__(self, chans: int, pools: int) -> None:
+        super().__init__(chans, pools)
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, k: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        return k + self.gate * (super().forward(k, y, mask, maps) - k)
+
+
 class VarNet(nn.Module):
-    """E2E-VarNet: ``num_cascades`` unrolled steps of ``chans``-channel U-Nets with ``pools`` poolings."""
+    """E2E-VarNet: ``num_cascades`` unrolled steps of ``chans``-channel U-Nets with ``pools`` poolings,
+    then ``extra_cascades`` gated ones (:class:`_GatedCascade`, trained on top of a frozen network)."""
 
     def __init__(
         self, num_cascades: int = 6, chans: int = 12, pools: int = 3, sens_chans: int = 6, sens_pools: int = 3,
-        output: str = "sense",
+        output: str = "sense", extra_cascades: int = 0,
     ) -> None:
         super().__init__()
         if output not in ("sense", "rss"):
             raise ValueError(f"VarNet output: expected 'sense' or 'rss', got {output!r}")
         self.output = output
         self.sens_net = SensitivityNet(sens_chans, sens_pools)
-        self.cascades = nn.ModuleList(_Cascade(chans, pools) for _ in range(num_cascades))
+        self.cascades = nn.ModuleList(
+            [_Cascade(chans, pools) for _ in range(num_cascades)]
+            + [_GatedCascade(chans, pools) for _ in range(extra_cascades)]
+        )
 
     def sensitivities(self, kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Estimated coil maps ``(B, C, H, W)`` complex, unit RSS."""
