@@ -179,10 +179,76 @@ def test_training_slices_travel_as_a_pool_file_and_workers_simulate_batches(tmp_
     monkeypatch.setattr(train, "training_slices", lambda mni_mm: pytest.fail("the pool file was not used"))
     read = train._pool(str(path), 1)
     assert len(read) == 2 and all(np.array_equal(a, b) for a, b in zip(slices, read, strict=True))
-    args = argparse.Namespace(batch=2, crop=64, seed=0, workers=1, device="cpu", diverse=0.0)
+    args = argparse.Namespace(batch=2, crop=64, seed=0, workers=1, device="cpu", diverse=0.0, phantoms=0.0)
     batches = train._parallel_batches(read, args, step=7)
     k, m, t = next(batches)
     del batches  # the worker is persistent: the iterator stops it when it goes
     __import__("gc").collect()
     assert k.shape[0] == 2 and k.shape[2:] == (64, 64) and m.shape == (2, 1, 64, 64) and t.shape == (2, 64, 64)
     assert (k.abs() * (~m)).max() == 0
+
+
+def test_appended_gated_cascades_start_as_the_identity():
+    torch.manual_seed(0)
+    base = VarNet(**TINY).eval()
+    extended = VarNet(**TINY, extra_cascades=2).eval()
+    missing, unexpected = extended.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and missing
+    assert all(k.split(".")[:2] in (["cascades", "2"], ["cascades", "3"]) for k in missing)
+    k, m, _ = _data()
+    with torch.no_grad():
+        torch.testing.assert_close(extended(k, m), base(k, m))
+        extended.cascades[3].gate.data.fill_(1.0)
+        assert not torch.allclose(extended(k, m), base(k, m))
+
+
+def test_phantoms_paint_tissue_and_head_layers():
+    from meddl.reconstruction.train import make_batch, phantom
+
+    yy, xx = np.mgrid[:80, :80]
+    r = np.hypot(yy - 40, xx - 40)
+    wm = (r < 12).astype(np.float32)
+    gm = ((r >= 12) & (r < 20)).astype(np.float32)
+    csf = ((r >= 20) & (r < 22)).astype(np.float32)
+    dist = np.clip(r - 22, 0, None)  # mm outside the brain
+    maps = [np.stack([csf, gm, wm, dist]).astype(np.float16)]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        img = phantom(maps, rng)
+        assert img.shape == (80, 80) and np.isfinite(img).all() and 0 <= img.min() and img.max() <= 1.2
+        assert img[r > 44].max() == 0  # beyond the thickest head (3 + 8 + 7 + 3 mm): background
+        assert img[r < 20].min() > 0  # the brain is never black
+    # half the draws take hard labels: the white-matter disk is then one value plus a fine texture
+    values = {len(np.unique(np.round(phantom(maps, rng)[r < 12], 1))) for _ in range(10)}
+    assert min(values) <= 3
+    k, m, t = make_batch([np.zeros((60, 60), np.float32)], rng, batch=2, crop=64, phantoms=1.0, maps=maps)
+    assert t.abs().amax(dim=(1, 2)).min() > 0  # phantoms, not the (empty) pool slice
+
+
+def test_extending_training_trains_only_the_appended_cascades(tmp_path):
+    import json
+    import shutil
+
+    from meddl.reconstruction.train import MODEL_NAME, main
+
+    src = models.models_dir()
+    if not (src / f"{MODEL_NAME}.json").is_file():
+        pytest.skip("no bundled VarNet weights")
+    (tmp_path / "models").mkdir()
+    for ext in (".pt", ".json"):
+        shutil.copy(src / f"{MODEL_NAME}{ext}", tmp_path / "models" / f"{MODEL_NAME}{ext}")
+    step = json.loads((src / f"{MODEL_NAME}.json").read_text())["step"]
+    before = torch.load(src / f"{MODEL_NAME}.pt", weights_only=True)
+    args = ["--crop", "32", "--batch", "1", "--work-dir", str(tmp_path / "work"), "--models-dir",
+            str(tmp_path / "models"), "--extend", "1", "--lr", "0.01"]
+    assert main([*args, "--steps", str(step + 2)]) == 0
+    card = json.loads((tmp_path / "models" / f"{MODEL_NAME}.json").read_text())
+    assert card["arguments"]["extra_cascades"] == 1 and "--extend 1" in card["phases"][-1]
+    after = torch.load(tmp_path / "models" / f"{MODEL_NAME}.pt", weights_only=True)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the bundled network is frozen
+    n = card["arguments"]["num_cascades"]
+    assert float(after[f"cascades.{n}.gate"]) != 0.0
+    net, _ = models.load_model(MODEL_NAME, tmp_path / "models" / f"{MODEL_NAME}.pt")
+    assert len(net.cascades) == n + 1
+    # resuming keeps the extension (the saved state holds the appended cascades)
+    assert main([*args, "--steps", str(step + 3)]) == 0
