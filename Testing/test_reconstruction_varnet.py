@@ -143,12 +143,12 @@ def test_output_is_the_sense_combination_bounded_by_the_rss_output():
         VarNet(**TINY, output="mean")
 
 
-def test_training_without_a_saved_state_continues_from_the_bundled_weights(tmp_path):
+def _bundled_copy(tmp_path):
+    """The bundled VarNet weights and card copied to ``tmp_path/models``; ``(source dir, step, train args)``."""
     import json
     import shutil
 
-    from meddl import models
-    from meddl.reconstruction.train import MODEL_NAME, main
+    from meddl.reconstruction.train import MODEL_NAME
 
     src = models.models_dir()
     if not (src / f"{MODEL_NAME}.json").is_file():
@@ -158,6 +158,15 @@ def test_training_without_a_saved_state_continues_from_the_bundled_weights(tmp_p
         shutil.copy(src / f"{MODEL_NAME}{ext}", tmp_path / "models" / f"{MODEL_NAME}{ext}")
     step = json.loads((src / f"{MODEL_NAME}.json").read_text())["step"]
     args = ["--crop", "32", "--batch", "1", "--work-dir", str(tmp_path / "work"), "--models-dir", str(tmp_path / "models")]
+    return src, step, args
+
+
+def test_training_without_a_saved_state_continues_from_the_bundled_weights(tmp_path):
+    import json
+
+    from meddl.reconstruction.train import MODEL_NAME, main
+
+    src, step, args = _bundled_copy(tmp_path)
     assert main([*args, "--steps", str(step + 1)]) == 0
     card = json.loads((tmp_path / "models" / f"{MODEL_NAME}.json").read_text())
     assert card["step"] == step + 1
@@ -227,20 +236,12 @@ def test_phantoms_paint_tissue_and_head_layers():
 
 def test_extending_training_trains_only_the_appended_cascades(tmp_path):
     import json
-    import shutil
 
     from meddl.reconstruction.train import MODEL_NAME, main
 
-    src = models.models_dir()
-    if not (src / f"{MODEL_NAME}.json").is_file():
-        pytest.skip("no bundled VarNet weights")
-    (tmp_path / "models").mkdir()
-    for ext in (".pt", ".json"):
-        shutil.copy(src / f"{MODEL_NAME}{ext}", tmp_path / "models" / f"{MODEL_NAME}{ext}")
-    step = json.loads((src / f"{MODEL_NAME}.json").read_text())["step"]
+    src, step, args = _bundled_copy(tmp_path)
     before = torch.load(src / f"{MODEL_NAME}.pt", weights_only=True)
-    args = ["--crop", "32", "--batch", "1", "--work-dir", str(tmp_path / "work"), "--models-dir",
-            str(tmp_path / "models"), "--extend", "1", "--lr", "0.01"]
+    args += ["--extend", "1", "--lr", "0.01"]
     assert main([*args, "--steps", str(step + 2)]) == 0
     card = json.loads((tmp_path / "models" / f"{MODEL_NAME}.json").read_text())
     assert card["arguments"]["extra_cascades"] == 1 and "--extend 1" in card["phases"][-1]
