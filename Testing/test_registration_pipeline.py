@@ -634,3 +634,43 @@ def test_fine_images_are_block_averaged_once_keeping_their_physical_positions():
     _, out2 = _working_copy(torch.zeros(1, 1, 20, 20), coronal, finest_mm=2.0)
     assert np.allclose(np.linalg.norm(out2[:3, :2], axis=0), [2.0, 2.0])
     assert np.allclose(out2[:3, 3], [0.75, 0.0, 0.75])
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_full_resolution_field_matches_its_definition_for_a_linear_field(nd, inverse):
+    """``_fixed_points_field`` against the formulas in float64: a field linear in the grid index is sampled
+    exactly by trilinear interpolation, so forward ``M (p + u(p)) - p`` and inverse ``q + u(q) - m``
+    (``q = M^-1 m``) must hold to float32 precision at every target voxel."""
+    from meddl.registration.optimise import Grid
+    from meddl.registration.pipeline import _fixed_points_field
+
+    rng = np.random.default_rng(nd + 2 * inverse)
+    rot = Rotation.from_euler("xyz", [8.0, -4.0, 12.0], degrees=True).as_matrix()
+    grid_affine = affine_from_geometry([3.0, 2.5, 2.0][:nd], [-60.0, -55.0, -50.0][:nd], rot if nd == 3 else None)
+    grid = Grid(grid_affine, (48, 52, 50)[:nd])
+    # a small oblique target well inside the grid, and a near-identity affine
+    target = Volume(np.zeros((1, *(13, 11, 9)[:nd]), np.float32),
+                    affine_from_geometry([1.7, 1.3, 1.1][:nd], [-5.0, -8.0, -6.0][:nd], rot.T if nd == 3 else None))
+    m = np.eye(4)
+    m[:nd, :nd] += rng.normal(scale=0.03, size=(nd, nd))
+    m[:nd, 3] = rng.normal(scale=2.0, size=nd)
+    b, c = rng.normal(scale=0.02, size=(nd, nd)), rng.normal(scale=0.5, size=nd)
+    index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in grid.shape], indexing="ij"))
+    u_vox = np.einsum("cd,d...->c...", b, index) + c.reshape(nd, *([1] * nd))
+    got = _fixed_points_field(torch.as_tensor(u_vox[None], dtype=torch.float32), grid, target, m, inverse)
+
+    t_index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in target.spatial_shape], indexing="ij"))
+    p = np.einsum("cd,d...->c...", target.affine[:nd, :nd], t_index) + target.affine[:nd, 3].reshape(nd, *([1] * nd))
+
+    def apply(a, x):
+        return np.einsum("cd,d...->c...", a[:nd, :nd], x) + a[:nd, 3].reshape(nd, *([1] * nd))
+
+    q = apply(np.linalg.inv(m), p) if inverse else p
+    x = apply(np.linalg.inv(grid_affine), q)  # working-grid index of q
+    assert x.min() > 1 and all(x[k].max() < n - 2 for k, n in enumerate(grid.shape))
+    u_at_x = np.einsum("cd,d...->c...", b, x) + c.reshape(nd, *([1] * nd))  # the linear field, evaluated exactly
+    u_mm = np.einsum("cd,d...->c...", grid_affine[:nd, :nd], u_at_x)
+    expected = q + u_mm - p if inverse else apply(m, p + u_mm) - p
+    np.testing.assert_allclose(got, expected, atol=2e-4)
+    assert np.abs(u_mm).max() > 0.3 and np.abs(expected - u_mm).max() > 0.3  # neither term is negligible

