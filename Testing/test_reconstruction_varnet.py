@@ -89,6 +89,33 @@ def test_training_batches_are_consistent():
         assert 1 / 8 - 0.05 < frac < 1 / 4 + 0.06
 
 
+
+def test_scanner_phases_move_the_kspace_peak_and_keep_the_magnitude_target():
+    """A linear phase ramp of a cycles shifts k-space by a samples: with scanner-like phases the energy's
+    centroid leaves the centre; the target stays the (real, non-negative) magnitude."""
+    from meddl.reconstruction.simulate import scanner_phase
+    from meddl.reconstruction.train import make_batch
+
+    y, x = np.mgrid[-1:1:96j, -1:1:96j]
+    pool = [np.exp(-(x**2 + y**2) * 4).astype(np.float32)]
+
+    def offsets(p: float) -> np.ndarray:
+        rng = np.random.default_rng(5)
+        out = []
+        for _ in range(6):
+            k, m, t = make_batch(pool, rng, batch=1, crop=64, accelerations=(1.0,), transpose_p=0.0,
+                                 scanner_phases=p)
+            assert t.dtype == torch.float32 and float(t.min()) >= 0
+            e = (k[0].abs() ** 2).sum(0).numpy()
+            centroid = [(e.sum(1 - a) * np.arange(64)).sum() / e.sum() for a in (0, 1)]
+            out.append(np.abs(np.array(centroid) - 32).max())
+        return np.array(out)
+
+    assert offsets(0.0).max() < 1.0
+    assert np.median(offsets(1.0)) > 1.0
+    phase = scanner_phase((64, 80), np.random.default_rng(0), max_cycles=3.0, max_phase=np.pi)
+    assert phase.shape == (64, 80) and np.isfinite(phase).all()
+
 def test_diversified_training_images_change_size_contrast_and_noise():
     from meddl.reconstruction.train import _diversify, make_batch
 
@@ -188,7 +215,8 @@ def test_training_slices_travel_as_a_pool_file_and_workers_simulate_batches(tmp_
     monkeypatch.setattr(train, "training_slices", lambda mni_mm: pytest.fail("the pool file was not used"))
     read = train._pool(str(path), 1)
     assert len(read) == 2 and all(np.array_equal(a, b) for a, b in zip(slices, read, strict=True))
-    args = argparse.Namespace(batch=2, crop=64, seed=0, workers=1, device="cpu", diverse=0.0, phantoms=0.0)
+    args = argparse.Namespace(batch=2, crop=64, seed=0, workers=1, device="cpu", diverse=0.0, phantoms=0.0,
+                              scanner_phases=0.0)
     batches = train._parallel_batches(read, args, step=7)
     k, m, t = next(batches)
     del batches  # the worker is persistent: the iterator stops it when it goes

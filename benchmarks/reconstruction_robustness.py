@@ -18,6 +18,11 @@ noise 0.5 % of the maximum, equispaced masks at 4x / 8x, fastMRI SSIM with data 
 image maximum), but every method with its library default (no lambda chosen on the test images).
 Needs the Debian package ``insighttoolkit4-examples`` for the ITK groups (skipped without it).
 
+A second table asks the same of the image's **phase**: training draws a smooth random phase of at most pi,
+while a scanner's images carry larger phase, linear ramps (an echo off the k-space centre by a few samples, an
+object off the isocentre) and quadratic terms. Every image is simulated again with each phase of
+:data:`PHASES` (same coils, noise and masks), VarNet and TV with their defaults.
+
     python benchmarks/reconstruction_robustness.py [--threads 1] [--out docs/benchmarks/reconstruction_robustness.md]
 """
 
@@ -38,13 +43,27 @@ from meddl.reconstruction import classical
 from meddl.reconstruction.coils import calibration_block, espirit_maps
 from meddl.reconstruction.masks import equispaced_mask
 from meddl.reconstruction.metrics import psnr, ssim
-from meddl.reconstruction.simulate import simulate_kspace
+from meddl.reconstruction.simulate import simulate_kspace, smooth_phase
 from meddl.reconstruction.train import BENCHMARK_COLIN27_Z, HELD_OUT_COLIN27_Z, training_slices
 
 ITK = Path("/usr/share/doc/insighttoolkit4-examples/examples/Data")
 COILS, NOISE = 8, 0.005
 COLIN_Z = (58, 86, 110, 140)
 METHODS = ("zero-filled", "cg-sense", "l1-wavelet", "tv", "varnet")
+#: phase maps of the phase table: name -> (description, function of (H, W) -> radians)
+PHASES = {
+    "none": ("zero (a real image)", lambda h, w: np.zeros((h, w))),
+    "smooth": ("smooth random, at most pi (as in training; fixed seed)",
+               lambda h, w: smooth_phase((h, w), np.random.default_rng(3))),
+    "smooth x3": ("the same, three times larger", lambda h, w: 3 * smooth_phase((h, w), np.random.default_rng(3))),
+    "ramp PE": ("3 cycles across the field of view along the phase-encode axis (k-space off by 3 lines)",
+                lambda h, w: 2 * np.pi * 3 * np.arange(w)[None, :] / w + np.zeros((h, 1))),
+    "ramp RO": ("3 cycles along the readout axis",
+                lambda h, w: 2 * np.pi * 3 * np.arange(h)[:, None] / h + np.zeros((1, w))),
+    "quadratic": ("0 at the centre, pi at the middle of each edge, 2 pi in the corners",
+                  lambda h, w: 2 * np.pi * (((np.arange(h)[:, None] - h / 2) / h) ** 2
+                                            + ((np.arange(w)[None, :] - w / 2) / w) ** 2) * 2),
+}
 
 
 def _read(path: Path) -> np.ndarray:
@@ -79,17 +98,21 @@ def groups() -> dict[str, list[tuple[str, np.ndarray]]]:
     return out
 
 
-def reconstruct(k: torch.Tensor, mask: torch.Tensor, block: slice, net) -> dict[str, tuple[np.ndarray, float]]:
-    """Every method on one undersampled slice: magnitude image and seconds."""
+def reconstruct(k: torch.Tensor, mask: torch.Tensor, block: slice, net,
+                methods: tuple[str, ...] = METHODS) -> dict[str, tuple[np.ndarray, float]]:
+    """Each of ``methods`` on one undersampled slice: magnitude image and seconds."""
     res = {}
     t0 = time.perf_counter()
-    res["zero-filled"] = (classical.zero_filled(k).numpy(), time.perf_counter() - t0)
+    if "zero-filled" in methods:
+        res["zero-filled"] = (classical.zero_filled(k).numpy(), time.perf_counter() - t0)
     scale = classical.normalisation(k)
     kn = k / scale
     t0 = time.perf_counter()
     maps = espirit_maps(kn, calib_cols=block, crop=0.0)
     t_maps = time.perf_counter() - t0
     for name, fn in (("cg-sense", classical.cg_sense), ("l1-wavelet", classical.l1_wavelet), ("tv", classical.tv_cs)):
+        if name not in methods:
+            continue
         t0 = time.perf_counter()
         x = fn(kn, maps, mask, lam=classical.DEFAULT_LAMBDA[name], iterations=classical.DEFAULT_ITERATIONS[name])
         res[name] = ((x.abs() * scale).numpy(), t_maps + time.perf_counter() - t0)
@@ -98,6 +121,27 @@ def reconstruct(k: torch.Tensor, mask: torch.Tensor, block: slice, net) -> dict[
         y = net(kn[None], mask)[0]
     res["varnet"] = ((y * scale).numpy(), time.perf_counter() - t0)
     return res
+
+
+def phase_table(data, net) -> dict:
+    """(group, acc, phase, method) -> SSIMs: every image simulated again with each phase of :data:`PHASES`."""
+    out: dict = {}
+    for group, images in data.items():
+        for name, img in images:
+            img = np.clip(img, 0, None) / float(img.max())
+            h, w = img.shape
+            for phase, (_, make) in PHASES.items():
+                x = img * np.exp(1j * make(h, w))
+                k_full = simulate_kspace(x, COILS, np.random.default_rng(7), noise=NOISE)[0]
+                for acc, cf in ((4, 0.08), (8, 0.04)):
+                    cols = equispaced_mask(w, acc, cf, np.random.default_rng(acc))
+                    mask = torch.from_numpy(np.broadcast_to(cols, (h, w)).copy())
+                    k = torch.from_numpy((k_full * cols).astype(np.complex64))
+                    res = reconstruct(k, mask, calibration_block(cols), net, methods=("tv", "varnet"))
+                    for method, (y, _) in res.items():
+                        out.setdefault((group, acc, phase, method), []).append(ssim(img[None], y[None], 1.0))
+            print(f"phases: {group} {name}", flush=True)
+    return out
 
 
 def reference_noise(img: np.ndarray) -> float:
@@ -140,11 +184,12 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append(f"{scores[(group, acc, 'varnet')][-1][0]:.3f} / {scores[(group, acc, 'tv')][-1][0]:.3f}")
             per_image.append(f"| {group} | {name} | {h} x {w} | " + " | ".join(cells) + " |")
             print(per_image[-1], flush=True)
-    write(args, card, data, scores, per_image, time.time() - started)
+    phase_scores = phase_table(data, net)
+    write(args, card, data, scores, per_image, time.time() - started, phase_scores)
     return 0
 
 
-def write(args, card, data, scores, per_image, seconds) -> None:
+def write(args, card, data, scores, per_image, seconds, phase_scores) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
         "# Reconstruction robustness: images unlike the benchmark's",
@@ -187,7 +232,22 @@ def write(args, card, data, scores, per_image, seconds) -> None:
               "reference with noise of its own scores lower, and a reconstruction that removes that noise loses SSIM "
               "against it.", "", "| group | SSIM(reference, median3(reference)) |", "|---|---|"]
     lines += [f"| {g} | {np.mean(scores[(g, 'reference')]):.3f} |" for g in data if data[g]]
-    lines += ["", "## Per image (SSIM, VarNet / TV)", "", "| group | image | size | 4x | 8x |", "|---|---|---|---|---|",
+    lines += ["", "## Phase unlike the training's (SSIM, VarNet / TV, mean per group)", "",
+              "Each image again, with each of these phases (same coils, noise and masks; every method with its "
+              "default): " + "; ".join(f"**{n}**: {d}" for n, (d, _) in PHASES.items()) + ".", ""]
+    for acc in (4, 8):
+        lines += [f"### {acc}x", "", "| group | " + " | ".join(PHASES) + " |", "|---|" + "---|" * len(PHASES)]
+        rows = [g for g in data if data[g]]
+        for group in rows + ["all images"]:
+            cells = []
+            for phase in PHASES:
+                pick = rows if group == "all images" else [group]
+                v, t = (float(np.mean([x for g in pick for x in phase_scores[(g, acc, phase, m)]]))
+                        for m in ("varnet", "tv"))
+                cells.append(f"{v:.3f} / {t:.3f} ({v - t:+.3f})")
+            lines.append(f"| {group} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Per image (SSIM, VarNet / TV)", "", "| group | image | size | 4x | 8x |", "|---|---|---|---|---|",
               *per_image, ""]
     notes = kept_notes(Path(args.out))
     Path(args.out).write_text("\n".join(lines) + ("\n" + notes if notes else ""))

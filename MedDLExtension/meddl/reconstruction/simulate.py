@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import InputError
 from .fft import fft2c
 
-__all__ = ["birdcage_maps", "smooth_phase", "simulate_kspace", "simulate_file", "image_slices", "pad_to"]
+__all__ = ["birdcage_maps", "smooth_phase", "scanner_phase", "simulate_kspace", "simulate_file", "image_slices", "pad_to"]
 
 
 def birdcage_maps(
@@ -60,6 +60,17 @@ def smooth_phase(
     peak = np.abs(phase).max()
     return (phase / max(peak, 1e-12) * rng.uniform(0.2, 1.0) * max_phase).astype(np.float64)
 
+
+def scanner_phase(shape: tuple[int, int], rng: np.random.Generator, max_cycles: float = 4.0,
+                  max_phase: float = 3 * np.pi) -> np.ndarray:
+    """A phase map ``(H, W)`` like a scanner's, beyond :func:`smooth_phase`'s: a smooth polynomial of up to
+    ``max_phase`` radians plus a linear ramp of up to ``max_cycles`` cycles across the field of view along each
+    axis (an echo or k-space centre off by that many samples, an object off the isocentre)."""
+    h, w = shape
+    smooth = smooth_phase(shape, rng, max_phase=float(rng.uniform(np.pi, max_phase)))
+    a, b = rng.uniform(-max_cycles, max_cycles, 2)
+    ramp = 2 * np.pi * (a * np.arange(h)[:, None] / h + b * np.arange(w)[None, :] / w)
+    return smooth + ramp
 
 def pad_to(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Zero-pad or centre-crop a 2-D image ``(H, W)`` to ``shape``."""

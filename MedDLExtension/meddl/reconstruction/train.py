@@ -36,7 +36,7 @@ from .. import models
 from .fft import ifft2c
 from .masks import make_mask
 from .metrics import ssim_loss
-from .simulate import pad_to, simulate_kspace
+from .simulate import pad_to, scanner_phase, simulate_kspace
 from .varnet import VarNet
 
 __all__ = ["HELD_OUT_COLIN27_Z", "BENCHMARK_COLIN27_Z", "training_slices", "make_batch", "main"]
@@ -189,22 +189,27 @@ def make_batch(
     diverse: float = 0.0,
     phantoms: float = 0.0,
     maps: list[np.ndarray] | None = None,
+    scanner_phases: float = 0.0,
 ):
     """One simulated batch: ``(kspace (B, C, H, W) complex64, mask (B, 1, H, W) bool, target (B, H, W))``.
 
     ``diverse``: probability of each of :func:`_diversify`'s changes (voxel size, contrast, noise);
-    ``phantoms``: probability of a :func:`phantom` from ``maps`` instead of a pool slice."""
+    ``phantoms``: probability of a :func:`phantom` from ``maps`` instead of a pool slice;
+    ``scanner_phases``: probability of :func:`.simulate.scanner_phase` (larger phase, linear ramps) instead of
+    the smooth random phase."""
     coils = int(rng.choice([4, 6, 8]))
     ks, ms, ts = [], [], []
     for _ in range(batch):
         use_phantom = phantoms > 0 and maps is not None and rng.uniform() < phantoms
         source = phantom(maps, rng) if use_phantom else pool[int(rng.integers(0, len(pool)))]
         img = _augment(source, rng, crop, diverse)
+        if scanner_phases > 0 and rng.uniform() < scanner_phases:  # a complex image keeps its phase
+            img = img * np.exp(1j * scanner_phase(img.shape, rng))
         k, _, _ = simulate_kspace(img, coils, rng, noise=float(rng.uniform(0, 0.01)))
         acc = float(rng.choice(accelerations))
         mask = make_mask(str(rng.choice(["equispaced", "random"])), k.shape, acc, seed=rng)
         mask = np.broadcast_to(mask, k.shape[-2:])
-        target = img.astype(np.float32)
+        target = np.abs(img).astype(np.float32)
         if rng.uniform() < transpose_p:
             k, mask, target = k.transpose(0, 2, 1), mask.T, target.T
         ks.append(k * mask)
@@ -234,9 +239,10 @@ class _Batches(torch.utils.data.IterableDataset):
     """Endless simulated batches; each worker draws from its own seed (seed, first step, worker)."""
 
     def __init__(self, pool: list[np.ndarray], batch: int, crop: int, seed: int, step: int,
-                 diverse: float = 0.0, phantoms: float = 0.0, maps: list[np.ndarray] | None = None) -> None:
+                 diverse: float = 0.0, phantoms: float = 0.0, maps: list[np.ndarray] | None = None,
+                 scanner_phases: float = 0.0) -> None:
         self.pool, self.batch, self.crop, self.seed, self.step = pool, batch, crop, seed, step
-        self.diverse, self.phantoms, self.maps = diverse, phantoms, maps
+        self.diverse, self.phantoms, self.maps, self.scanner_phases = diverse, phantoms, maps, scanner_phases
 
     def __iter__(self):
         torch.set_num_threads(1)
@@ -244,12 +250,12 @@ class _Batches(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, self.step, info.id if info else 0])
         while True:
             yield make_batch(self.pool, rng, self.batch, self.crop, diverse=self.diverse, phantoms=self.phantoms,
-                             maps=self.maps)
+                             maps=self.maps, scanner_phases=self.scanner_phases)
 
 
 def _parallel_batches(pool: list[np.ndarray], args, step: int, maps: list[np.ndarray] | None = None):
     loader = torch.utils.data.DataLoader(_Batches(pool, args.batch, args.crop, args.seed, step, args.diverse,
-                                                  args.phantoms, maps),
+                                                  args.phantoms, maps, args.scanner_phases),
                                          batch_size=None,
                                          num_workers=args.workers, pin_memory=args.device.startswith("cuda"),
                                          prefetch_factor=4, persistent_workers=True)
@@ -323,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phantoms", type=float, default=0.0,
                    help="probability of a BrainWeb-like tissue phantom (MNI152 tissue maps, random contrast) "
                         "instead of a training slice (0: none, as every phase before step 62079)")
+    p.add_argument("--scanner-phases", type=float, default=0.0,
+                   help="probability of a scanner-like phase (up to 3 pi, plus linear ramps of up to 4 cycles) "
+                        "instead of the smooth random one (0: none, as every phase before step 62079)")
     p.add_argument("--extend", type=int, default=0,
                    help="append this many gated cascades (starting as the identity) to the bundled network and "
                         "train only them, the rest frozen")
@@ -401,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f" --workers {args.workers}" if args.workers else "")
         + (f" --diverse {args.diverse:g}" if args.diverse else "")
         + (f" --phantoms {args.phantoms:g}" if args.phantoms else "")
+        + (f" --scanner-phases {args.scanner_phases:g}" if args.scanner_phases else "")
         + (f" --extend {args.extend}" if args.extend else "")
     )
     # a resumed run may change the schedule or crop: the card lists every phase
@@ -439,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
                 "each with probability P: zoom 0.5-1.2, a random 6-knot intensity curve (other contrasts), "
                 "Rician image noise 0.5-3% of max; in phases with --phantoms P, with probability P a BrainWeb-like "
                 "phantom (MNI152 1 mm tissue maps painted with a T1-, PD-, T2-like or random contrast) instead of "
-                "a slice; with --extend N, N gated cascades appended and trained alone",
+                "a slice; in phases with --scanner-phases P, with probability P a phase of up to 3 pi plus linear ramps "
+                "of up to 4 cycles per axis; with --extend N, N gated cascades appended and trained alone",
                 "loss": "SSIM (7x7, data range = target max), Adam, warm-up + cosine decay, clip 1.0",
             },
             command=command,
@@ -458,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = _parallel_batches(pool, args, step, maps) if args.workers > 0 else None
     while step < args.steps:
         k, m, t = next(batches) if batches is not None else make_batch(
-            pool, rng, args.batch, args.crop, diverse=args.diverse, phantoms=args.phantoms, maps=maps)
+            pool, rng, args.batch, args.crop, diverse=args.diverse, phantoms=args.phantoms, maps=maps,
+            scanner_phases=args.scanner_phases)
         k, m, t = k.to(device, non_blocking=True), m.to(device, non_blocking=True), t.to(device, non_blocking=True)
         for g in opt.param_groups:
             g["lr"] = _lr(step, args.steps, args.lr)
