@@ -252,6 +252,43 @@ def test_phase_output_recovers_the_simulated_phase(tmp_path, method):
     assert res.phase.same_grid(res.image)
 
 
+
+def test_kspace_peak_offset_finds_the_roll_back_to_the_centre():
+    from meddl.reconstruction.masks import kspace_peak_offset
+
+    k = simulate_kspace(_phantom(64, 56), 4, rng=1, phase=False)[0]
+    assert kspace_peak_offset(k) == (0, 0)
+    assert kspace_peak_offset(np.roll(k, (3, -5), axis=(-2, -1))) == (-3, 5)
+    # restricted to a column block (an undersampled file's calibration lines): the peak is sought there only
+    assert kspace_peak_offset(np.roll(k, (0, -5), axis=(-2, -1)), slice(26, 30)) == (0, 28 - 26)
+
+
+def test_off_centre_kspace_is_recentred_magnitude_unchanged_and_phase_ramp_kept(tmp_path):
+    """An echo off the k-space centre (a linear phase ramp) is rolled back before reconstructing: the
+    magnitude is that of the centred data, and the phase output keeps the ramp the file's image has."""
+    img = _phantom(64, 56)
+    k = simulate_kspace(img, 6, rng=4, phase=False)[0]  # a real image: the peak exactly at the centre
+    shifted = np.roll(k, (3, -2), axis=(-2, -1))
+    centred_path = write_fastmri(tmp_path / "c.h5", k[None])
+    shifted_path = write_fastmri(tmp_path / "s.h5", shifted[None])
+    cfg = ReconstructionConfig(method="zero-filled", combine="sense", phase=True)
+    a, b = reconstruct(centred_path, cfg), reconstruct(shifted_path, cfg)
+    assert "kspace_recentred" not in a.info and b.info["kspace_recentred"] == [-3, 2]
+    assert "off the centre" in b.info["notice"]
+    np.testing.assert_allclose(b.image.numpy(), a.image.numpy(), rtol=1e-5, atol=1e-6)
+    # the file's own image differs from the centred one by the ramp exp(i phi): numpy's centred FFTs
+    x = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k[0])))
+    xs = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(shifted[0])))
+    inside = img > 0.2
+    want = np.angle(xs * np.conj(x))[inside]
+    got = (b.phase.numpy() - a.phase.numpy())[0, :, :, 0][inside]
+    assert np.abs(np.angle(np.exp(1j * (got - want)))).max() < 1e-3
+    # undersampled, readout offset only (the column mask is unchanged by it): the VarNet's answer is the same
+    cfg = ReconstructionConfig(method="varnet", undersample="equispaced", acceleration=4)
+    rows_path = write_fastmri(tmp_path / "r.h5", np.roll(k, 4, axis=-2)[None])
+    np.testing.assert_allclose(reconstruct(rows_path, cfg).image.numpy(), reconstruct(centred_path, cfg).image.numpy(),
+                               rtol=1e-4, atol=1e-5)
+
 def test_coil_images_flag_is_an_alias_of_coils_out():
     from meddl.cli import build_parser
 

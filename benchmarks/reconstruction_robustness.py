@@ -21,7 +21,9 @@ Needs the Debian package ``insighttoolkit4-examples`` for the ITK groups (skippe
 A second table asks the same of the image's **phase**: training draws a smooth random phase of at most pi,
 while a scanner's images carry larger phase, linear ramps (an echo off the k-space centre by a few samples, an
 object off the isocentre) and quadratic terms. Every image is simulated again with each phase of
-:data:`PHASES` (same coils, noise and masks), VarNet and TV with their defaults.
+:data:`PHASES` (same coils, noise and masks), VarNet and TV with their defaults. Like the library's
+``reconstruct``, every method gets k-space rolled so its energy peak sits at the centre (``masks.recentre``),
+which removes whole cycles of a linear ramp (the "ramp 2.5 both" column keeps half a cycle).
 
     python benchmarks/reconstruction_robustness.py [--threads 1] [--out docs/benchmarks/reconstruction_robustness.md]
 """
@@ -41,7 +43,7 @@ from _notes import kept_notes  # benchmarks/ is on sys.path when run as a script
 from meddl.data import load_sample
 from meddl.reconstruction import classical
 from meddl.reconstruction.coils import calibration_block, espirit_maps
-from meddl.reconstruction.masks import equispaced_mask
+from meddl.reconstruction.masks import equispaced_mask, recentre
 from meddl.reconstruction.metrics import psnr, ssim
 from meddl.reconstruction.simulate import simulate_kspace, smooth_phase
 from meddl.reconstruction.train import BENCHMARK_COLIN27_Z, HELD_OUT_COLIN27_Z, training_slices
@@ -60,6 +62,9 @@ PHASES = {
                 lambda h, w: 2 * np.pi * 3 * np.arange(w)[None, :] / w + np.zeros((h, 1))),
     "ramp RO": ("3 cycles along the readout axis",
                 lambda h, w: 2 * np.pi * 3 * np.arange(h)[:, None] / h + np.zeros((1, w))),
+    "ramp 2.5 both": ("2.5 cycles along each axis (half a sample between k-space lines: rolling to the centre "
+                      "leaves half a cycle)",
+                      lambda h, w: 2 * np.pi * 2.5 * (np.arange(h)[:, None] / h + np.arange(w)[None, :] / w)),
     "quadratic": ("0 at the centre, pi at the middle of each edge, 2 pi in the corners",
                   lambda h, w: 2 * np.pi * (((np.arange(h)[:, None] - h / 2) / h) ** 2
                                             + ((np.arange(w)[None, :] - w / 2) / w) ** 2) * 2),
@@ -102,6 +107,9 @@ def reconstruct(k: torch.Tensor, mask: torch.Tensor, block: slice, net,
                 methods: tuple[str, ...] = METHODS) -> dict[str, tuple[np.ndarray, float]]:
     """Each of ``methods`` on one undersampled slice: magnitude image and seconds."""
     res = {}
+    # as the library's reconstruct() does: an energy peak two or more samples off the centre is rolled to it
+    k_np, mask_np, block, _ = recentre(k.numpy(), mask.numpy(), block)
+    k, mask = torch.from_numpy(np.ascontiguousarray(k_np)), torch.from_numpy(np.ascontiguousarray(mask_np))
     t0 = time.perf_counter()
     if "zero-filled" in methods:
         res["zero-filled"] = (classical.zero_filled(k).numpy(), time.perf_counter() - t0)

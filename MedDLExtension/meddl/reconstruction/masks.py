@@ -33,6 +33,8 @@ __all__ = [
     "MaskInfo",
     "detect_mask",
     "center_block",
+    "kspace_peak_offset",
+    "recentre",
 ]
 
 
@@ -225,3 +227,37 @@ def detect_mask(kspace: np.ndarray, mask: np.ndarray | None = None, band: tuple[
         raise InputError("k-space: expected sampled lines, got only zeros; the file holds no data")
     block = centre_run(mask)
     return MaskInfo(mask, (right - left) / n, (block.stop - block.start) / w, block)
+
+
+def kspace_peak_offset(kspace: np.ndarray, columns: slice | None = None) -> tuple[int, int]:
+    """How far k-space's energy peak sits from the matrix centre: the roll ``(rows, columns)`` that brings it
+    to ``(H // 2, W // 2)``, where the centred FFT keeps the DC sample.
+
+    A peak off the centre means a linear phase ramp across the image (an echo off the k-space centre, an
+    object off the isocentre). Rolling k-space by whole samples removes that much of the ramp and leaves
+    every magnitude image unchanged. ``columns``: where along W the peak may be (the calibration block of
+    undersampled data, where the rolled mask must keep its centre sampled); ``None``: anywhere.
+    """
+    h, w = kspace.shape[-2:]
+    rows, cols = np.zeros(h), np.zeros(w)
+    for part in np.asarray(kspace).reshape(-1, h, w):  # one coil image at a time: no full-size copy
+        power = np.abs(part) ** 2
+        rows += power.sum(axis=1)
+        cols += power.sum(axis=0)
+    columns = columns if columns is not None else slice(0, w)
+    peak_col = columns.start + int(np.argmax(cols[columns]))
+    return h // 2 - int(np.argmax(rows)), w // 2 - peak_col
+
+
+def recentre(kspace: np.ndarray, mask: np.ndarray, columns: slice | None = None, least: int = 2
+             ) -> tuple[np.ndarray, np.ndarray, slice | None, tuple[int, int]]:
+    """Roll k-space ``(..., H, W)`` and its mask ``(H, W)`` so the energy peak sits at the centre
+    (:func:`kspace_peak_offset`), when it is ``least`` samples off or more: one sample (a ramp of one cycle) is
+    within the training's phases and common. Returns ``(kspace, mask, columns, shift)``, ``columns`` (the
+    calibration block) moved along; unchanged inputs and ``(0, 0)`` when nothing moves."""
+    shift = kspace_peak_offset(kspace, columns)
+    if max(abs(shift[0]), abs(shift[1])) < least:
+        return kspace, mask, columns, (0, 0)
+    if columns is not None:
+        columns = slice(columns.start + shift[1], columns.stop + shift[1])
+    return np.roll(kspace, shift, axis=(-2, -1)), np.roll(mask, shift, axis=(-2, -1)), columns, shift

@@ -18,7 +18,7 @@ from . import classical
 from .coils import calibration_block, espirit_maps, rss, sense_combine
 from .fft import ifft2c
 from .kspace import KSpaceData, read_kspace, select_slices
-from .masks import MaskType, center_block, default_center_fraction, detect_mask, make_mask
+from .masks import MaskType, center_block, default_center_fraction, detect_mask, make_mask, recentre
 
 __all__ = ["Method", "ReconstructionConfig", "ReconstructionResult", "reconstruct", "MODEL_NAME"]
 
@@ -229,6 +229,13 @@ def reconstruct(
             calib_rows = size
         else:
             calib = calibration_block(sampling.mask, f"'{data.source or 'k-space'}'")
+    # an energy peak off the centre (a linear phase ramp) is rolled to it: magnitudes are unchanged, and the
+    # VarNet, trained on centred k-space, breaks on ramps of a few cycles. The phase output gets the ramp back.
+    # Not for 2-D (Poisson) masks, whose calibration square is fixed at the centre.
+    shift = (0, 0)
+    if config.undersample is not MaskType.POISSON:
+        kspace, mask, moved, shift = recentre(kspace, mask, calib if undersampled else None)
+        calib = moved if undersampled else calib
     net = None
     card_info: dict[str, Any] = {}
     if method is Method.VARNET:
@@ -241,6 +248,11 @@ def reconstruct(
     lam = classical.DEFAULT_LAMBDA.get(method.value, 0.0) if config.regularization is None else config.regularization
     mask_t = torch.from_numpy(np.array(mask, dtype=bool)).to(device)
     gen = torch.Generator().manual_seed(config.seed)
+    ramp = None  # the image-domain factor that the roll removed: the original image = the result * ramp
+    if config.phase and shift != (0, 0):
+        delta = torch.zeros((h, w), dtype=torch.complex64)
+        delta[(h // 2 - shift[0]) % h, (w // 2 - shift[1]) % w] = 1.0
+        ramp = (ifft2c(delta) * float(np.sqrt(h * w))).to(device)
     images, zfs, uncs, coils, phases = [], [], [], [], []
     seconds = []
     shape = data.image_shape
@@ -294,7 +306,7 @@ def reconstruct(
                     complex_out = net.complex_image(k[None], mask_t)[0]
             elif method is Method.ZERO_FILLED:
                 complex_out = sense_combine(ifft2c(k), maps)
-            phases.append(_crop(torch.angle(complex_out), shape).cpu().numpy())
+            phases.append(_crop(torch.angle(complex_out if ramp is None else complex_out * ramp), shape).cpu().numpy())
         coil_imgs = ifft2c(k)
         zf = out if method is Method.ZERO_FILLED else combined(coil_imgs)  # the zero-filled method's result is it
         zfs.append((_crop(zf, shape) * scale).cpu().numpy())
@@ -317,8 +329,13 @@ def reconstruct(
         "seconds_per_slice": round(float(np.mean(seconds)), 4),
         "device": str(device),
     } | card_info
-    if data.attrs.get("notice"):
-        info["notice"] = data.attrs["notice"]  # what the reader merged or assumed (e.g. repetitions)
+    notices = [data.attrs["notice"]] if data.attrs.get("notice") else []  # what the reader merged or assumed
+    if shift != (0, 0):
+        info["kspace_recentred"] = list(shift)
+        notices.append(f"k-space energy peak {-shift[0]:+d} rows, {-shift[1]:+d} columns off the centre "
+                       "(a linear phase ramp): rolled to the centre before reconstructing (magnitudes unchanged)")
+    if notices:
+        info["notice"] = "; ".join(notices)
     scored = _against_reference(images, zfs, data.target)
     if scored is not None:
         info["reference"] = scored
