@@ -72,6 +72,7 @@ def scanner_phase(shape: tuple[int, int], rng: np.random.Generator, max_cycles: 
     ramp = 2 * np.pi * (a * np.arange(h)[:, None] / h + b * np.arange(w)[None, :] / w)
     return smooth + ramp
 
+
 def pad_to(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Zero-pad or centre-crop a 2-D image ``(H, W)`` to ``shape``."""
     out = np.zeros(shape, dtype=image.dtype)
