@@ -116,6 +116,7 @@ def test_scanner_phases_move_the_kspace_peak_and_keep_the_magnitude_target():
     phase = scanner_phase((64, 80), np.random.default_rng(0), max_cycles=3.0, max_phase=np.pi)
     assert phase.shape == (64, 80) and np.isfinite(phase).all()
 
+
 def test_diversified_training_images_change_size_contrast_and_noise():
     from meddl.reconstruction.train import _diversify, make_batch
 
