@@ -265,20 +265,32 @@ def test_phantoms_paint_tissue_and_head_layers():
 
 def test_extending_training_trains_only_the_appended_cascades(tmp_path):
     import json
+    import shutil
 
     from meddl.reconstruction.train import MODEL_NAME, main
 
     src, step, args = _bundled_copy(tmp_path)
     before = torch.load(src / f"{MODEL_NAME}.pt", weights_only=True)
+    had = json.loads((src / f"{MODEL_NAME}.json").read_text())["arguments"].get("extra_cascades") or 0
+    plain = list(args)
     args += ["--extend", "1", "--lr", "0.01"]
     assert main([*args, "--steps", str(step + 2)]) == 0
     card = json.loads((tmp_path / "models" / f"{MODEL_NAME}.json").read_text())
-    assert card["arguments"]["extra_cascades"] == 1 and "--extend 1" in card["phases"][-1]
+    assert card["arguments"]["extra_cascades"] == had + 1 and "--extend 1" in card["phases"][-1]
     after = torch.load(tmp_path / "models" / f"{MODEL_NAME}.pt", weights_only=True)
     assert all(torch.equal(before[k], after[k]) for k in before)  # the bundled network is frozen
-    n = card["arguments"]["num_cascades"]
+    n = card["arguments"]["num_cascades"] + had  # the new cascade's index
     assert float(after[f"cascades.{n}.gate"]) != 0.0
     net, _ = models.load_model(MODEL_NAME, tmp_path / "models" / f"{MODEL_NAME}.pt")
     assert len(net.cascades) == n + 1
-    # resuming keeps the extension (the saved state holds the appended cascades)
+    # resuming keeps the extension (the saved state holds the architecture and which cascades learn)
     assert main([*args, "--steps", str(step + 3)]) == 0
+    resumed = torch.load(tmp_path / "models" / f"{MODEL_NAME}.pt", weights_only=True)
+    assert all(torch.equal(before[k], resumed[k]) for k in before)
+    # a new machine (no saved state) with the extended weights bundled: training goes on with every weight
+    shutil.rmtree(tmp_path / "work")
+    assert main([*plain, "--lr", "0.01", "--steps", str(step + 4)]) == 0
+    card = json.loads((tmp_path / "models" / f"{MODEL_NAME}.json").read_text())
+    assert card["arguments"]["extra_cascades"] == had + 1 and card["step"] == step + 4
+    last = torch.load(tmp_path / "models" / f"{MODEL_NAME}.pt", weights_only=True)
+    assert any(not torch.equal(resumed[k], last[k]) for k in before)  # the first cascades learn again

@@ -297,10 +297,10 @@ def _validate(net: VarNet, val) -> dict[str, float]:
     }
 
 
-def _appended(name: str) -> bool:
-    """Whether a parameter name belongs to a cascade beyond the base network's ``ARCH`` ones."""
+def _appended(name: str, first: int) -> bool:
+    """Whether a parameter name belongs to cascade ``first`` or a later one."""
     parts = name.split(".")
-    return parts[0] == "cascades" and int(parts[1]) >= ARCH["num_cascades"]
+    return parts[0] == "cascades" and int(parts[1]) >= first
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,38 +358,48 @@ def main(argv: list[str] | None = None) -> int:
     pool = _pool(args.pool, args.mni_mm)
     say(f"{len(pool)} training slices")
     device = torch.device(args.device)
-    arch = dict(ARCH, extra_cascades=args.extend) if args.extend else dict(ARCH)
-    net = VarNet(**arch).to(device)
     maps = phantom_maps() if args.phantoms > 0 else None
     step, history, phases = 0, [], []
     rng = np.random.default_rng(args.seed)
     resumed = state_path.is_file()
+    state = torch.load(state_path, map_location="cpu", weights_only=False) if resumed else None
+    bundled = card = None
+    if not resumed and not args.from_scratch and (out_dir / f"{MODEL_NAME}.json").is_file():
+        # a new machine has no state file: continue from the committed weights (a fresh optimiser)
+        bundled, card = models.load_model(MODEL_NAME, out_dir / f"{MODEL_NAME}.pt")
+    # the network: the saved run's; else the bundled one (gated cascades included) with --extend more; else ARCH
+    if resumed and "arch" in state:
+        arch, first_trained = state["arch"], state["first_trained"]
+    else:
+        base_extra = int(card.arguments.get("extra_cascades") or 0) if card is not None else 0
+        extra = base_extra + args.extend
+        arch = dict(ARCH, extra_cascades=extra) if extra else dict(ARCH)
+        first_trained = ARCH["num_cascades"] + base_extra if args.extend else None  # None: every weight learns
+    net = VarNet(**arch).to(device)
     if resumed:
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
         net.load_state_dict(state["net"])
         step, history = state["step"], state["history"]
         phases = state.get("phases", [])
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         say(f"resumed at step {step}")
-    elif not args.from_scratch and (out_dir / f"{MODEL_NAME}.json").is_file():
-        # a new machine has no state file: continue from the committed weights (a fresh optimiser)
-        bundled, card = models.load_model(MODEL_NAME, out_dir / f"{MODEL_NAME}.pt")
+    elif card is not None:
 
         def layers(a: dict) -> dict:  # the output combination holds no weights
             return {k: v for k, v in a.items() if k != "output" and not (k == "extra_cascades" and not v)}
 
-        base = dict(arch, extra_cascades=0)
-        if layers(card.arguments) == layers(arch) or (args.extend and layers(card.arguments) == layers(base)):
+        base = dict(arch, extra_cascades=arch.get("extra_cascades", 0) - args.extend)
+        if layers(card.arguments) == layers(base):
             missing, unexpected = net.load_state_dict(bundled.state_dict(), strict=False)
-            if unexpected or not all(_appended(k) for k in missing):
+            if unexpected or (missing and (first_trained is None or not all(_appended(k, first_trained)
+                                                                             for k in missing))):
                 raise SystemExit(f"bundled weights do not fit {arch}: missing {missing[:4]}, extra {unexpected[:4]}")
             step = int(card.extra.get("step") or 0)
             phases = list(card.extra.get("phases", []))
             say(f"no training state in {work}: continuing from the bundled weights at step {step} (new optimiser)")
-    if args.extend:  # only the appended cascades learn
+    if first_trained is not None:  # only the appended cascades learn
         for name, param in net.named_parameters():
-            param.requires_grad_(_appended(name))
+            param.requires_grad_(_appended(name, first_trained))
     opt = torch.optim.Adam([q for q in net.parameters() if q.requires_grad], lr=args.lr)
     if resumed:
         opt.load_state_dict(state["opt"])  # Adam's moments follow the parameters' device
@@ -425,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                 "step": step,
                 "history": history,
                 "phases": phases,
+                "arch": arch,
+                "first_trained": first_trained,
                 "rng": rng.bit_generator.state,
                 "torch_rng": torch.get_rng_state(),
             },
