@@ -51,6 +51,25 @@ def test_zero_filled_of_fully_sampled_data_is_the_truth_on_the_header_grid(kfile
     assert scored["ssim"] > 0.999 and scored["nmse"] < 1e-8 and scored["zero_filled_ssim"] > 0.999
 
 
+def test_the_varnet_on_fully_sampled_data_gives_the_direct_reconstruction_with_a_notice(kfile, capsys):
+    """Nothing to fill in: the default method writes the exact inverse-FFT image, not the network's blur."""
+    path, img = kfile
+    res = reconstruct(path, ReconstructionConfig(method="varnet"))
+    np.testing.assert_allclose(res.image.numpy()[0, :, :, 1], 2 * img[4:44], atol=1e-5)
+    assert res.info["method"] == "zero-filled" and res.info["requested_method"] == "varnet"
+    assert re.search(r"fully sampled: wrote the direct reconstruction .* --undersample", res.info["notice"])
+    # undersampled, the VarNet runs as asked
+    under = reconstruct(path, ReconstructionConfig(method="varnet", undersample="equispaced", acceleration=2,
+                                                   slices=(0,)))
+    assert under.info["method"] == "varnet" and "requested_method" not in under.info
+    out = path.parent / "v.nii.gz"
+    capsys.readouterr()
+    assert main(["reconstruct", str(path), "-o", str(out), "--progress", "none", "--device", "cpu"]) == 0
+    text = "".join(capsys.readouterr())
+    assert re.search(r"notice: .*fully sampled", text) and "reconstruct: zero-filled" in text
+    assert out.exists()
+
+
 def test_sensitivity_weighted_zero_filled_combination(kfile, capsys, tmp_path):
     path, img = kfile
     rss_image = reconstruct(path, ReconstructionConfig(method="zero-filled")).image.numpy()[0, :, :, 0]
