@@ -99,6 +99,52 @@ def test_affine_prealignment_recovers_translation():
     np.testing.assert_allclose(matrix[:3, :3], np.eye(3), atol=0.03)
 
 
+def _turned(vol: Volume, axis: int, degrees: float) -> tuple[Volume, np.ndarray]:
+    """``vol``'s voxels placed in space turned by ``degrees`` about ``axis`` through the grid centre, and
+    the matrix that maps a fixed point to the same anatomy in the turned copy (what prealign answers)."""
+    shape = list(vol.spatial_shape) + [1] * (3 - vol.ndim)
+    centre = (vol.affine @ np.r_[(np.array(shape) - 1) / 2.0, 1.0])[:3]
+    turn = np.eye(4)
+    turn[:3, :3] = Rotation.from_rotvec(np.radians(degrees) * np.eye(3)[axis]).as_matrix()
+    there, back = np.eye(4), np.eye(4)
+    there[:3, 3], back[:3, 3] = centre, -centre
+    truth = there @ turn @ back
+    return Volume(vol.numpy(), truth @ vol.affine, vol.kind), truth
+
+
+def _point_error(vol: Volume, matrix: np.ndarray, truth: np.ndarray) -> float:
+    shape = list(vol.spatial_shape) + [1] * (3 - vol.ndim)
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(3, -1)
+    pts = vol.affine @ np.r_[corners, np.ones((1, corners.shape[1]))]
+    return float(np.linalg.norm((matrix @ pts - truth @ pts)[:3], axis=0).max())
+
+
+@pytest.mark.parametrize("degrees", [35.0, 100.0, -150.0])
+def test_affine_prealignment_finds_a_slice_turned_far(degrees):
+    # from the plain start the optimiser reaches only 10-20 degrees on a brain slice; a coarse search of the
+    # rotation first finds the rest (the error is the worst over the slice's corners)
+    from meddl.data import load_sample
+
+    fixed = load_sample("dipy_t1_slice")
+    moving, truth = _turned(fixed, 2, degrees)
+    assert _point_error(fixed, prealign(fixed, moving, "affine"), truth) < 1.5  # mm; 1 mm pixels
+
+
+def test_affine_prealignment_finds_a_volume_turned_by_ninety_degrees():
+    img = phantom(oblique=False)
+    moving, truth = _turned(img, 0, 90.0)
+    assert _point_error(img, prealign(img, moving, "affine"), truth) < 2.0  # mm; 2 mm voxels
+
+
+def test_the_rotation_search_adds_no_start_to_an_aligned_pair():
+    from meddl.registration.affine import _rotation_starts
+
+    sitk_img = io.to_sitk(phantom(nd=2))
+    init = sitk.CenteredTransformInitializer(sitk_img, sitk_img, sitk.Euler2DTransform(),
+                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+    assert _rotation_starts(sitk_img, sitk_img, init, 2, 0) == []
+
+
 def test_cancel_during_the_affine_prealignment_is_a_cancel_not_an_alignment_failure(capfd):
     from meddl.progress import Reporter
 

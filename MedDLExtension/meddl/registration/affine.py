@@ -1,4 +1,5 @@
-"""Affine pre-alignment with SimpleITK: centre of mass, then an affine by Mattes mutual information.
+"""Affine pre-alignment with SimpleITK: centre of mass, a coarse search of the rotation, a rigid stage from
+the best starts, then an affine by Mattes mutual information.
 
 Slicer volumes arrive unaligned, so the deformable stages start from this. The result is a 4x4
 matrix ``M`` in RAS millimetres in the resampling convention: fixed point ``p`` corresponds to
@@ -155,13 +156,76 @@ def prealign(fixed: Volume, moving: Volume, mode: AffineMode | str = AffineMode.
             raise stopped[0]
         return result
 
-    rigid = _unwrap(run(init, 1.0, iterations))
+    starts = [init] + _rotation_starts(f_img, m_img, init, nd, seed)
+    rigids = [_unwrap(run(start, 1.0, iterations)) for start in starts]
+    if len(rigids) > 1:  # the start that ends best, on the working images (ties: the plain start)
+        scores = [_mutual_information(f_img, m_img, r, seed) for r in rigids]
+        rigid = rigids[int(np.argmin(scores))]
+    else:
+        rigid = rigids[0]
     affine = _as_affine(rigid, nd)
     final = _unwrap(run(affine, 1.0, iterations))
     matrix = sitk_to_ras_matrix(_as_affine(final, nd), nd)
     if not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix[:nd, :nd])) < 0.2:
         raise InputError(f"affine pre-alignment diverged (degenerate matrix); try {option} center or none")
     return matrix
+
+
+#: rotations (degrees) tried as starts of the rigid stage, about each axis in turn (3D) or in the plane (2D):
+#: the optimiser alone finds about 45 degrees in 3D, but only 10-20 degrees for a 2D slice
+SEARCH_DEGREES_2D = tuple(range(15, 360, 15))
+SEARCH_DEGREES_3D = (60, 90, 120, 180, 240, 270, 300)
+#: at most this many rotated starts are optimised, and only those whose similarity beats the plain start's
+MAX_ROTATED_STARTS = 2
+
+
+def _mutual_information(f_img, m_img, transform, seed: int) -> float:
+    """Mattes mutual information (negated, as ITK minimises it) of ``m_img`` mapped by ``transform``."""
+    sitk = _sitk()
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(32)
+    if f_img.GetNumberOfPixels() > 200_000:
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentage(0.25, int(seed) % (2**32 - 1) + 1)
+    else:
+        reg.SetMetricSamplingStrategy(reg.NONE)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetInitialTransform(transform, inPlace=False)
+    try:
+        return float(reg.MetricEvaluate(f_img, m_img))
+    except RuntimeError:  # too few samples fall inside the moving image: no overlap
+        return float("inf")
+
+
+def _rotation_starts(f_img, m_img, init, nd: int, seed: int) -> list:
+    """Rotated copies of the centre-of-mass start, about the fixed image's centre of mass, that match
+    better than it on images smoothed and halved once more (the best :data:`MAX_ROTATED_STARTS`).
+
+    A brain slice turned by 30 degrees, or a volume turned by 90 (a header that names its axes
+    wrongly), is outside the reach of the optimiser from the plain start; a coarse search of the
+    rotation is cheap next to it.
+    """
+    sitk = _sitk()
+    factors = [2 if n >= 32 else 1 for n in f_img.GetSize()]
+    f_s = sitk.BinShrink(sitk.SmoothingRecursiveGaussian(f_img, float(min(f_img.GetSpacing()))), factors)
+    factors = [2 if n >= 32 else 1 for n in m_img.GetSize()]
+    m_s = sitk.BinShrink(sitk.SmoothingRecursiveGaussian(m_img, float(min(m_img.GetSpacing()))), factors)
+    base = _mutual_information(f_s, m_s, init, seed)
+    scored = []
+    rotations = ([(0, d) for d in SEARCH_DEGREES_2D] if nd == 2
+                 else [(axis, d) for axis in range(3) for d in SEARCH_DEGREES_3D])
+    for axis, degrees in rotations:
+        start = sitk.Euler2DTransform(init) if nd == 2 else sitk.Euler3DTransform(init)
+        angle = np.radians(degrees)
+        if nd == 2:
+            start.SetAngle(angle)
+        else:
+            angles = [0.0, 0.0, 0.0]
+            angles[axis] = angle
+            start.SetRotation(*angles)
+        scored.append((_mutual_information(f_s, m_s, start, seed), len(scored), start))
+    scored.sort(key=lambda x: (x[0], x[1]))
+    return [start for value, _, start in scored[:MAX_ROTATED_STARTS] if value < base]
 
 
 def _unwrap(tx):
