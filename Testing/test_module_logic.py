@@ -489,7 +489,7 @@ def test_reconstruction_outputs_and_coil_sequence(scene, fake, kspace_file):
 def test_reconstruction_without_undersampling_sends_no_undersampling_flags(scene, fake, kspace_file):
     ReconstructionLogic(runner=fake.runner).run(kspace_file, scene=scene)
     argv = fake.record()["argv"]
-    assert _flag(argv, "--method") == "varnet"  # the default: the best SSIM in the benchmark
+    assert _flag(argv, "--method") == "auto"  # the default: the VarNet or TV, by held-out k-space lines
     assert not {"--undersample", "--acceleration", "--center-fraction", "--zero-filled", "--phase",
                 "--coil-images", "--repetition"} & set(argv)
     ReconstructionLogic(runner=fake.runner).run(kspace_file, scene=scene, repetition=2)
@@ -511,7 +511,7 @@ def test_any_other_command_option_goes_through_by_its_long_name(scene, fake, ksp
 @pytest.mark.parametrize("kwargs, message", [
     ({"undersampling": "radial"}, "undersampling: expected one of equispaced, random"),
     ({"undersampling": "random", "center_fraction": 1.5}, "centre fraction: expected a value between 0 and 1"),
-    ({"method": "grappa"}, "reconstruction method: expected one of varnet, zero-filled, cg-sense, l1-wavelet, tv"),
+    ({"method": "grappa"}, "reconstruction method: expected one of auto, varnet, zero-filled, cg-sense, l1-wavelet, tv"),
 ])
 def test_reconstruction_refuses_bad_options(scene, fake, kspace_file, kwargs, message):
     with pytest.raises(InputError, match=message):

@@ -14,6 +14,7 @@ from meddl.reconstruction import ReconstructionConfig, read_kspace, reconstruct
 from meddl.reconstruction.cli import parse_slices
 from meddl.reconstruction.fastmri import write_fastmri
 from meddl.reconstruction.metrics import ssim
+from meddl.reconstruction.pipeline import Method
 from meddl.reconstruction.simulate import simulate_kspace
 from scipy.ndimage import gaussian_filter
 
@@ -57,7 +58,9 @@ def test_the_varnet_on_fully_sampled_data_gives_the_direct_reconstruction_with_a
     res = reconstruct(path, ReconstructionConfig(method="varnet"))
     np.testing.assert_allclose(res.image.numpy()[0, :, :, 1], 2 * img[4:44], atol=1e-5)
     assert res.info["method"] == "zero-filled" and res.info["requested_method"] == "varnet"
-    assert re.search(r"fully sampled: wrote the direct reconstruction .* --undersample", res.info["notice"])
+    assert re.search(r"fully sampled: wrote the direct reconstruction .*'varnet'.* --undersample", res.info["notice"])
+    # auto, the default, does the same
+    assert reconstruct(path, ReconstructionConfig()).info["method"] == "zero-filled"
     # undersampled, the VarNet runs as asked
     under = reconstruct(path, ReconstructionConfig(method="varnet", undersample="equispaced", acceleration=2,
                                                    slices=(0,)))
@@ -316,16 +319,73 @@ def test_coil_images_flag_is_an_alias_of_coils_out():
 
 
 def test_default_method_is_the_same_everywhere():
-    """The CLI, the library and the Slicer Logic share one default: the VarNet (the best SSIM in
-    docs/benchmarks/reconstruction.md)."""
+    """The CLI, the library and the Slicer Logic share one default: auto (the VarNet, or TV where it
+    predicts held-out k-space lines better; docs/benchmarks/reconstruction_robustness.md)."""
     import inspect
 
     from meddl.cli import build_parser
-    from meddl.slicer_logic import ReconstructionLogic
+    from meddl.slicer_logic import ReconstructionLogic, ReconstructionMethod
 
-    assert build_parser().parse_args(["reconstruct", "k.h5", "-o", "r.nii.gz"]).method == "varnet"
-    assert ReconstructionConfig().method.value == "varnet"
-    assert inspect.signature(ReconstructionLogic.start).parameters["method"].default == "varnet"
+    assert build_parser().parse_args(["reconstruct", "k.h5", "-o", "r.nii.gz"]).method == "auto"
+    assert ReconstructionConfig().method.value == "auto"
+    assert inspect.signature(ReconstructionLogic.start).parameters["method"].default == "auto"
+    assert {m.value for m in ReconstructionMethod} == {m.value for m in Method}
+
+
+def test_heldout_columns_are_every_third_sampled_column_outside_the_calibration_block():
+    from meddl.reconstruction.select import heldout_columns
+
+    cols = np.zeros(40, bool)
+    cols[::4] = True
+    cols[17:23] = True
+    held = heldout_columns(cols, slice(17, 23))
+    outer = [c for c in np.flatnonzero(cols) if not 17 <= c < 23]
+    assert held.tolist() == outer[::3]
+    assert cols[held].all() and not any(17 <= c < 23 for c in held)
+
+
+def _ellipses(n=96):
+    y, x = np.meshgrid(np.linspace(-1, 1, n), np.linspace(-1, 1, n), indexing="ij")
+    img = np.where((x / 0.7) ** 2 + (y / 0.85) ** 2 < 1, 1.0, 0.0)
+    img = np.where((x / 0.64) ** 2 + (y / 0.79) ** 2 < 1, 0.25, img)
+    for cx, cy, a, b, v in ((-0.25, 0.1, 0.12, 0.3, 0.5), (0.25, 0.1, 0.1, 0.25, 0.5), (0.0, -0.4, 0.2, 0.1, 0.8)):
+        img = np.where(((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 < 1, v, img)
+    return img.astype(np.float32)
+
+
+def test_auto_chooses_tv_on_a_piecewise_constant_phantom_and_says_why(tmp_path):
+    """A Shepp-Logan-like phantom is TV's image model and nothing like the VarNet's brains: at 4x auto
+    must take TV (its held-out k-space error is far lower) and give exactly TV's image."""
+    img = _ellipses()
+    k = simulate_kspace(img, 8, rng=3, noise=0.002)[0]
+    path = write_fastmri(tmp_path / "e.h5", k[None])
+    cfg = dict(undersample="equispaced", acceleration=4, center_fraction=0.12)
+    auto = reconstruct(path, ReconstructionConfig(method="auto", **cfg))
+    tv = reconstruct(path, ReconstructionConfig(method="tv", **cfg))
+    assert auto.info["method"] == "tv" and auto.info["requested_method"] == "auto"
+    errors = auto.info["auto"]["heldout_error"]
+    assert errors["tv"] < 0.5 * errors["varnet"]
+    assert re.search(r"auto: tv \(relative error on \d+ held-out k-space lines: VarNet [\d.]+, TV [\d.]+\)",
+                     auto.info["notice"])
+    np.testing.assert_allclose(auto.image.numpy(), tv.image.numpy(), rtol=1e-5, atol=1e-6)
+    assert ssim(img[None], tv.image.numpy()[0, :, :, 0][None], 1.0) > ssim(
+        img[None], reconstruct(path, ReconstructionConfig(method="varnet", **cfg)).image.numpy()[0, :, :, 0][None], 1.0)
+
+
+def test_auto_keeps_the_varnet_on_a_brain_slice_and_from_6x_on(tmp_path):
+    from meddl.data import load_sample
+
+    brain = load_sample("dipy_t1_slice").numpy()[0]
+    brain = (brain / brain.max()).astype(np.float32)
+    k = simulate_kspace(brain, 8, rng=5, noise=0.005)[0]
+    path = write_fastmri(tmp_path / "b.h5", k[None])
+    at4 = reconstruct(path, ReconstructionConfig(method="auto", undersample="equispaced", acceleration=4))
+    assert at4.info["method"] == "varnet"
+    assert at4.info["auto"]["heldout_error"]["varnet"] < at4.info["auto"]["heldout_error"]["tv"]
+    at8 = reconstruct(tmp_path / "b.h5", ReconstructionConfig(method="auto", undersample="equispaced", acceleration=8,
+                                                             slices=(0,)))
+    assert at8.info["method"] == "varnet" and "heldout_error" not in at8.info["auto"]
+    assert re.match(r"acceleration 8\.\d >= 6: the VarNet", at8.info["auto"]["rule"])
 
 
 # -- meddl simulate-kspace -------------------------------------------------------------------------

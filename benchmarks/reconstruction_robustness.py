@@ -11,7 +11,12 @@ images that training never saw, in three groups:
   of the training PD slice, correlation 0.93-0.97 with it): piecewise-constant tissue classes with
   fine noise, the image model of total variation;
 - ``itk-kmeans-t1``: axial slices of the ITK example ``KmeansTest_T1UCharRaw.nii.gz``, a real T1
-  volume of another scanner at 2 mm in-plane (128 x 128).
+  volume of another scanner at 2 mm in-plane (128 x 128);
+- ``shepp-logan``: scikit-image's modified Shepp-Logan phantom at 256 x 256, the classic test object of
+  compressed sensing (and of ISMRMRD's ``ismrmrd_generate_cartesian_shepp_logan``), nothing like a brain scan.
+
+``auto`` is the library's ``--method auto`` (``meddl.reconstruction.select``): the VarNet or TV, whichever
+predicts held-out k-space lines better (below 6x); its time includes that check.
 
 Same simulation and metrics as the main benchmark (8 birdcage coils, smooth random phase, complex
 noise 0.5 % of the maximum, equispaced masks at 4x / 8x, fastMRI SSIM with data range = the
@@ -51,7 +56,7 @@ from meddl.reconstruction.train import BENCHMARK_COLIN27_Z, HELD_OUT_COLIN27_Z, 
 ITK = Path("/usr/share/doc/insighttoolkit4-examples/examples/Data")
 COILS, NOISE = 8, 0.005
 COLIN_Z = (58, 86, 110, 140)
-METHODS = ("zero-filled", "cg-sense", "l1-wavelet", "tv", "varnet")
+METHODS = ("zero-filled", "cg-sense", "l1-wavelet", "tv", "varnet", "auto")
 #: phase maps of the phase table: name -> (description, function of (H, W) -> radians)
 PHASES = {
     "none": ("zero (a real image)", lambda h, w: np.zeros((h, w))),
@@ -100,6 +105,11 @@ def groups() -> dict[str, list[tuple[str, np.ndarray]]]:
         out["itk-brainweb"] = [(n, im) for n, im in web if _unseen(im, seen)]
         t1 = _read(ITK / "KmeansTest_T1UCharRaw.nii.gz")  # (z, y, x)
         out["itk-kmeans-t1"] = [(f"KmeansTest_T1 z={z}", t1[z]) for z in (24, 31, 38)]
+    from skimage.data import shepp_logan_phantom
+    from skimage.transform import resize
+
+    out["shepp-logan"] = [("Shepp-Logan 256", resize(shepp_logan_phantom(), (256, 256), order=1,
+                                                     anti_aliasing=True).astype(np.float32))]
     return out
 
 
@@ -128,6 +138,13 @@ def reconstruct(k: torch.Tensor, mask: torch.Tensor, block: slice, net,
     with torch.no_grad():
         y = net(kn[None], mask)[0]
     res["varnet"] = ((y * scale).numpy(), time.perf_counter() - t0)
+    if "auto" in methods:
+        from meddl.reconstruction.select import choose_method
+
+        t0 = time.perf_counter()
+        chosen, _ = choose_method([k.numpy()], mask.numpy()[0], block, 24, k.shape[-1] / float(mask[0].sum()), net)
+        res["auto"] = (res[chosen][0], time.perf_counter() - t0 + res[chosen][1])
+        res["auto-choice"] = chosen
     return res
 
 
@@ -186,10 +203,14 @@ def main(argv: list[str] | None = None) -> int:
                 cols = equispaced_mask(w, acc, cf, np.random.default_rng(acc))
                 mask = torch.from_numpy(np.broadcast_to(cols, (h, w)).copy())
                 k = torch.from_numpy((k_full * cols).astype(np.complex64))
-                for method, (x, _) in reconstruct(k, mask, calibration_block(cols), net).items():
+                res = reconstruct(k, mask, calibration_block(cols), net)
+                choice = res.pop("auto-choice")
+                scores.setdefault((group, acc, "choices"), []).append(choice)
+                for method, (x, _) in res.items():
                     s = (ssim(img[None], x[None], 1.0), psnr(img, x, 1.0))
                     scores.setdefault((group, acc, method), []).append(s)
-                cells.append(f"{scores[(group, acc, 'varnet')][-1][0]:.3f} / {scores[(group, acc, 'tv')][-1][0]:.3f}")
+                cells.append(f"{scores[(group, acc, 'varnet')][-1][0]:.3f} / {scores[(group, acc, 'tv')][-1][0]:.3f}"
+                             f" (auto: {choice})")
             per_image.append(f"| {group} | {name} | {h} x {w} | " + " | ".join(cells) + " |")
             print(per_image[-1], flush=True)
     phase_scores = phase_table(data, net)
@@ -220,14 +241,19 @@ def write(args, card, data, scores, per_image, seconds, phase_scores) -> None:
         "",
     ]
     for acc in (4, 8):
-        lines += [f"## {acc}x", "", "| group | " + " | ".join(f"{m} SSIM" for m in METHODS) + " | VarNet - TV |",
-                  "|---|" + "---|" * (len(METHODS) + 1)]
+        lines += [f"## {acc}x", "", "| group | " + " | ".join(f"{m} SSIM" for m in METHODS)
+                  + " | VarNet - TV | auto - the better of the two | auto chose |",
+                  "|---|" + "---|" * (len(METHODS) + 3)]
         for group in data:
             if not data[group]:
                 continue
             means = {m: float(np.mean([s[0] for s in scores[(group, acc, m)]])) for m in METHODS}
+            better = float(np.mean([max(a[0], b[0]) for a, b in zip(scores[(group, acc, "varnet")],
+                                                                      scores[(group, acc, "tv")], strict=True)]))
+            chose = scores[(group, acc, "choices")]
             lines.append(f"| {group} | " + " | ".join(f"{means[m]:.4f}" for m in METHODS)
-                         + f" | {means['varnet'] - means['tv']:+.4f} |")
+                         + f" | {means['varnet'] - means['tv']:+.4f} | {means['auto'] - better:+.4f} | "
+                         + ", ".join(f"{m} {chose.count(m)}" for m in ("varnet", "tv") if chose.count(m)) + " |")
         lines += ["", "| group | " + " | ".join(f"{m} PSNR" for m in METHODS) + " |", "|---|" + "---|" * len(METHODS)]
         for group in data:
             if not data[group]:
@@ -255,7 +281,8 @@ def write(args, card, data, scores, per_image, seconds, phase_scores) -> None:
                 cells.append(f"{v:.3f} / {t:.3f} ({v - t:+.3f})")
             lines.append(f"| {group} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Per image (SSIM, VarNet / TV)", "", "| group | image | size | 4x | 8x |", "|---|---|---|---|---|",
+    lines += ["## Per image (SSIM, VarNet / TV, and what auto chose)", "", "| group | image | size | 4x | 8x |",
+              "|---|---|---|---|---|",
               *per_image, ""]
     notes = kept_notes(Path(args.out))
     Path(args.out).write_text("\n".join(lines) + ("\n" + notes if notes else ""))

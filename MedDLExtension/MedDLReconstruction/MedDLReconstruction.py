@@ -29,9 +29,11 @@ class MedDLReconstruction(ScriptedLoadableModule):
         self.parent.contributors = ["MedDLExtension developers"]
         self.parent.helpText = """
 Reconstruct an MR image from raw multi-coil k-space stored in an HDF5 file (fastMRI layout, ISMRMRD header) or in BART's .cfl/.hdr pair.
-Methods: a learned end-to-end variational network (<b>varnet</b>, the default: the best image quality in
-our benchmark, and fast), compressed sensing with <b>tv</b> or <b>l1-wavelet</b> regularisation, the
-<b>zero-filled</b> inverse FFT and <b>cg-sense</b>.
+Methods: <b>auto</b> (the default: the learned network or TV compressed sensing, whichever predicts
+held-out k-space lines of this file better; the network above 6x), a learned end-to-end variational
+network (<b>varnet</b>: the best image quality in our benchmark of brain images, and fast), compressed
+sensing with <b>tv</b> or <b>l1-wavelet</b> regularisation, the <b>zero-filled</b> inverse FFT and
+<b>cg-sense</b>. Fully sampled files get the direct reconstruction.
 Fully sampled data can be undersampled retrospectively (equispaced or random lines, acceleration R,
 centre fraction) to see what an accelerated scan would give. Optional outputs: the zero-filled image, a
 per-voxel uncertainty map, the phase of the complex image and the per-coil images as a sequence.
@@ -48,7 +50,7 @@ Accelerated MRI Reconstruction", MICCAI 2020; file layout and masks follow the f
 class MedDLReconstructionParameterNode:
     kspaceFile: pathlib.Path
     repetition: Annotated[int, WithinRange(-1, 9999)] = -1  # -1: all repetitions
-    method: Annotated[str, Choice(choices(ReconstructionMethod))] = ReconstructionMethod.VARNET.value
+    method: Annotated[str, Choice(choices(ReconstructionMethod))] = ReconstructionMethod.AUTO.value
     undersample: bool = False
     undersampling: Annotated[str, Choice(choices(Undersampling))] = Undersampling.EQUISPACED.value
     acceleration: Annotated[float, WithinRange(1.0, 32.0)] = 4.0

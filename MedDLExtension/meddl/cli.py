@@ -224,7 +224,7 @@ def _placeholder_reconstruct(sub) -> None:
     p = sub.add_parser("reconstruct", parents=[common_options()], help="reconstruct an image from raw k-space")
     p.add_argument("kspace")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--method", default="varnet")
+    p.add_argument("--method", default="auto")
     p.add_argument("--undersample", choices=("equispaced", "random"))
     p.add_argument("--acceleration", type=float)
     p.add_argument("--center-fraction", type=float)

@@ -91,6 +91,7 @@ class Similarity(str, enum.Enum):
 
 
 class ReconstructionMethod(str, enum.Enum):
+    AUTO = "auto"
     VARNET = "varnet"
     ZERO_FILLED = "zero-filled"
     CG_SENSE = "cg-sense"
@@ -602,7 +603,7 @@ class ReconstructionLogic(MedDLLogic):
         self,
         kspace_path: str | Path,
         *,
-        method: str = ReconstructionMethod.VARNET,
+        method: str = ReconstructionMethod.AUTO,
         undersampling: str | None = None,
         acceleration: float = 4.0,
         center_fraction: float | None = None,

@@ -1,6 +1,6 @@
 """``meddl reconstruct``: a fastMRI / ISMRMRD k-space file -> image volume (and extras).
 
-meddl reconstruct file.h5 -o recon.nii.gz [--method varnet|tv|l1-wavelet|cg-sense|zero-filled]
+meddl reconstruct file.h5 -o recon.nii.gz [--method auto|varnet|tv|l1-wavelet|cg-sense|zero-filled]
     [--undersample equispaced|random|poisson --acceleration 4 --center-fraction 0.08]
     [--uncertainty unc.nii.gz] [--zero-filled zf.nii.gz] [--coils-out coils.nrrd]
     [--weights my_varnet.pt] [--slices 2,3,4 | 2:5]
@@ -52,10 +52,12 @@ def configure(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, help="reconstructed magnitude volume (.nii.gz, .nrrd, ...)")
     p.add_argument(
         "--method",
-        default="varnet",
+        default="auto",
         choices=[m.value for m in Method],
-        help="varnet (learned variational network, default: the best SSIM in our benchmark and fast), tv "
-        "(total-variation compressed sensing, the best classical method), l1-wavelet, cg-sense or zero-filled",
+        help="auto (default: varnet or tv, whichever predicts held-out k-space lines of this file better; varnet "
+        "from 6x on), varnet (learned variational network: the best SSIM in our benchmark of brain images, and "
+        "fast), tv (total-variation compressed sensing, the best classical method), l1-wavelet, cg-sense or "
+        "zero-filled (fully sampled files always get the direct reconstruction from auto and varnet)",
     )
     p.add_argument(
         "--undersample",

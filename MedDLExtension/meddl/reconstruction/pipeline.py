@@ -26,6 +26,7 @@ MODEL_NAME = "reconstruction_varnet"
 
 
 class Method(str, enum.Enum):
+    AUTO = "auto"
     VARNET = "varnet"
     ZERO_FILLED = "zero-filled"
     CG_SENSE = "cg-sense"
@@ -38,10 +39,14 @@ class ReconstructionConfig:
     """How to reconstruct; CLI flags mirror the fields (``--center-fraction`` ...).
 
     Attributes:
-        method: the reconstruction (:class:`Method`). Default ``varnet``: the bundled variational
-            network has the best SSIM of every method in ``docs/benchmarks/reconstruction.md`` at 4x
-            and 8x and is the fastest after zero-filling; ``tv`` (total-variation compressed sensing)
-            is the best classical method there.
+        method: the reconstruction (:class:`Method`). Default ``auto``: ``varnet`` or ``tv``,
+            whichever predicts held-out k-space lines of the file better (:mod:`.select`; ``varnet``
+            from 6x on). The bundled variational network has the best SSIM of every method in
+            ``docs/benchmarks/reconstruction.md`` at 4x and 8x and is the fastest after zero-filling,
+            but on images unlike its brain training set TV can beat it at 4x
+            (``docs/benchmarks/reconstruction_robustness.md``); ``tv`` (total-variation compressed
+            sensing) is the best classical method. On fully sampled k-space ``auto`` and ``varnet``
+            give the direct (zero-filled) reconstruction.
         undersample: retrospectively undersample fully sampled data with this mask type.
         acceleration: for ``undersample`` (default 4).
         center_fraction: for ``undersample`` (default fastMRI's 0.32 / R).
@@ -62,7 +67,7 @@ class ReconstructionConfig:
         weights: a VarNet weights file instead of the bundled one.
     """
 
-    method: Method | str = Method.VARNET
+    method: Method | str = Method.AUTO
     undersample: MaskType | str | None = None
     acceleration: float | None = None
     center_fraction: float | None = None
@@ -216,7 +221,7 @@ def reconstruct(
     undersampled = acceleration > 1.01
     method = Method(config.method)
     requested = method
-    if method is Method.VARNET and not undersampled:
+    if method in (Method.VARNET, Method.AUTO) and not undersampled:
         # nothing is missing: the inverse FFT is exact, and the VarNet (trained to fill in missing lines) would
         # only blur it (0.96 vs 0.99 SSIM on a fully sampled brain slice)
         method = Method.ZERO_FILLED
@@ -243,7 +248,7 @@ def reconstruct(
         calib = moved if undersampled else calib
     net = None
     card_info: dict[str, Any] = {}
-    if method is Method.VARNET:
+    if method in (Method.VARNET, Method.AUTO):
         from .. import models
 
         net, card = models.load_model(MODEL_NAME, config.weights, device,
@@ -252,6 +257,19 @@ def reconstruct(
     iters = config.iterations or classical.DEFAULT_ITERATIONS.get(method.value, 0)
     lam = classical.DEFAULT_LAMBDA.get(method.value, 0.0) if config.regularization is None else config.regularization
     mask_t = torch.from_numpy(np.array(mask, dtype=bool)).to(device)
+    auto: dict[str, Any] = {}
+    if method is Method.AUTO:
+        from .select import choose_method
+
+        rep(0.03, "auto: comparing the VarNet and TV on held-out k-space lines")
+        if config.undersample is MaskType.POISSON:  # no columns to hold out
+            chosen, auto = "varnet", {"rule": "a 2-D (Poisson) mask: the VarNet"}
+        else:
+            chosen, auto = choose_method(kspace, np.asarray(mask)[0], calib, calib_rows, acceleration, net, device,
+                                         lam=config.regularization, iterations=config.iterations)
+        method = Method(chosen)
+        iters = config.iterations or classical.DEFAULT_ITERATIONS.get(method.value, 0)
+        lam = classical.DEFAULT_LAMBDA.get(method.value, 0.0) if config.regularization is None else config.regularization
     gen = torch.Generator().manual_seed(config.seed)
     ramp = None  # the image-domain factor that the roll removed: the original image = the result * ramp
     if config.phase and shift != (0, 0):
@@ -335,12 +353,19 @@ def reconstruct(
         "device": str(device),
     } | card_info
     notices = [data.attrs["notice"]] if data.attrs.get("notice") else []  # what the reader merged or assumed
-    if method is not requested:
+    if auto:
+        info["requested_method"] = requested.value
+        info["auto"] = auto
+        errors = auto.get("heldout_error")
+        notices.append(f"auto: {method.value} (" + (
+            f"relative error on {auto['heldout_columns']} held-out k-space lines: VarNet {errors['varnet']:.3g}, "
+            f"TV {errors['tv']:.3g}" if errors else auto["rule"]) + ")")
+    elif method is not requested:
         info["requested_method"] = requested.value
         notices.append(f"k-space is fully sampled: wrote the direct reconstruction (inverse FFT, "
-                       f"{'sensitivity-weighted' if sense_zf else 'root-sum-of-squares'} coil combination) instead "
-                       f"of the {requested.value}, which fills in missing lines; --undersample equispaced "
-                       "--acceleration 4 tries it on this file")
+                       f"{'sensitivity-weighted' if sense_zf else 'root-sum-of-squares'} coil combination), not "
+                       f"'{requested.value}': the VarNet and compressed sensing fill in missing lines, and none "
+                       "are missing; --undersample equispaced --acceleration 4 tries them on this file")
     if shift != (0, 0):
         info["kspace_recentred"] = list(shift)
         notices.append(f"k-space energy peak {-shift[0]:+d} rows, {-shift[1]:+d} columns off the centre "
