@@ -183,3 +183,20 @@ def test_a_grey_picture_stored_as_rgb_still_pairs_with_a_colour_one(tmp_path, ca
         out = tmp_path / f"{cmd[0]}.nrrd"
         assert main(["adapt", *cmd, "-o", str(out), "--progress", "none"]) == 0, capsys.readouterr().err
         assert io.read(out).channels == 3
+
+
+def test_a_two_channel_input_is_adapted_channel_by_channel_with_a_notice(tmp_path, capsys):
+    """A complex MetaImage reads as two channels (real, imaginary): the command says how to adapt its magnitude."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(1)
+    mag = rng.random((20, 24)).astype(np.float32) + 1
+    sitk.WriteImage(sitk.GetImageFromArray((mag * np.exp(1j * rng.random((20, 24)))).astype(np.complex64)),
+                    str(tmp_path / "c.mha"))
+    io.write(Volume(mag.T[None]), tmp_path / "ref.nii.gz")
+    capsys.readouterr()
+    assert main(["adapt", "fourier", str(tmp_path / "c.mha"), str(tmp_path / "ref.nii.gz"), "-o",
+                 str(tmp_path / "out.nrrd"), "--device", "cpu", "--progress", "none"]) == 0
+    text = "".join(capsys.readouterr())
+    assert "notice: " in text and "adapted one by one" in text and "--component magnitude" in text
+    assert io.read(tmp_path / "out.nrrd").channels == 2

@@ -200,6 +200,10 @@ def run(args, ctx) -> int:
         image = load_input(args.input, "input", ndim=(2, 3))
         refs = [load_input(r, f"reference {i + 1}", ndim=(2, 3)) for i, r in enumerate(args.references)]
         image, *refs = _colour_alike([image, *refs])
+        if image.channels == 2:  # how a complex MetaImage reads: each part's spectrum is not the image's
+            ctx.log(f"notice: '{args.input}': its 2 channels are adapted one by one; if they are a complex image's "
+                    "real and imaginary parts, adapt its magnitude instead (meddl convert IN -o OUT --component "
+                    "magnitude)")
         if args.histogram_match:
             if args.domain != "intensity":
                 raise InputError("--domain: applies to Fourier adaptation, not to --histogram-match")
