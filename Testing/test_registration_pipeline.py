@@ -136,6 +136,49 @@ def test_affine_prealignment_finds_a_volume_turned_by_ninety_degrees():
     assert _point_error(img, prealign(img, moving, "affine"), truth) < 2.0  # mm; 2 mm voxels
 
 
+def test_two_scans_of_near_round_slices_keep_the_near_pose():
+    """Between scans of different (synthetic) subjects, skull-stripped slices turned by 30-150 degrees can
+    match a little better by mutual information than the right pose: the turned starts must not win then
+    (the in-context benchmark's own pairs; a review found 13 of 60 turned by 30-170 degrees before)."""
+    import sys
+    from pathlib import Path
+
+    from meddl.data import load_sample
+    from scipy.ndimage import zoom
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from incontext import slice_volume, synthetic_scan
+
+    mni = load_sample("mni152_t1").numpy()[0].astype(np.float32)
+    t1 = np.stack([zoom(mni[:, :, z], (128 / mni.shape[0], 128 / mni.shape[1]), order=1) for z in range(20, 80)])
+    t1 /= t1.max()
+    rng = np.random.default_rng(0)
+    angles = []
+    for _ in range(8):  # the review's pairs 0 and 7 turned 45 and 118 degrees
+        idx = int(rng.integers(5, 55))
+        a, _ = synthetic_scan(t1, t1 > 0.5, idx, rng)
+        b, _ = synthetic_scan(t1, t1 > 0.5, idx, rng)
+        m = prealign(slice_volume(a), slice_volume(b), "affine", seed=0, working_mm=None)
+        angles.append(np.degrees(np.arctan2(m[1, 0], m[0, 0])))
+    assert np.abs(angles).max() < 25.0, angles  # each scan is turned by at most 8.6 degrees
+
+
+def test_decisively_better_needs_the_factor_and_a_finite_value():
+    from meddl.registration.affine import _decisively_better
+
+    assert _decisively_better(-0.9, -0.5, 1.5) and not _decisively_better(-0.7, -0.5, 1.5)
+    assert not _decisively_better(float("inf"), -0.5, 1.5) and not _decisively_better(float("nan"), -0.5, 1.5)
+
+
+def test_the_prealignment_of_tiny_images_skips_the_search():
+    from meddl.registration.affine import _rotation_starts
+
+    small = io.to_sitk(Volume(np.random.default_rng(0).random((1, 12, 40)).astype(np.float32)))
+    init = sitk.CenteredTransformInitializer(small, small, sitk.Euler2DTransform(),
+                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+    assert _rotation_starts(small, small, init, 2, 0) == []
+
+
 def test_the_rotation_search_adds_no_start_to_an_aligned_pair():
     from meddl.registration.affine import _rotation_starts
 
