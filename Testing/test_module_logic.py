@@ -137,7 +137,8 @@ elif command == "segment":
         labels[:, 0] = 2  # a second painted label: the first row
     io.write(Volume(labels, target.affine, Kind.LABEL), outputs["-o"])
 print(json.dumps({"progress": 1.0, "message": "done"}), flush=True)
-print(json.dumps({"summary": command, "seconds": 0.01}), flush=True)
+ran = {"method": {"auto": "tv"}.get(options.get("--method"), options.get("--method"))} if command == "reconstruct" else {}
+print(json.dumps({"summary": command, "seconds": 0.01, **ran}), flush=True)
 '''
 
 
@@ -487,9 +488,10 @@ def test_reconstruction_outputs_and_coil_sequence(scene, fake, kspace_file):
 
 
 def test_reconstruction_without_undersampling_sends_no_undersampling_flags(scene, fake, kspace_file):
-    ReconstructionLogic(runner=fake.runner).run(kspace_file, scene=scene)
+    result = ReconstructionLogic(runner=fake.runner).run(kspace_file, scene=scene)
     argv = fake.record()["argv"]
     assert _flag(argv, "--method") == "auto"  # the default: the VarNet or TV, by held-out k-space lines
+    assert result.reconstruction.GetName() == "file1000001 tv"  # named by what auto chose (the summary)
     assert not {"--undersample", "--acceleration", "--center-fraction", "--zero-filled", "--phase",
                 "--coil-images", "--repetition"} & set(argv)
     ReconstructionLogic(runner=fake.runner).run(kspace_file, scene=scene, repetition=2)

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 from meddl import io
 from meddl.cli import main
-from meddl.errors import InputError
+from meddl.errors import Cancelled, InputError
 from meddl.reconstruction import ReconstructionConfig, read_kspace, reconstruct
 from meddl.reconstruction.cli import parse_slices
 from meddl.reconstruction.fastmri import write_fastmri
@@ -370,6 +370,39 @@ def test_auto_chooses_tv_on_a_piecewise_constant_phantom_and_says_why(tmp_path):
     np.testing.assert_allclose(auto.image.numpy(), tv.image.numpy(), rtol=1e-5, atol=1e-6)
     assert ssim(img[None], tv.image.numpy()[0, :, :, 0][None], 1.0) > ssim(
         img[None], reconstruct(path, ReconstructionConfig(method="varnet", **cfg)).image.numpy()[0, :, :, 0][None], 1.0)
+
+
+def test_auto_reports_its_check_and_cancel_stops_it(tmp_path, monkeypatch):
+    from meddl.progress import CancelToken
+    from meddl.reconstruction import select
+
+    k = simulate_kspace(_ellipses(), 8, rng=3, noise=0.002)[0]
+    path = write_fastmri(tmp_path / "e.h5", np.stack([k, k, k, k]))
+    cfg = ReconstructionConfig(method="auto", undersample="equispaced", acceleration=4, center_fraction=0.12,
+                               slices=(1, 2, 3))
+    seen = []
+    res = reconstruct(path, cfg, progress=lambda f, m: seen.append(m))
+    assert any(m.startswith("auto: comparing") for m in seen)
+    assert res.info["auto"]["checked_slices"] == [1, 2, 3] and res.info["auto"]["seconds"] > 0  # the file's numbers
+    token, calls = CancelToken(), []
+
+    def cancel_inside_the_check(fraction, message):
+        calls.append(message)
+        if message.startswith("auto: comparing"):
+            token.cancel()
+
+    finished = []
+    errors = select._errors
+    monkeypatch.setattr(select, "_errors", lambda *a, **k: finished.append(errors(*a, **k)) or finished[-1])
+    with pytest.raises(Cancelled):
+        reconstruct(path, cfg, progress=cancel_inside_the_check, cancel=token)
+    assert finished == []  # stopped inside the first slice's check, not after the three
+    assert not any(m.startswith("slice ") for m in calls)
+    # a retrospective 6x mask on 117 columns realises less than 6: the nominal 6 decides, the VarNet without a check
+    odd = write_fastmri(tmp_path / "o.h5", simulate_kspace(_ellipses(117), 8, rng=3, noise=0.002)[0][None])
+    six = reconstruct(odd, ReconstructionConfig(method="auto", undersample="equispaced", acceleration=6))
+    assert six.info["acceleration"] < 6 and six.info["method"] == "varnet"
+    assert six.info["auto"]["rule"].startswith("acceleration 6.0 >= 6")
 
 
 def test_auto_keeps_the_varnet_on_a_brain_slice_and_from_6x_on(tmp_path):

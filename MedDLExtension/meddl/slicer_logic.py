@@ -674,7 +674,8 @@ class ReconstructionLogic(MedDLLogic):
             def volume(stem: str, label: str, target: Any) -> Any:
                 return _fill(mrml, io.read(workdir / f"{stem}{_EXT}"), scene, f"{base} {label}", target)
 
-            out = ReconstructionResult(volume("reconstruction", method, reconstruction), process=process)
+            ran = (process.summary or {}).get("method") or method  # auto: the method it chose
+            out = ReconstructionResult(volume("reconstruction", ran, reconstruction), process=process)
             if _wanted(zero_filled):
                 out.zero_filled = volume("zero-filled", "zero-filled", zero_filled)
             if _wanted(uncertainty):

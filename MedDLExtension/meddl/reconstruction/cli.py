@@ -193,6 +193,7 @@ def run(args, ctx) -> int:
         ctx.log("against the file's reference image (reconstruction_rss): " + json.dumps(info["reference"]))
     ctx.summary(
         f"reconstruct: {info['method']} -> {args.output}",
+        method=info["method"],
         acceleration=info["acceleration"],
         slices=info["slices"],
         seconds_per_slice=info["seconds_per_slice"],

@@ -18,7 +18,8 @@ check (``docs/benchmarks/reconstruction_robustness.md``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,8 +51,11 @@ def _relative_error(predicted: torch.Tensor, measured: torch.Tensor, held: torch
 
 
 def _errors(k: torch.Tensor, columns: np.ndarray, calib: slice, calib_rows: int, net,
-            held: np.ndarray, lam: float, iterations: int) -> tuple[float, float]:
-    """(VarNet, TV) relative errors on the ``held`` columns of one normalised slice ``k`` ``(C, H, W)``."""
+            held: np.ndarray, lam: float, iterations: int,
+            check: Callable[[], None] | None = None) -> tuple[float, float]:
+    """(VarNet, TV) relative errors on the ``held`` columns of one normalised slice ``k`` ``(C, H, W)``;
+    ``check`` is called between the steps (and TV's iterations), e.g. to honour Cancel."""
+    check = check or (lambda: None)
     h, w = k.shape[-2:]
     kept = columns.copy()
     kept[held] = False
@@ -62,41 +66,54 @@ def _errors(k: torch.Tensor, columns: np.ndarray, calib: slice, calib_rows: int,
         k_net, maps_net = net._final(k_in[None], mask)
         image = (maps_net.conj() * ifft2c(k_net)).sum(dim=1)[0]
         e_net = _relative_error(fft2c(maps_net[0] * image[None]), k, held_t)
+    check()
     maps = espirit_maps(k_in, calib_width=calib_rows, calib_cols=calib, crop=0.0)
-    tv = classical.tv_cs(k_in, maps, mask, lam=lam, iterations=iterations)
+    check()
+    tv = classical.tv_cs(k_in, maps, mask, lam=lam, iterations=iterations, callback=lambda _: check())
     e_tv = _relative_error(fft2c(maps * tv[None]), k, held_t)
     return e_net, e_tv
 
 
 def choose_method(kspace: Sequence[np.ndarray], columns: np.ndarray, calib: slice, calib_rows: int,
                   acceleration: float, net, device: torch.device | str = "cpu", lam: float | None = None,
-                  iterations: int | None = None) -> tuple[str, dict[str, Any]]:
+                  iterations: int | None = None, progress: Callable[[float, str], None] | None = None,
+                  slice_numbers: Sequence[int] | None = None) -> tuple[str, dict[str, Any]]:
     """``"varnet"`` or ``"tv"`` for undersampled k-space slices ``kspace`` (each ``(C, H, W)`` complex)
     sampled on ``columns`` (a 1-D column mask) with the calibration block ``calib``, and the facts
     behind the choice.
 
+    ``acceleration``: the nominal one (a retrospective mask's requested R; a file's detected R).
     The slices scored are the :data:`CHECK_SLICES` with the most energy; the errors are their means.
+    ``progress(fraction, message)`` is called between the steps (a :class:`~meddl.progress.Reporter`
+    also raises Cancelled there); ``slice_numbers``: the slices' numbers in the file, for the facts.
     """
+    report = progress or (lambda fraction, message: None)
     lam = classical.DEFAULT_LAMBDA["tv"] if lam is None else lam
     iterations = iterations or classical.DEFAULT_ITERATIONS["tv"]
     held = heldout_columns(np.asarray(columns, dtype=bool), calib)
     if acceleration >= VARNET_FROM:
         return "varnet", {"rule": f"acceleration {acceleration:.1f} >= {VARNET_FROM:g}: the VarNet"}
     if len(held) < MIN_HELD_OUT:
-        return "varnet", {"rule": f"only {len(held)} sampled columns outside the calibration block to hold out: "
-                                  "the VarNet"}
+        outer = int(np.asarray(columns, dtype=bool).sum() - (calib.stop - calib.start))
+        return "varnet", {"rule": f"{outer} sampled columns outside the calibration block, too few to hold out "
+                                  f"{MIN_HELD_OUT} (every third): the VarNet"}
     energy = [float(np.vdot(s, s).real) for s in kspace]
     order = sorted(range(len(kspace)), key=lambda i: (-energy[i], i))[:CHECK_SLICES]
     pairs = []
-    for i in sorted(order):
+    started = time.perf_counter()
+    for j, i in enumerate(sorted(order)):
+        report(j / len(order), f"auto: comparing the VarNet and TV on held-out k-space lines ({j + 1}/{len(order)})")
         k = torch.from_numpy(np.ascontiguousarray(kspace[i])).to(device)
         k = k / classical.normalisation(k)
-        pairs.append(_errors(k, np.asarray(columns, dtype=bool), calib, calib_rows, net, held, lam, iterations))
+        pairs.append(_errors(k, np.asarray(columns, dtype=bool), calib, calib_rows, net, held, lam, iterations,
+                             check=lambda j=j: report(j / len(order), "")))
     e_net, e_tv = (float(np.mean(v)) for v in zip(*pairs, strict=True))
     chosen = "tv" if e_tv < e_net else "varnet"
+    numbers = list(slice_numbers) if slice_numbers is not None else list(range(len(kspace)))
     return chosen, {
         "rule": "the smaller relative error on held-out k-space lines",
         "heldout_error": {"varnet": round(e_net, 4), "tv": round(e_tv, 4)},
         "heldout_columns": int(len(held)),
-        "checked_slices": sorted(order),
+        "checked_slices": [int(numbers[i]) for i in sorted(order)],
+        "seconds": round(time.perf_counter() - started, 3),
     }
