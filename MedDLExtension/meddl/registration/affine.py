@@ -95,6 +95,22 @@ def prealign(fixed: Volume, moving: Volume, mode: AffineMode | str = AffineMode.
     if mode is AffineMode.NONE:
         return np.eye(4)
     sitk = _sitk()
+    if nd == 2:
+        # ITK's threads add a 2D image's mutual information up in a varying order, and the optimiser's path
+        # moves by up to 0.2 mm from run to run; one thread gives one answer per seed (a slice costs little)
+        threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        try:
+            return _prealign(fixed, moving, mode, seed, iterations, reporter, working_mm, option)
+        finally:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    return _prealign(fixed, moving, mode, seed, iterations, reporter, working_mm, option)
+
+
+def _prealign(fixed: Volume, moving: Volume, mode: AffineMode, seed: int, iterations: int, reporter,
+              working_mm: float | None, option: str) -> np.ndarray:
+    nd = fixed.ndim
+    sitk = _sitk()
     f_img = _shrunk(fixed, working_mm)
     m_img = _shrunk(moving, working_mm)
     f_img = sitk.Cast(f_img - float(np.min(sitk.GetArrayViewFromImage(f_img))), sitk.sitkFloat32)
