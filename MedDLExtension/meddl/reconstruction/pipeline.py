@@ -254,8 +254,6 @@ def reconstruct(
         net, card = models.load_model(MODEL_NAME, config.weights, device,
                                        architecture="meddl.reconstruction.varnet:VarNet")
         card_info = {"model": card.name, "model_sha256": card.sha256[:12]}
-    iters = config.iterations or classical.DEFAULT_ITERATIONS.get(method.value, 0)
-    lam = classical.DEFAULT_LAMBDA.get(method.value, 0.0) if config.regularization is None else config.regularization
     mask_t = torch.from_numpy(np.array(mask, dtype=bool)).to(device)
     auto: dict[str, Any] = {}
     if method is Method.AUTO:
@@ -270,8 +268,8 @@ def reconstruct(
                                          lam=config.regularization, iterations=config.iterations,
                                          progress=rep.stage(0.0, 0.05), slice_numbers=config.slices)
         method = Method(chosen)
-        iters = config.iterations or classical.DEFAULT_ITERATIONS.get(method.value, 0)
-        lam = classical.DEFAULT_LAMBDA.get(method.value, 0.0) if config.regularization is None else config.regularization
+    iters = config.iterations or classical.DEFAULT_ITERATIONS.get(method.value, 0)
+    lam = classical.DEFAULT_LAMBDA.get(method.value, 0.0) if config.regularization is None else config.regularization
     gen = torch.Generator().manual_seed(config.seed)
     ramp = None  # the image-domain factor that the roll removed: the original image = the result * ramp
     if config.phase and shift != (0, 0):

@@ -27,7 +27,7 @@ import torch
 
 from . import classical
 from .coils import espirit_maps
-from .fft import fft2c, ifft2c
+from .fft import fft2c
 
 __all__ = ["VARNET_FROM", "heldout_columns", "choose_method"]
 
@@ -63,9 +63,8 @@ def _errors(k: torch.Tensor, columns: np.ndarray, calib: slice, calib_rows: int,
     k_in = k * mask
     held_t = torch.from_numpy(held).to(k.device)
     with torch.no_grad():
-        k_net, maps_net = net._final(k_in[None], mask)
-        image = (maps_net.conj() * ifft2c(k_net)).sum(dim=1)[0]
-        e_net = _relative_error(fft2c(maps_net[0] * image[None]), k, held_t)
+        image, maps_net = net.image_and_maps(k_in[None], mask)
+        e_net = _relative_error(fft2c(maps_net[0] * image[0][None]), k, held_t)
     check()
     maps = espirit_maps(k_in, calib_width=calib_rows, calib_cols=calib, crop=0.0)
     check()

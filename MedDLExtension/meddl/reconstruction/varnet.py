@@ -161,8 +161,13 @@ class VarNet(nn.Module):
 
     def complex_image(self, kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The sensitivity-combined complex image ``(B, H, W)`` of the final k-space (for its phase)."""
+        return self.image_and_maps(kspace, mask)[0]
+
+    def image_and_maps(self, kspace: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`complex_image` and the network's sensitivity maps ``(B, C, H, W)``: together they give the
+        coil k-space the answer implies (``fft2c(maps * image)``)."""
         k, maps = self._final(kspace, mask)
-        return (maps.conj() * ifft2c(k)).sum(dim=1)
+        return (maps.conj() * ifft2c(k)).sum(dim=1), maps
 
 
 def _as_mask(mask: torch.Tensor, kspace: torch.Tensor) -> torch.Tensor:
